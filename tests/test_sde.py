@@ -1,0 +1,189 @@
+"""The SDE steps against an independent float64 reference, torch.distributions.Normal and diffusers' own schedulers."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+from trl_dancegrpo.sde import ddim_step_with_logprob, flow_sde_step_with_logprob
+
+
+SHAPES = {"image": (3, 4, 8, 8), "video": (3, 4, 5, 6, 6)}
+
+
+def _normal_log_prob(x, mean, std):
+    """`torch.distributions.Normal` in float64, averaged over non-batch dims."""
+    lp = torch.distributions.Normal(torch.as_tensor(mean), torch.as_tensor(std)).log_prob(torch.as_tensor(x))
+    return lp.flatten(1).mean(1).numpy()
+
+
+def _expand(value, ndim):
+    value = np.asarray(value, dtype=np.float64)
+    return value.reshape(-1, *([1] * (ndim - 1))) if value.ndim == 1 else value
+
+
+def flow_reference(v, x, sigma, sigma_next, eta):
+    """Float64 numpy transcription of DESIGN.md section 2 (rectified-flow SDE)."""
+    s, sn = _expand(sigma, x.ndim), _expand(sigma_next, x.ndim)
+    x0 = x - s * v
+    score = -(x - (1 - s) * x0) / s**2
+    mean = x + (sn - s) * v - 0.5 * eta**2 * score * (sn - s)
+    std = eta * np.sqrt(s - sn) * np.ones_like(mean)
+    return mean, std
+
+
+def ddim_reference(scheduler, eps, x, timestep, eta, num_steps):
+    alphas = scheduler.alphas_cumprod.double().numpy()
+    t = np.atleast_1d(np.asarray(timestep))
+    t_prev = t - scheduler.config.num_train_timesteps // num_steps
+    a_t = _expand(np.broadcast_to(alphas[t], (x.shape[0],)), x.ndim)
+    final = float(scheduler.final_alpha_cumprod)
+    a_prev = np.where(t_prev >= 0, alphas[np.clip(t_prev, 0, None)], final)
+    a_prev = _expand(np.broadcast_to(a_prev, (x.shape[0],)), x.ndim)
+    x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
+    var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std = eta * np.sqrt(var)
+    mean = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev - std**2) * eps
+    return mean, std * np.ones_like(mean)
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("per_sample", [False, True], ids=["scalar_sigma", "per_sample_sigma"])
+def test_flow_step_matches_float64_reference(shape, per_sample):
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(shape, generator=g)
+    x = torch.randn(shape, generator=g)
+    prev = torch.randn(shape, generator=g)
+    eta = 0.3
+    if per_sample:
+        sigma = torch.tensor([0.9, 0.5, 0.2])
+        sigma_next = torch.tensor([0.8, 0.3, 0.0])
+    else:
+        sigma, sigma_next = 0.7, 0.6
+    out = flow_sde_step_with_logprob(v, x, sigma, sigma_next, eta, prev_sample=prev)
+
+    sigma_np = sigma.numpy() if per_sample else sigma
+    sigma_next_np = sigma_next.numpy() if per_sample else sigma_next
+    mean, std = flow_reference(v.double().numpy(), x.double().numpy(), sigma_np, sigma_next_np, eta)
+    np.testing.assert_allclose(out.prev_sample_mean.numpy(), mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.std_dev.expand(shape).numpy(), std, rtol=1e-6)
+    assert out.log_prob.shape == (shape[0],)
+    assert out.log_prob.dtype == torch.float32
+    expected = _normal_log_prob(prev.double().numpy(), mean, std)
+    np.testing.assert_allclose(out.log_prob.numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.prev_sample, prev)
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("per_sample", [False, True], ids=["scalar_timestep", "per_sample_timestep"])
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_ddim_step_matches_float64_reference(shape, per_sample, eta):
+    num_steps = 10
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,  # as Stable Diffusion's config; with 0, the last step (t=0) has zero variance
+    )
+    scheduler.set_timesteps(num_steps)
+    g = torch.Generator().manual_seed(1)
+    eps = torch.randn(shape, generator=g)
+    x = torch.randn(shape, generator=g)
+    prev = torch.randn(shape, generator=g)
+    # includes the last step (timestep 1 -> previous < 0 uses final_alpha_cumprod)
+    timestep = scheduler.timesteps[[0, 4, 9]] if per_sample else scheduler.timesteps[3]
+    out = ddim_step_with_logprob(scheduler, eps, timestep, x, eta, prev_sample=prev)
+    mean, std = ddim_reference(scheduler, eps.double().numpy(), x.double().numpy(), timestep.numpy(), eta, num_steps)
+    np.testing.assert_allclose(out.prev_sample_mean.numpy(), mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out.std_dev.expand(shape).numpy(), std, rtol=1e-5, atol=1e-7)
+    expected = _normal_log_prob(prev.double().numpy(), mean, std)
+    np.testing.assert_allclose(out.log_prob.numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_ddim_mean_equals_diffusers_step_without_noise():
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=False)
+    scheduler.set_timesteps(8)
+    g = torch.Generator().manual_seed(2)
+    eps, x = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    for t in scheduler.timesteps:
+        ours = ddim_step_with_logprob(scheduler, eps, t, x, eta=1.0, prev_sample=x)
+        theirs = scheduler.step(eps, t, x, eta=1.0, variance_noise=torch.zeros_like(x)).prev_sample
+        torch.testing.assert_close(ours.prev_sample_mean, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_flow_step_with_eta_zero_is_the_euler_step_of_diffusers():
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    scheduler.set_timesteps(4)
+    g = torch.Generator().manual_seed(3)
+    v, x = torch.randn(2, 16, 8, generator=g), torch.randn(2, 16, 8, generator=g)
+    sigmas = scheduler.sigmas
+    ours = flow_sde_step_with_logprob(v, x, sigmas[1], sigmas[2], eta=0.0)
+    scheduler._step_index = 1  # diffusers' step reads sigmas[step_index] and sigmas[step_index + 1]
+    theirs = scheduler.step(v, scheduler.timesteps[1], x).prev_sample
+    torch.testing.assert_close(ours.prev_sample, theirs)
+    assert torch.all(ours.log_prob == 0)
+
+
+@pytest.mark.parametrize("step", ["flow", "ddim"])
+def test_sampling_then_rescoring_gives_the_same_log_prob_and_the_right_distribution(step):
+    shape = (4, 4, 16, 16)
+    g = torch.Generator().manual_seed(4)
+    out_, x = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    if step == "flow":
+
+        def run(**kw):
+            return flow_sde_step_with_logprob(out_, x, 0.8, 0.7, 0.5, **kw)
+
+    else:
+        scheduler = DDIMScheduler()
+        scheduler.set_timesteps(10)
+
+        def run(**kw):
+            return ddim_step_with_logprob(scheduler, out_, scheduler.timesteps[2], x, 1.0, **kw)
+
+    sampled = run(generator=torch.Generator().manual_seed(0))
+    rescored = run(prev_sample=sampled.prev_sample)
+    torch.testing.assert_close(sampled.log_prob, rescored.log_prob, rtol=0, atol=0)
+    # the noise is standard normal: (x_next - mean) / std has mean 0 and variance 1 over 4096 draws
+    z = (sampled.prev_sample - sampled.prev_sample_mean) / sampled.std_dev
+    assert abs(z.mean().item()) < 0.05 and abs(z.var().item() - 1) < 0.05
+    # the expected log-density of a Gaussian sample is -0.5 * log(2 pi e std^2)
+    expected = -0.5 * math.log(2 * math.pi * math.e) - torch.log(sampled.std_dev.flatten()).expand(shape[0])
+    torch.testing.assert_close(sampled.log_prob, expected, rtol=0, atol=0.05)
+    # same generator seed, same sample; another seed, another sample
+    again = run(generator=torch.Generator().manual_seed(0))
+    other = run(generator=torch.Generator().manual_seed(1))
+    assert torch.equal(again.prev_sample, sampled.prev_sample)
+    assert not torch.equal(other.prev_sample, sampled.prev_sample)
+
+
+def test_a_zero_variance_ddim_step_is_deterministic_with_zero_log_prob():
+    scheduler = DDIMScheduler(set_alpha_to_one=False, steps_offset=0)
+    scheduler.set_timesteps(10)  # the last timestep is 0 and its "previous" alpha is alphas_cumprod[0] again
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    out = ddim_step_with_logprob(scheduler, x, scheduler.timesteps[-1], x, eta=1.0)
+    assert torch.all(out.std_dev == 0)
+    assert torch.equal(out.prev_sample, out.prev_sample_mean)
+    assert torch.all(out.log_prob == 0)
+
+
+def test_bfloat16_inputs_are_computed_in_float32():
+    g = torch.Generator().manual_seed(5)
+    v, x = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    prev = torch.randn(2, 4, 8, 8, generator=g).bfloat16()
+    low = flow_sde_step_with_logprob(v.bfloat16(), x.bfloat16(), 0.5, 0.4, 0.3, prev_sample=prev)
+    ref = flow_sde_step_with_logprob(v.bfloat16().float(), x.bfloat16().float(), 0.5, 0.4, 0.3, prev_sample=prev.float())
+    assert low.log_prob.dtype == torch.float32 and low.prev_sample_mean.dtype == torch.float32
+    torch.testing.assert_close(low.log_prob, ref.log_prob)
+    sampled = flow_sde_step_with_logprob(v.bfloat16(), x.bfloat16(), 0.5, 0.4, 0.3)
+    assert sampled.prev_sample.dtype == torch.bfloat16
+
+
+def test_per_sample_sigma_of_wrong_length_is_a_clear_error():
+    x = torch.zeros(3, 4, 8, 8)
+    with pytest.raises(ValueError, match="one entry per sample"):
+        flow_sde_step_with_logprob(x, x, torch.tensor([0.5, 0.4]), 0.3, 0.3)
