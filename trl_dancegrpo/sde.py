@@ -54,9 +54,7 @@ def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     std = std.expand_as(mean)
     deterministic = std == 0
     safe_std = torch.where(deterministic, torch.ones_like(std), std)
-    log_prob = (
-        -((sample.float() - mean) ** 2) / (2 * safe_std**2) - torch.log(safe_std) - 0.5 * math.log(2 * math.pi)
-    )
+    log_prob = -((sample.float() - mean) ** 2) / (2 * safe_std**2) - torch.log(safe_std) - 0.5 * math.log(2 * math.pi)
     log_prob = torch.where(deterministic, torch.zeros_like(log_prob), log_prob)
     return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
 

@@ -1,0 +1,37 @@
+"""Per-family pipeline adapters and the lookup from a pipeline to its adapter."""
+
+from .base import DDIMAdapter, FlowMatchAdapter, PipelineAdapter
+from .flux import FluxAdapter
+from .stable_diffusion import StableDiffusionAdapter
+
+
+ADAPTERS: list[type[PipelineAdapter]] = [FluxAdapter, StableDiffusionAdapter]
+
+
+def supported_pipelines() -> list[str]:
+    return [name for adapter in ADAPTERS for name in adapter.pipeline_class_names]
+
+
+def get_adapter_class(pipeline) -> type[PipelineAdapter]:
+    """The adapter for `pipeline`'s class; a clear error listing the supported pipelines otherwise."""
+    name = type(pipeline).__name__
+    for adapter in ADAPTERS:
+        if name in adapter.pipeline_class_names:
+            return adapter
+    raise ValueError(
+        f"{name} is not supported by DanceGRPOTrainer. Supported pipelines: {', '.join(supported_pipelines())}. "
+        "To add one, write a PipelineAdapter (see docs/adding_a_model.md) and append it to "
+        "trl_dancegrpo.adapters.ADAPTERS."
+    )
+
+
+__all__ = [
+    "ADAPTERS",
+    "DDIMAdapter",
+    "FlowMatchAdapter",
+    "FluxAdapter",
+    "PipelineAdapter",
+    "StableDiffusionAdapter",
+    "get_adapter_class",
+    "supported_pipelines",
+]

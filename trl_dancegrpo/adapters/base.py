@@ -1,0 +1,142 @@
+"""The adapter interface: what the one rollout loop and the one loss need to know about a pipeline family.
+
+An adapter wraps a diffusers pipeline and holds only what differs between families: prompt encoding, the latent
+shape and packing, how the denoiser is called (timestep scaling, embedded guidance), the sampler's schedule, decoding,
+and the default LoRA target modules. Classifier-free guidance, the SDE step, trajectories, advantages and the loss are
+model-agnostic and live in `rollout.py` and `trainer.py`.
+"""
+
+from typing import ClassVar
+
+import torch
+
+from ..sde import SDEStepOutput, ddim_step_with_logprob, flow_sde_step_with_logprob
+
+
+Conditioning = dict[str, torch.Tensor]  # batch-first tensors, one row per prompt (or per sample once expanded)
+
+
+class PipelineAdapter:
+    """Base class of the per-family adapters.
+
+    Subclasses set the class attributes and implement `encode_prompts`, `initial_noise`, `predict` and `decode`;
+    the flow-matching and DDIM subclasses below implement the schedule and the step.
+    """
+
+    pipeline_class_names: ClassVar[tuple[str, ...]] = ()
+    denoiser_name: ClassVar[str] = "transformer"  # the pipeline attribute holding the trained model
+    embedded_guidance: ClassVar[bool] = False  # guidance fed to the model (FLUX.1-dev) instead of CFG
+    default_guidance_scale: ClassVar[float] = 1.0
+    default_lora_target_modules: ClassVar[list[str]] = []
+
+    def __init__(self, pipeline, num_inference_steps: int, height=None, width=None, guidance_scale=None):
+        self.pipeline = pipeline
+        self.num_inference_steps = num_inference_steps
+        default_height, default_width = self.default_resolution()
+        self.height = height or default_height
+        self.width = width or default_width
+        self.guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+
+    # -- what the core asks of every adapter -------------------------------------------------------------------------
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipeline, self.denoiser_name)
+
+    @property
+    def use_cfg(self) -> bool:
+        """Classifier-free guidance is on for models without embedded guidance when the scale is above 1."""
+        return not self.embedded_guidance and self.guidance_scale > 1
+
+    def default_resolution(self) -> tuple[int, int]:
+        size = self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
+        return size, size
+
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        """Pipeline components other than the denoiser (text encoders, VAE): frozen, in eval mode."""
+        return {
+            name: module
+            for name, module in self.pipeline.components.items()
+            if isinstance(module, torch.nn.Module) and name != self.denoiser_name
+        }
+
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        raise NotImplementedError
+
+    def negative_conditioning(self) -> Conditioning:
+        """The unconditional branch of CFG: the empty prompt, one row."""
+        return self.encode_prompts([""])
+
+    def initial_noise(self, num_samples: int, generator: torch.Generator | None, device, dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict(self, denoiser, latents: torch.Tensor, step_index: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """One forward of `denoiser` (possibly DDP-wrapped) on a batch; `step_index` holds each sample's step."""
+        raise NotImplementedError
+
+    def step(self, model_output, latents, step_index, eta, prev_sample=None, generator=None) -> SDEStepOutput:
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents to images, a float tensor in [0, 1] of shape `(N, 3, H, W)`."""
+        raise NotImplementedError
+
+    def save_lora_weights(self, save_directory: str, lora_state_dict: dict, lora_metadata: dict | None) -> None:
+        """Write diffusers-format LoRA weights that `pipeline.load_lora_weights(save_directory)` loads."""
+        kwargs = {f"{self.denoiser_name}_lora_layers": lora_state_dict}
+        if lora_metadata is not None:
+            kwargs[f"{self.denoiser_name}_lora_adapter_metadata"] = lora_metadata
+        type(self.pipeline).save_lora_weights(save_directory, **kwargs)
+
+    # -- shared helpers ----------------------------------------------------------------------------------------------
+    def _decode_vae(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipeline.vae
+        latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+class FlowMatchAdapter(PipelineAdapter):
+    """Rectified-flow models (FLUX, SD3, HunyuanVideo, Wan): a sigma grid from 1 to 0 and the flow SDE step."""
+
+    def __init__(self, pipeline, num_inference_steps, height=None, width=None, guidance_scale=None, shift=None):
+        super().__init__(pipeline, num_inference_steps, height, width, guidance_scale)
+        self.shift = shift
+        self.sigmas = self.make_sigmas().float()  # T + 1 values, sigmas[0] = 1 (or the scheduler's), sigmas[-1] = 0
+
+    def make_sigmas(self) -> torch.Tensor:
+        steps = self.num_inference_steps
+        if self.shift is not None:
+            s = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+            return self.shift * s / (1 + (self.shift - 1) * s)
+        return self.scheduler_sigmas()
+
+    def scheduler_sigmas(self) -> torch.Tensor:
+        """The pipeline scheduler's own sigmas for this resolution; families override to pass their arguments."""
+        scheduler = self.pipeline.scheduler
+        scheduler.set_timesteps(self.num_inference_steps)
+        return scheduler.sigmas.double().cpu()
+
+    def step(self, model_output, latents, step_index, eta, prev_sample=None, generator=None) -> SDEStepOutput:
+        sigmas = self.sigmas.to(latents.device)
+        return flow_sde_step_with_logprob(
+            model_output, latents, sigmas[step_index], sigmas[step_index + 1], eta, prev_sample, generator
+        )
+
+
+class DDIMAdapter(PipelineAdapter):
+    """Diffusion models sampled with DDIM (eta > 0 makes it stochastic)."""
+
+    def __init__(self, pipeline, num_inference_steps, height=None, width=None, guidance_scale=None, shift=None):
+        super().__init__(pipeline, num_inference_steps, height, width, guidance_scale)
+        if shift is not None:
+            raise ValueError("`shift` applies to rectified-flow models only; leave it unset for a DDIM model.")
+        from diffusers import DDIMScheduler
+
+        # DanceGRPO samples Stable Diffusion with DDIM whatever scheduler the checkpoint ships with.
+        self.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+        self.scheduler.set_timesteps(num_inference_steps)
+        self.timesteps = self.scheduler.timesteps.clone()
+
+    def step(self, model_output, latents, step_index, eta, prev_sample=None, generator=None) -> SDEStepOutput:
+        timestep = self.timesteps.to(latents.device)[step_index]
+        return ddim_step_with_logprob(self.scheduler, model_output, timestep, latents, eta, prev_sample, generator)

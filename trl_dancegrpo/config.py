@@ -1,0 +1,206 @@
+"""Configuration of the [`DanceGRPOTrainer`]."""
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+AGGREGATIONS = ("normalize_then_sum", "sum_then_normalize")
+
+
+@dataclass
+class DanceGRPOConfig(TrainingArguments):
+    r"""
+    Configuration class for the [`DanceGRPOTrainer`].
+
+    Only the parameters specific to DanceGRPO are listed here; for the others see
+    [`~transformers.TrainingArguments`]. Defaults follow the public DanceGRPO FLUX recipe (arXiv 2505.07818).
+
+    Parameters:
+        > Parameters that control sampling (the rollout)
+
+        num_generations (`int`, *optional*, defaults to `12`):
+            Number of samples per prompt (the group size G). The global batch
+            (`num_processes * per_device_train_batch_size * steps_per_generation`) must be a multiple of it.
+        num_inference_steps (`int`, *optional*, defaults to `16`):
+            Number of sampler steps T of each rollout.
+        eta (`float`, *optional*, defaults to `0.3`):
+            Noise scale of the stochastic sampler: the flow SDE's eta for rectified-flow models, DDIM's eta for
+            diffusion models (the public Stable Diffusion recipe uses `1.0`). Must be > 0 for training.
+        shift (`float`, *optional*):
+            Timestep shift of the flow sigmas, `sigma = shift * s / (1 + (shift - 1) * s)` on `s = linspace(1, 0, T+1)`
+            (DanceGRPO uses 3 for FLUX). `None` uses the pipeline scheduler's own sigmas. Flow models only.
+        guidance_scale (`float`, *optional*):
+            Guidance. For models with embedded guidance (FLUX.1-dev) the value fed to the guidance embedding; for the
+            others classifier-free guidance, on when > 1 (both branches in one batched forward, in the rollout and in
+            the loss). `None` uses the model family's training default: 3.5 for FLUX, 5.0 for Stable Diffusion.
+        height (`int`, *optional*):
+            Image height in pixels. `None` uses the pipeline's default resolution.
+        width (`int`, *optional*):
+            Image width in pixels. `None` uses the pipeline's default resolution.
+        init_same_noise (`bool`, *optional*, defaults to `True`):
+            Whether all samples of a group start from the same initial noise (the paper's guard against reward
+            hacking). The SDE noise of later steps always differs per sample.
+        rollout_batch_size (`int`, *optional*):
+            How many samples go through the denoiser at once, in the rollout and when re-scored in the loss. `None`
+            means the whole per-device batch. A memory knob: it does not change results.
+
+        > Parameters that control the rewards
+
+        reward_weights (`list[float]`, *optional*):
+            Weight of each reward function. `None` weights them all 1.0.
+        multi_objective_aggregation (`str`, *optional*, defaults to `"normalize_then_sum"`):
+            How several rewards become one advantage. `"normalize_then_sum"` (the paper): each reward is normalised
+            within its group, then the weighted sum is taken. `"sum_then_normalize"`: the weighted sum of raw rewards is
+            normalised within the group.
+
+        > Parameters that control the loss
+
+        timestep_fraction (`float`, *optional*, defaults to `0.6`):
+            Fraction tau of the T sampler steps trained on: each sample trains on a random subset of
+            `ceil(tau * T)` of its steps.
+        epsilon (`float`, *optional*, defaults to `1e-4`):
+            PPO clip range of the probability ratio.
+        adv_clip_max (`float`, *optional*, defaults to `5.0`):
+            Advantages are clamped to `[-adv_clip_max, adv_clip_max]`.
+        beta (`float`, *optional*, defaults to `0.0`):
+            Weight of the KL penalty to the starting model (per step: the squared distance of the two transition
+            means over twice the variance). With LoRA the reference is the model with its adapter disabled; with full
+            fine-tuning a frozen copy of the denoiser is kept (memory!).
+        num_iterations (`int`, *optional*, defaults to `1`):
+            Number of passes (PPO epochs) over each rollout.
+        steps_per_generation (`int`, *optional*):
+            Number of micro-steps one rollout is split over. `None` means `gradient_accumulation_steps`: one rollout
+            feeds exactly one optimizer step (on-policy). A larger value reuses a rollout for several optimizer steps;
+            with the paper's tiny clip range most ratios then get clipped (watch `clip_ratio` in the logs).
+        shuffle_dataset (`bool`, *optional*, defaults to `True`):
+            Whether to shuffle the prompts.
+
+    > Defaults changed from [`~transformers.TrainingArguments`]: `learning_rate=1e-5`,
+    `lr_scheduler_type="constant"`, `weight_decay=1e-4`, `per_device_train_batch_size=12`, `logging_steps=1`,
+    `remove_unused_columns=False` (dataset columns reach the rewards), `bf16=None` (on when a CUDA device supports
+    it).
+    """
+
+    # Overridden defaults of TrainingArguments
+    learning_rate: float = field(default=1e-5, metadata={"help": "The initial learning rate for AdamW."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "The scheduler type to use."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "Weight decay for AdamW."})
+    per_device_train_batch_size: int = field(
+        default=12, metadata={"help": "Samples (not prompts) per device and micro-step."}
+    )
+    logging_steps: float = field(default=1, metadata={"help": "Log every X update steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep dataset columns: they reach the reward functions as keyword arguments."}
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "Use bf16 mixed precision. `None`: on when a CUDA device supports it, off otherwise."},
+    )
+
+    # Sampling
+    num_generations: int = field(default=12, metadata={"help": "Number of samples per prompt (group size G)."})
+    num_inference_steps: int = field(default=16, metadata={"help": "Number of sampler steps T per rollout."})
+    eta: float = field(default=0.3, metadata={"help": "Noise scale of the SDE (flow) or DDIM eta (diffusion); > 0."})
+    shift: float | None = field(
+        default=None, metadata={"help": "Flow sigma shift (3 in DanceGRPO's FLUX recipe); None = scheduler's sigmas."}
+    )
+    guidance_scale: float | None = field(
+        default=None,
+        metadata={"help": "Embedded guidance (FLUX) or CFG scale (>1 enables CFG); None = the family's default."},
+    )
+    height: int | None = field(default=None, metadata={"help": "Image height; None = the pipeline's default."})
+    width: int | None = field(default=None, metadata={"help": "Image width; None = the pipeline's default."})
+    init_same_noise: bool = field(
+        default=True, metadata={"help": "All samples of a group start from the same initial noise."}
+    )
+    rollout_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Samples per denoiser forward (rollout and loss); None = the per-device batch. Memory knob."
+        },
+    )
+
+    # Rewards
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weight of each reward function; None = all 1.0."}
+    )
+    multi_objective_aggregation: str = field(
+        default="normalize_then_sum",
+        metadata={"help": "How rewards combine: 'normalize_then_sum' (paper) or 'sum_then_normalize'."},
+    )
+
+    # Loss
+    timestep_fraction: float = field(
+        default=0.6, metadata={"help": "Fraction of the sampler steps trained on per sample, in (0, 1]."}
+    )
+    epsilon: float = field(default=1e-4, metadata={"help": "PPO clip range of the probability ratio."})
+    adv_clip_max: float = field(default=5.0, metadata={"help": "Advantages are clamped to +-adv_clip_max."})
+    beta: float = field(default=0.0, metadata={"help": "KL coefficient to the starting model (0 = no KL term)."})
+    num_iterations: int = field(default=1, metadata={"help": "Passes (PPO epochs) over each rollout."})
+    steps_per_generation: int | None = field(
+        default=None,
+        metadata={"help": "Micro-steps one rollout is split over; None = gradient_accumulation_steps (on-policy)."},
+    )
+    shuffle_dataset: bool = field(default=True, metadata={"help": "Shuffle the prompts."})
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            import torch
+
+            self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        super().__post_init__()
+
+        if self.num_generations < 2:
+            raise ValueError(
+                f"num_generations must be at least 2 (got {self.num_generations}): group-relative advantages need "
+                "several samples of each prompt."
+            )
+        if not 0 < self.timestep_fraction <= 1:
+            raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}.")
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {self.num_inference_steps}.")
+        if self.eta <= 0:
+            raise ValueError(
+                f"eta must be > 0 (got {self.eta}): with a deterministic sampler the transitions have no log-prob."
+            )
+        if self.epsilon <= 0:
+            raise ValueError(f"epsilon (the clip range) must be > 0, got {self.epsilon}.")
+        if self.adv_clip_max <= 0:
+            raise ValueError(f"adv_clip_max must be > 0, got {self.adv_clip_max}.")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}.")
+        if self.shift is not None and self.shift <= 0:
+            raise ValueError(f"shift must be > 0 or None, got {self.shift}.")
+        if self.guidance_scale is not None and self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0 or None, got {self.guidance_scale}.")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (value <= 0 or value % 16):
+                raise ValueError(f"{name} must be a positive multiple of 16, got {value}.")
+        if self.multi_objective_aggregation not in AGGREGATIONS:
+            raise ValueError(
+                f"multi_objective_aggregation must be one of {AGGREGATIONS}, got {self.multi_objective_aggregation!r}."
+            )
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be at least 1, got {self.num_iterations}.")
+        if self.rollout_batch_size is not None and self.rollout_batch_size < 1:
+            raise ValueError(f"rollout_batch_size must be a positive integer or None, got {self.rollout_batch_size}.")
+
+        if self.steps_per_generation is None:
+            self.steps_per_generation = self.gradient_accumulation_steps
+        if self.steps_per_generation < 1:
+            raise ValueError(f"steps_per_generation must be at least 1, got {self.steps_per_generation}.")
+        generation_batch_size = self.per_device_train_batch_size * self.world_size * self.steps_per_generation
+        if generation_batch_size % self.num_generations:
+            raise ValueError(
+                f"The global batch of one rollout (num_processes {self.world_size} x per_device_train_batch_size "
+                f"{self.per_device_train_batch_size} x steps_per_generation {self.steps_per_generation} = "
+                f"{generation_batch_size} samples) must be a multiple of num_generations ({self.num_generations}). "
+                "Change per_device_train_batch_size or num_generations."
+            )
+
+    @property
+    def generation_batch_size(self) -> int:
+        """Samples in one rollout, over all processes."""
+        return self.per_device_train_batch_size * self.world_size * self.steps_per_generation

@@ -1,0 +1,161 @@
+"""Where reward weights come from: local paths or the Hugging Face Hub, loaded safely, with one clear offline error.
+
+Every model reward resolves its files here, so all of them fail the same way when the Hub cannot be reached: one
+[`RewardModelNotFoundError`] naming the repository, the file(s) and the constructor argument that takes a local
+path, instead of a traceback from deep inside `huggingface_hub`. Weights are read with
+`torch.load(..., weights_only=True)` or safetensors; no arbitrary object is ever unpickled.
+"""
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+
+class RewardModelNotFoundError(OSError):
+    """A reward model's weights are neither at the given local path nor downloadable from the Hub."""
+
+
+def _reason(error: BaseException) -> str:
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    if isinstance(error, OfflineModeIsEnabled) or (
+        isinstance(error, LocalEntryNotFoundError) and constants.HF_HUB_OFFLINE
+    ):
+        return "offline mode is on (HF_HUB_OFFLINE=1) and the file is not in the local cache"
+    if isinstance(error, LocalEntryNotFoundError):
+        return "the Hub cannot be reached and the file is not in the local cache"
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
+
+
+def _not_found(repo_id: str, files: Sequence[str], argument: str, error: BaseException) -> RewardModelNotFoundError:
+    if len(files) == 1 and "*" not in files[0]:
+        command = f"hf download {repo_id} {files[0]} --local-dir DIR"
+    else:
+        command = (
+            f"hf download {repo_id} --include " + " ".join(f"'{pattern}'" for pattern in files) + " --local-dir DIR"
+        )
+    return RewardModelNotFoundError(
+        f"Could not get {', '.join(files)} from the Hugging Face Hub repository {repo_id!r} ({_reason(error)}). "
+        f"Download it on a machine with Hub access (`{command}`) and pass the local path with `{argument}=...`."
+    )
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    # `OSError` covers connection failures and timeouts (`ConnectionError`, `TimeoutError`, httpx's errors are
+    # wrapped by huggingface_hub); `ValueError` covers malformed repository ids.
+    return (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, HFValidationError, OSError, ValueError)
+
+
+def hub_file(repo_id: str, filename: str, *, argument: str, revision: str | None = None) -> str:
+    """Download `filename` from the Hub repository `repo_id` (or find it in the cache) and return its local path.
+
+    Args:
+        repo_id (`str`):
+            Hub repository, e.g. `"xswu/HPSv2"`.
+        filename (`str`):
+            Path of the file inside the repository.
+        argument (`str`):
+            Name of the constructor argument that takes a local path instead; quoted in the error message.
+        revision (`str`, *optional*):
+            Branch, tag or commit.
+
+    Raises:
+        [`RewardModelNotFoundError`]: when the file cannot be downloaded and is not cached.
+    """
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo_id, filename, revision=revision)
+    except _hub_errors() as error:
+        raise _not_found(repo_id, [filename], argument, error) from None
+
+
+def hub_snapshot(repo_id: str, allow_patterns: Sequence[str], *, argument: str, revision: str | None = None) -> str:
+    """Download the files of `repo_id` matching `allow_patterns` (or find them in the cache); return the folder.
+
+    Only the matching files are fetched, so e.g. a processor's JSON files can be taken from a repository that also
+    holds gigabytes of weights.
+
+    Raises:
+        [`RewardModelNotFoundError`]: when the files cannot be downloaded and are not cached.
+    """
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=list(allow_patterns), revision=revision)
+    except _hub_errors() as error:
+        raise _not_found(repo_id, list(allow_patterns), argument, error) from None
+
+
+def local_or_hub_file(path: str | None, repo_id: str, filename: str, *, argument: str) -> str:
+    """Return `path` if given (it must exist), else the Hub file `repo_id/filename`."""
+    if path is None:
+        return hub_file(repo_id, filename, argument=argument)
+    path = os.path.expanduser(str(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"`{argument}` points to {path!r}, which is not a file.")
+    return path
+
+
+def local_or_hub_dir(name_or_path: str, allow_patterns: Sequence[str], *, argument: str) -> str:
+    """Return `name_or_path` if it is a local folder, else download the matching files of that Hub repository."""
+    expanded = os.path.expanduser(str(name_or_path))
+    if os.path.isdir(expanded):
+        return expanded
+    if os.path.exists(expanded):
+        raise NotADirectoryError(f"`{argument}` points to {expanded!r}, which is a file; pass its folder.")
+    if expanded.startswith((os.sep, ".")) or expanded.count("/") != 1:
+        raise FileNotFoundError(
+            f"`{argument}={name_or_path!r}` is neither an existing folder nor a Hub repository id ('org/name')."
+        )
+    return hub_snapshot(expanded, allow_patterns, argument=argument)
+
+
+def load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Read a checkpoint of tensors safely: safetensors, or `torch.load(weights_only=True)` (memory-mapped).
+
+    A `{"state_dict": ...}` wrapper (HPS, Lightning) is unwrapped and a DataParallel `module.` prefix removed.
+    """
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state_dict = load_file(path, device="cpu")
+    else:
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
+        state_dict = state_dict["state_dict"]
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"{path!r} does not hold a state dict of tensors.")
+    if state_dict and all(key.startswith("module.") for key in state_dict):
+        state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
+    return state_dict
+
+
+# Loaded models shared between reward instances: the three VideoAlign rewards share one model, and a reward wrapped
+# in `BinaryReward` next to its plain self loads once. Keyed on what was loaded, the device and the dtype.
+_MODEL_CACHE: dict[tuple, Any] = {}
+_MODEL_CACHE_LOCK = threading.RLock()
+
+
+def cached_load(key: tuple, load: Callable[[], Any]) -> Any:
+    """Return the object cached under `key`, calling `load()` once to create it."""
+    with _MODEL_CACHE_LOCK:
+        if key not in _MODEL_CACHE:
+            _MODEL_CACHE[key] = load()
+        return _MODEL_CACHE[key]
+
+
+def clear_model_cache() -> None:
+    """Forget all loaded reward models (frees their memory once no reward instance holds them)."""
+    with _MODEL_CACHE_LOCK:
+        _MODEL_CACHE.clear()

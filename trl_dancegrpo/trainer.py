@@ -1,0 +1,620 @@
+"""DanceGRPOTrainer: GRPO for diffusers pipelines (rollout -> rewards -> group-relative advantages -> clipped loss)."""
+
+import asyncio
+import contextlib
+import inspect
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+from accelerate.utils import gather
+from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
+from trl.trainer.utils import RepeatSampler
+
+from .adapters import PipelineAdapter, get_adapter_class
+from .config import DanceGRPOConfig
+from .rollout import decode, denoise, index_conditioning, sample_slices, sample_trajectories
+
+
+RewardFunc = Callable[..., list]
+
+
+def compute_advantages(
+    rewards: torch.Tensor,
+    num_generations: int,
+    weights: torch.Tensor,
+    aggregation: str = "normalize_then_sum",
+    adv_clip_max: float | None = None,
+) -> torch.Tensor:
+    """Group-relative advantages from per-reward scores.
+
+    Args:
+        rewards (`torch.Tensor`): `[N, K]`, N samples in consecutive groups of `num_generations`, K rewards; NaN marks
+            a score that does not count (not applicable, or a failed sample). NaN scores are left out of their group's
+            statistics and contribute 0 to the advantage.
+        num_generations (`int`): Group size G.
+        weights (`torch.Tensor`): `[K]` reward weights.
+        aggregation (`str`): `"normalize_then_sum"`: `A = sum_k w_k (r_k - mean_k) / (std_k + 1e-8)` with per-group,
+            per-reward statistics (the paper); `"sum_then_normalize"`: the weighted sum is normalised per group.
+        adv_clip_max (`float`, *optional*): Clamp to `[-adv_clip_max, adv_clip_max]`.
+
+    Returns:
+        `torch.Tensor`: `[N]` advantages, float32. Standard deviations are unbiased (as `torch.std`); a group with
+        fewer than two valid scores for a reward gets 0 from it.
+    """
+    rewards = rewards.float()
+    weights = weights.to(rewards)
+    if aggregation == "sum_then_normalize":
+        applicable = ~torch.isnan(rewards)
+        total = (torch.nan_to_num(rewards) * weights).sum(dim=1, keepdim=True)
+        total[~applicable.any(dim=1)] = float("nan")
+        return compute_advantages(total, num_generations, torch.ones(1), "normalize_then_sum", adv_clip_max)
+    grouped = rewards.view(-1, num_generations, rewards.shape[1])  # [groups, G, K]
+    valid = ~torch.isnan(grouped)
+    count = valid.sum(dim=1, keepdim=True)
+    mean = torch.nansum(grouped, dim=1, keepdim=True) / count.clamp_min(1)
+    centered = torch.where(valid, grouped - mean, torch.zeros_like(grouped))
+    std = (centered.pow(2).sum(dim=1, keepdim=True) / (count - 1).clamp_min(1)).sqrt()
+    normalized = torch.where(valid & (count > 1), centered / (std + 1e-8), torch.zeros_like(grouped))
+    advantages = (normalized * weights).sum(dim=2).view(-1)
+    if adv_clip_max is not None:
+        advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
+    return advantages
+
+
+def mix_seed(*values: int) -> int:
+    """A deterministic 63-bit seed from integers (Python's `hash` of strings differs between processes)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(v) % (2**63) for v in values]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def _reward_name(func) -> str:
+    return getattr(func, "__name__", None) or type(func).__name__
+
+
+class DanceGRPOTrainer(Trainer):
+    """Trainer for DanceGRPO (arXiv 2505.07818): GRPO on the stochastic sampler of a diffusion or flow model.
+
+    Example:
+
+    ```python
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from trl_dancegrpo import DanceGRPOConfig, DanceGRPOTrainer
+    from trl_dancegrpo.rewards import brightness
+
+    dataset = Dataset.from_dict({"prompt": ["a cat", "a dog", "a red car", "a tree"]})
+    trainer = DanceGRPOTrainer(
+        model="black-forest-labs/FLUX.1-dev",
+        reward_funcs=["hpsv2.1", brightness],
+        args=DanceGRPOConfig(output_dir="flux-dancegrpo", bf16=True),
+        train_dataset=dataset,
+        peft_config=LoraConfig(r=128, lora_alpha=256),
+    )
+    trainer.train()
+    ```
+
+    Args:
+        model (`str` or [`~diffusers.DiffusionPipeline`]):
+            The pipeline to fine-tune, or a Hub id / local path loaded with `DiffusionPipeline.from_pretrained`.
+            Supported: see `trl_dancegrpo.adapters.supported_pipelines()`. `trainer.model` is its denoiser.
+        reward_funcs (`RewardFunc`, `str` or a list of them):
+            Callables `f(prompts, images, **kwargs) -> list[float | None]` with `images` a float tensor in [0, 1] of
+            shape `(N, 3, H, W)`; other dataset columns arrive as keyword arguments; `None` marks a sample the reward
+            does not apply to. `async def` rewards are awaited concurrently. Strings are looked up with
+            `trl_dancegrpo.rewards.get_reward` (registry names or dotted import paths).
+        args ([`DanceGRPOConfig`], *optional*):
+            Configuration; `None` uses the defaults with `output_dir="dancegrpo-output"`.
+        train_dataset ([`~datasets.Dataset`]):
+            Prompts, in a column named `"prompt"`.
+        eval_dataset ([`~datasets.Dataset`], *optional*):
+            Prompts for evaluation: one deterministic (eta = 0) sample each, scored by every reward.
+        peft_config ([`~peft.LoraConfig`], *optional*):
+            LoRA configuration; `target_modules=None` uses the model family's defaults. Without it the whole denoiser
+            is trained.
+        callbacks (list of [`~transformers.TrainerCallback`], *optional*):
+            Callbacks, as for [`~transformers.Trainer`].
+    """
+
+    _tag_names = ["trl", "dancegrpo", "diffusers"]
+
+    def __init__(
+        self,
+        model,
+        reward_funcs: RewardFunc | str | list[RewardFunc | str],
+        args: DanceGRPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        peft_config=None,
+        callbacks=None,
+    ):
+        if args is None:
+            args = DanceGRPOConfig(output_dir="dancegrpo-output")
+        elif not isinstance(args, DanceGRPOConfig):
+            raise TypeError(f"args must be a DanceGRPOConfig, got {type(args).__name__}.")
+        self.reward_funcs, self.reward_func_names = self._prepare_reward_funcs(reward_funcs)
+        if args.reward_weights is None:
+            self.reward_weights = torch.ones(len(self.reward_funcs))
+        elif len(args.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(args.reward_weights)} entries but there are {len(self.reward_funcs)} reward "
+                "functions; give one weight per reward function."
+            )
+        else:
+            self.reward_weights = torch.tensor(args.reward_weights, dtype=torch.float32)
+        for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            self._check_dataset(dataset, name, args)
+
+        self.pipeline = self._load_pipeline(model)
+        adapter_class = get_adapter_class(self.pipeline)
+        self.adapter: PipelineAdapter = adapter_class(
+            self.pipeline,
+            args.num_inference_steps,
+            height=args.height,
+            width=args.width,
+            guidance_scale=args.guidance_scale,
+            shift=args.shift,
+        )
+        self.num_train_steps_per_sample = max(
+            1, math.ceil(round(args.timestep_fraction * args.num_inference_steps, 9))
+        )
+
+        denoiser = self._prepare_denoiser(self.adapter.denoiser, peft_config, args)
+        super().__init__(
+            model=denoiser,
+            args=args,
+            data_collator=lambda features: features,  # rows stay dicts: prompts and extra columns go to the rewards
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            callbacks=callbacks,
+        )
+        self.weight_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+        for module in self.adapter.frozen_modules().values():
+            module.to(self.accelerator.device)
+            if self.weight_dtype != torch.float32:
+                module.to(dtype=self.weight_dtype)
+        for func in self.reward_funcs:
+            if hasattr(func, "set_device"):
+                func.set_device(self.accelerator.device, self.weight_dtype)
+        self.ref_denoiser = None
+        if args.beta > 0 and not self.is_lora:
+            import copy
+
+            self.ref_denoiser = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._step = 0
+        self._buffered_inputs = None
+        self._negative_cond = None
+
+    # -- construction helpers -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _prepare_reward_funcs(reward_funcs):
+        from .rewards import get_reward
+
+        if not isinstance(reward_funcs, (list, tuple)):
+            reward_funcs = [reward_funcs]
+        if not reward_funcs:
+            raise ValueError("reward_funcs is empty: pass at least one reward function or registry name.")
+        funcs, names = [], []
+        for func in reward_funcs:
+            if isinstance(func, str):
+                funcs.append(get_reward(func))
+                names.append(func)
+            elif callable(func):
+                funcs.append(func)
+                names.append(_reward_name(func))
+            else:
+                raise TypeError(
+                    f"Each reward function must be a callable or a registry name, got {type(func).__name__}."
+                )
+        return funcs, names
+
+    @staticmethod
+    def _check_dataset(dataset, name: str, args: DanceGRPOConfig) -> None:
+        if dataset is None:
+            return
+        if not hasattr(dataset, "__len__") or not hasattr(dataset, "column_names"):
+            raise TypeError(f"{name} must be a datasets.Dataset with a 'prompt' column, got {type(dataset).__name__}.")
+        if len(dataset) == 0:
+            raise ValueError(f"{name} is empty: it needs at least one prompt.")
+        if "prompt" not in dataset.column_names:
+            raise ValueError(
+                f"{name} has no 'prompt' column (columns: {dataset.column_names}); rename the prompt column to "
+                "'prompt', e.g. dataset.rename_column('caption', 'prompt')."
+            )
+        needed = args.generation_batch_size // args.num_generations
+        if name == "train_dataset" and len(dataset) < needed:
+            raise ValueError(
+                f"train_dataset has {len(dataset)} prompts but one rollout uses {needed} distinct prompts "
+                f"(generation batch {args.generation_batch_size} / num_generations {args.num_generations}); add "
+                "prompts or lower per_device_train_batch_size."
+            )
+
+    @staticmethod
+    def _load_pipeline(model):
+        if isinstance(model, str):
+            from diffusers import DiffusionPipeline
+
+            return DiffusionPipeline.from_pretrained(model)
+        if not hasattr(model, "components"):
+            raise TypeError(
+                f"model must be a diffusers pipeline or a Hub id / local path, got {type(model).__name__}. "
+                "To train a bare denoiser, pass the pipeline that holds it."
+            )
+        return model
+
+    def _prepare_denoiser(self, denoiser, peft_config, args):
+        for module in self.adapter.frozen_modules().values():
+            module.requires_grad_(False).eval()
+        self.is_lora = peft_config is not None
+        if self.is_lora:
+            weight_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+            denoiser.requires_grad_(False)
+            denoiser.to(dtype=weight_dtype)
+            if peft_config.target_modules is None:
+                peft_config.target_modules = list(self.adapter.default_lora_target_modules)
+            denoiser.add_adapter(peft_config)
+            for param in denoiser.parameters():  # trainable LoRA weights in float32, as diffusers' training scripts
+                if param.requires_grad:
+                    param.data = param.data.float()
+        else:
+            denoiser.requires_grad_(True)
+        if not any(p.requires_grad for p in denoiser.parameters()):
+            raise ValueError(
+                "No trainable parameter: check peft_config.target_modules against the denoiser's modules."
+            )
+        # Dropout would make the re-scored log-prob differ from the rollout's (ratio != 1): run without it.
+        denoiser.eval()
+        if args.gradient_checkpointing:
+            denoiser.enable_gradient_checkpointing()
+            args.gradient_checkpointing = False  # done: transformers' Trainer would call an API diffusers lacks
+            if hasattr(args, "activation_checkpointing"):
+                args.activation_checkpointing = False
+        return denoiser
+
+    # -- data -------------------------------------------------------------------------------------------------------
+    def _get_train_sampler(self, dataset=None):
+        # Each prompt appears num_generations times in a row, and each generation batch is repeated for all the
+        # micro-steps that consume it (TRL's GRPO scheme); groups may straddle processes.
+        args = self.args
+        return RepeatSampler(
+            data_source=dataset if dataset is not None else self.train_dataset,
+            mini_repeat_count=args.num_generations,
+            batch_size=args.generation_batch_size // args.num_generations,
+            repeat_count=args.num_iterations * args.steps_per_generation,
+            shuffle=args.shuffle_dataset,
+            seed=args.seed,
+        )
+
+    def get_train_dataloader(self):
+        if self.train_dataset is None:
+            raise ValueError("DanceGRPOTrainer: training requires a train_dataset.")
+        return self._get_dataloader(
+            dataset=self.train_dataset,
+            description="Training",
+            batch_size=self._train_batch_size * self.args.steps_per_generation,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
+
+    # -- rollout and rewards ------------------------------------------------------------------------------------------
+    def _conditioning(self, prompts: list[str]):
+        """Prompt embeddings, computed once per distinct prompt and indexed per sample."""
+        unique = list(dict.fromkeys(prompts))
+        with torch.no_grad():
+            cond = self.adapter.encode_prompts(unique)
+            if self.adapter.use_cfg and self._negative_cond is None:
+                self._negative_cond = self.adapter.negative_conditioning()
+        index = torch.tensor([unique.index(p) for p in prompts], device=self.accelerator.device)
+        return index_conditioning(cond, index), (self._negative_cond if self.adapter.use_cfg else None)
+
+    def _initial_noise(self, num_samples: int, first_sample: int, seed: int, group_size: int) -> torch.Tensor:
+        """Initial noise; samples of the same group (of the global batch) get the same noise when `group_size` > 1.
+
+        The noise of sample i depends only on (seed, its global group), so a group split over processes still starts
+        from one noise.
+        """
+        noises = []
+        for i in range(first_sample, first_sample + num_samples):
+            generator = torch.Generator().manual_seed(mix_seed(seed, i // group_size))
+            noises.append(self.adapter.initial_noise(1, generator, self.accelerator.device, torch.float32))
+        return torch.cat(noises)
+
+    def _micro_batch_size(self, mode: str) -> int:
+        return self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seed: int = 0, eta: float = 0.0, group_size: int = 1, mode="eval"):
+        """Sample images for `prompts` with the current model (deterministic when `eta=0`).
+
+        Returns the images `(N, 3, H, W)` in [0, 1] and the [`Trajectory`]. Samples `i` and `j` share their initial
+        noise when `i // group_size == j // group_size`.
+        """
+        device = self.accelerator.device
+        cond, negative = self._conditioning(prompts)
+        first = self.accelerator.process_index * len(prompts)
+        noise = self._initial_noise(len(prompts), first, seed, group_size)
+        slices = sample_slices(len(prompts), self._micro_batch_size(mode), self.args.rollout_batch_size)
+        generator = torch.Generator().manual_seed(mix_seed(seed, 1, self.accelerator.process_index))
+        denoiser = self.accelerator.unwrap_model(self.model)
+        with self.accelerator.autocast():
+            trajectory = sample_trajectories(
+                self.adapter, denoiser, cond, noise.to(device), eta, slices, negative, generator
+            )
+            images = decode(self.adapter, trajectory.final_latents, slices)
+        return images, trajectory, cond, negative
+
+    def _score(self, prompts: list[str], images: torch.Tensor, inputs: list[dict]):
+        """Rewards `[N, K]` on this process (NaN for `None` and for NaN scores) and the mask of the `None`s."""
+        columns = {key: [row[key] for row in inputs] for key in inputs[0] if key != "prompt"}
+        results, pending = [None] * len(self.reward_funcs), {}
+        for k, (func, name) in enumerate(zip(self.reward_funcs, self.reward_func_names)):
+            try:
+                result = func(prompts, images, **columns)
+            except Exception as error:
+                raise RuntimeError(f"The reward function {name!r} raised {type(error).__name__}: {error}") from error
+            if inspect.isawaitable(result):
+                pending[k] = result
+            else:
+                results[k] = result
+        if pending:
+
+            async def _gather():
+                return await asyncio.gather(*pending.values(), return_exceptions=True)
+
+            for k, result in zip(pending, asyncio.run(_gather())):
+                if isinstance(result, BaseException):
+                    name = self.reward_func_names[k]
+                    raise RuntimeError(f"The reward function {name!r} raised {type(result).__name__}: {result}")
+                results[k] = result
+        rewards = torch.full((len(prompts), len(self.reward_funcs)), float("nan"))
+        not_applicable = torch.zeros_like(rewards, dtype=torch.bool)
+        for k, result in enumerate(results):
+            rewards[:, k], not_applicable[:, k] = self._validate_reward_output(
+                self.reward_func_names[k], result, prompts
+            )
+        return rewards, not_applicable
+
+    @staticmethod
+    def _validate_reward_output(name: str, result, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(result, torch.Tensor):
+            result = result.detach().float().cpu().flatten().tolist()
+        try:
+            result = list(result)
+        except TypeError:
+            raise TypeError(
+                f"The reward function {name!r} must return a list of floats (or None), got {type(result).__name__}."
+            ) from None
+        if len(result) != len(prompts):
+            raise ValueError(
+                f"The reward function {name!r} returned {len(result)} values for {len(prompts)} samples; it must "
+                "return one value (or None) per sample."
+            )
+        values, none = [], [value is None for value in result]
+        for i, value in enumerate(result):
+            if value is None:
+                values.append(float("nan"))
+                continue
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"The reward function {name!r} returned {value!r} for sample {i}; expected a number or None."
+                ) from None
+            if math.isinf(value):
+                raise ValueError(
+                    f"The reward function {name!r} returned {value} for sample {i} (prompt {prompts[i]!r}); rewards "
+                    "must be finite. Return None for samples the reward does not apply to."
+                )
+            values.append(value)
+        return torch.tensor(values, dtype=torch.float32), torch.tensor(none, dtype=torch.bool)
+
+    def _generate_and_score(self, inputs: list[dict]) -> dict:
+        args, device = self.args, self.accelerator.device
+        prompts = [row["prompt"] for row in inputs]
+        start = time.perf_counter()
+        seed = mix_seed(args.seed, self._step)  # a new seed per rollout, reproducible from the step
+        group_size = args.num_generations if args.init_same_noise else 1
+        self.model.eval()
+        images, trajectory, cond, negative = self.generate(prompts, seed=seed, eta=args.eta, group_size=group_size)
+        rollout_time = time.perf_counter() - start
+
+        start = time.perf_counter()
+        local, not_applicable = self._score(prompts, images, inputs)
+        reward_time = time.perf_counter() - start
+        # a None is "not applicable" to that reward; a NaN score means the sample failed: it is skipped and counted
+        failed_local = (torch.isnan(local) & ~not_applicable).any(dim=1)
+        rewards = gather(local.to(device)).cpu()
+        failed = gather(failed_local.to(device)).cpu()
+        if rewards.shape[0] % args.num_generations:
+            raise RuntimeError("The gathered batch is not made of whole groups; this is a bug, please report it.")
+        masked = rewards.clone()
+        masked[failed] = float("nan")
+        advantages = compute_advantages(
+            masked, args.num_generations, self.reward_weights, args.multi_objective_aggregation, args.adv_clip_max
+        )
+        process_slice = slice(
+            self.accelerator.process_index * len(prompts), (self.accelerator.process_index + 1) * len(prompts)
+        )
+        self._log_rollout_metrics(masked, failed, advantages, rollout_time, reward_time)
+
+        # per sample, a random subset of ceil(tau * T) of its steps to train on
+        steps = args.num_inference_steps
+        generator = torch.Generator().manual_seed(seed)
+        perms = torch.stack([torch.randperm(steps, generator=generator) for _ in prompts])
+        return {
+            "latents": trajectory.latents,
+            "log_probs": trajectory.log_probs,
+            "advantages": advantages[process_slice].to(device),
+            "train_steps": perms[:, : self.num_train_steps_per_sample].to(device),
+            "cond": cond,
+            "negative_cond": negative,
+        }
+
+    def _log_rollout_metrics(self, rewards, failed, advantages, rollout_time, reward_time) -> None:
+        metrics = self._metrics["train"]
+        for k, name in enumerate(self.reward_func_names):
+            column = rewards[:, k]
+            column = column[~torch.isnan(column)]
+            if len(column):
+                metrics[f"rewards/{name}/mean"].append(column.mean().item())
+                metrics[f"rewards/{name}/std"].append(column.std().item() if len(column) > 1 else 0.0)
+        weighted = (torch.nan_to_num(rewards) * self.reward_weights).sum(dim=1)[~failed]
+        if len(weighted):
+            metrics["reward"].append(weighted.mean().item())
+            grouped_std = torch.nan_to_num(rewards).mul(self.reward_weights).sum(1).view(-1, self.args.num_generations)
+            metrics["reward_std"].append(grouped_std.std(dim=1).mean().item())
+        metrics["advantages/mean"].append(advantages.mean().item())
+        metrics["advantages/std"].append(advantages.std().item())
+        metrics["advantages/abs_mean"].append(advantages.abs().mean().item())
+        metrics["num_failed_samples"].append(float(failed.sum().item()))
+        metrics["timing/rollout"].append(rollout_time)
+        metrics["timing/reward"].append(reward_time)
+
+    # -- loss ---------------------------------------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        args = self.args
+        if self._step % (args.steps_per_generation * args.num_iterations) == 0 or self._buffered_inputs is None:
+            batch = self._generate_and_score(inputs)
+            self._buffered_inputs = self._split(batch, args.steps_per_generation)
+        chunk = self._buffered_inputs[self._step % args.steps_per_generation]
+        self._step += 1
+        start = time.perf_counter()
+        loss = self._policy_step(model, chunk)
+        self._metrics["train"]["timing/train"].append(time.perf_counter() - start)
+        return loss
+
+    @staticmethod
+    def _split(batch: dict, num_chunks: int) -> list[dict]:
+        size = batch["advantages"].shape[0] // num_chunks
+        chunks = []
+        for i in range(num_chunks):
+            part = slice(i * size, (i + 1) * size)
+            chunk = {key: value[part] for key, value in batch.items() if isinstance(value, torch.Tensor)}
+            chunk["cond"] = index_conditioning(batch["cond"], part)
+            chunk["negative_cond"] = batch["negative_cond"]
+            chunks.append(chunk)
+        return chunks
+
+    def _policy_step(self, model, chunk: dict) -> torch.Tensor:
+        """PPO-clip loss on the chosen steps of each sample, one backward per (step, slice): memory stays flat."""
+        args = self.args
+        num_samples, num_steps = chunk["train_steps"].shape
+        slices = sample_slices(num_samples, num_samples, args.rollout_batch_size)
+        scale = 1.0 / (num_samples * num_steps * self.current_gradient_accumulation_steps)
+        total_loss = torch.zeros((), device=self.accelerator.device)
+        stats = defaultdict(list)
+        model.eval()  # no dropout: see _prepare_denoiser
+        num_backward = num_steps * len(slices)
+        for j in range(num_steps):
+            for n, s in enumerate(slices):
+                last = j * len(slices) + n == num_backward - 1
+                sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+                with sync:
+                    loss = self._step_loss(model, chunk, s, j, stats) * scale
+                    self.accelerator.backward(loss)
+                total_loss += loss.detach()
+        metrics = self._metrics["train"]
+        ratios = torch.cat(stats["ratio"])
+        metrics["ratio/mean"].append(ratios.mean().item())
+        metrics["ratio/min"].append(ratios.min().item())
+        metrics["ratio/max"].append(ratios.max().item())
+        metrics["clip_ratio"].append(torch.cat(stats["clipped"]).float().mean().item())
+        log_ratio = torch.cat(stats["log_ratio"])
+        metrics["approx_kl"].append(((log_ratio.exp() - 1) - log_ratio).mean().item())
+        if stats["kl"]:
+            metrics["kl"].append(torch.cat(stats["kl"]).mean().item())
+        return total_loss * self.current_gradient_accumulation_steps  # reported loss is per micro-step
+
+    def _step_loss(self, model, chunk, s, j, stats) -> torch.Tensor:
+        args = self.args
+        step_index = chunk["train_steps"][s, j]
+        rows = torch.arange(step_index.shape[0], device=step_index.device)
+        latents = chunk["latents"][s]
+        x_t, x_next = latents[rows, step_index], latents[rows, step_index + 1]
+        cond = index_conditioning(chunk["cond"], s)
+        with self.accelerator.autocast():
+            output = denoise(self.adapter, model, x_t, step_index, cond, chunk["negative_cond"])
+        step = self.adapter.step(output, x_t, step_index, args.eta, prev_sample=x_next)
+        old_log_prob = chunk["log_probs"][s][rows, step_index]
+        advantages = chunk["advantages"][s]
+        log_ratio = step.log_prob - old_log_prob
+        ratio = torch.exp(log_ratio)
+        clipped_ratio = ratio.clamp(1 - args.epsilon, 1 + args.epsilon)
+        per_sample = torch.maximum(-advantages * ratio, -advantages * clipped_ratio)
+        if args.beta > 0:
+            kl = self._kl_to_reference(x_t, step_index, cond, chunk["negative_cond"], step)
+            per_sample = per_sample + args.beta * kl
+            stats["kl"].append(kl.detach())
+        stats["ratio"].append(ratio.detach())
+        stats["log_ratio"].append(log_ratio.detach())
+        stats["clipped"].append(
+            ((ratio > 1 + args.epsilon) & (advantages > 0)) | ((ratio < 1 - args.epsilon) & (advantages < 0))
+        )
+        return per_sample.sum()
+
+    def _kl_to_reference(self, x_t, step_index, cond, negative_cond, step) -> torch.Tensor:
+        """KL between the Gaussian transitions of the current and the starting model (same std, so a mean distance)."""
+        with torch.no_grad(), self.accelerator.autocast():
+            if self.ref_denoiser is not None:
+                ref_output = denoise(self.adapter, self.ref_denoiser, x_t, step_index, cond, negative_cond)
+            else:
+                denoiser = self.accelerator.unwrap_model(self.model)
+                denoiser.disable_adapters()
+                try:
+                    ref_output = denoise(self.adapter, denoiser, x_t, step_index, cond, negative_cond)
+                finally:
+                    denoiser.enable_adapters()
+            ref = self.adapter.step(ref_output, x_t, step_index, self.args.eta, prev_sample=step.prev_sample)
+        squared = (step.prev_sample_mean - ref.prev_sample_mean).pow(2).flatten(1).mean(1)
+        return squared / (2 * step.std_dev.flatten().pow(2).expand_as(squared))
+
+    # -- logging, evaluation, saving ----------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training or "loss" in logs else "eval"
+        metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
+        if mode == "eval":
+            metrics = {f"eval_{key}": value for key, value in metrics.items()}
+        logs = {**logs, **metrics}
+        super().log(logs, start_time)
+        self._metrics[mode].clear()
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Deterministic (eta = 0) samples of the evaluation prompts, scored by every reward."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("DanceGRPOTrainer: evaluation requires an eval_dataset.")
+        rows = list(dataset)
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        local_rows = rows[rank::world] or rows[:1]
+        prompts = [row["prompt"] for row in local_rows]
+        images, _, _, _ = self.generate(prompts, seed=self.args.seed, eta=0.0, mode="eval")
+        rewards = gather(self._score(prompts, images, local_rows)[0].to(self.accelerator.device)).cpu()
+        metrics = {}
+        for k, name in enumerate(self.reward_func_names):
+            column = rewards[:, k][~torch.isnan(rewards[:, k])]
+            if len(column):
+                metrics[f"{metric_key_prefix}_rewards/{name}/mean"] = column.mean().item()
+        self.log(metrics)
+        return metrics
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        denoiser = self.accelerator.unwrap_model(self.model)
+        if self.is_lora:
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            lora_state_dict = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
+            metadata = denoiser.peft_config["default"].to_dict()
+            self.adapter.save_lora_weights(output_dir, lora_state_dict, metadata)
+        else:
+            denoiser.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
