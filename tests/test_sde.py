@@ -105,7 +105,9 @@ def test_ddim_step_matches_float64_reference(shape, per_sample, eta):
 
 
 def test_ddim_mean_equals_diffusers_step_without_noise():
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=False)
+    scheduler = DDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=False
+    )
     scheduler.set_timesteps(8)
     g = torch.Generator().manual_seed(2)
     eps, x = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
@@ -176,7 +178,9 @@ def test_bfloat16_inputs_are_computed_in_float32():
     v, x = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     prev = torch.randn(2, 4, 8, 8, generator=g).bfloat16()
     low = flow_sde_step_with_logprob(v.bfloat16(), x.bfloat16(), 0.5, 0.4, 0.3, prev_sample=prev)
-    ref = flow_sde_step_with_logprob(v.bfloat16().float(), x.bfloat16().float(), 0.5, 0.4, 0.3, prev_sample=prev.float())
+    ref = flow_sde_step_with_logprob(
+        v.bfloat16().float(), x.bfloat16().float(), 0.5, 0.4, 0.3, prev_sample=prev.float()
+    )
     assert low.log_prob.dtype == torch.float32 and low.prev_sample_mean.dtype == torch.float32
     torch.testing.assert_close(low.log_prob, ref.log_prob)
     sampled = flow_sde_step_with_logprob(v.bfloat16(), x.bfloat16(), 0.5, 0.4, 0.3)

@@ -82,12 +82,13 @@ def sample_trajectories(
     eta: float,
     slices: list[slice],
     negative_cond: Conditioning | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> Trajectory:
     """Run the sampler from `noise` for all samples, `slices` at a time through the denoiser.
 
-    `cond` holds one row per sample. The SDE step runs on the whole batch at once with one generator, so the noise a
-    sample receives does not depend on how the batch is sliced.
+    `cond` holds one row per sample. The SDE step runs on the whole batch at once (with one generator per sample when
+    a list is given), so the noise a sample receives does not depend on how the batch is sliced or spread over
+    processes.
     """
     num_samples = noise.shape[0]
     latents = noise

@@ -91,7 +91,7 @@ def flow_sde_step_with_logprob(
         sigma_next (`float` or `torch.Tensor`): Next noise level, `0 <= sigma_next < sigma`.
         eta (`float`): Noise scale of the SDE; `0` gives the deterministic (ODE) Euler step.
         prev_sample (`torch.Tensor`, *optional*): A stored next latent to re-score instead of sampling.
-        generator (`torch.Generator`, *optional*): Generator for the step's noise.
+        generator (`torch.Generator` or list of them, *optional*): Generator for the step's noise, or one per sample.
 
     Returns:
         [`SDEStepOutput`]
@@ -134,7 +134,7 @@ def ddim_step_with_logprob(
         sample (`torch.Tensor`): The current latent, any rank `[batch, ...]`.
         eta (`float`): DDIM's eta; `0` is deterministic DDIM, `1` the DDPM-like variance.
         prev_sample (`torch.Tensor`, *optional*): A stored next latent to re-score instead of sampling.
-        generator (`torch.Generator`, *optional*): Generator for the step's noise.
+        generator (`torch.Generator` or list of them, *optional*): Generator for the step's noise, or one per sample.
 
     Returns:
         [`SDEStepOutput`]

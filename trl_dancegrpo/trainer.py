@@ -341,7 +341,9 @@ class DanceGRPOTrainer(Trainer):
         first = self.accelerator.process_index * len(prompts)
         noise = self._initial_noise(len(prompts), first, seed, group_size)
         slices = sample_slices(len(prompts), self._micro_batch_size(mode), self.args.rollout_batch_size)
-        generator = torch.Generator().manual_seed(mix_seed(seed, 1, self.accelerator.process_index))
+        # one SDE-noise generator per sample, seeded by its index in the global batch: results do not depend on
+        # how the batch is split over processes or slices
+        generator = [torch.Generator().manual_seed(mix_seed(seed, 1, first + i)) for i in range(len(prompts))]
         denoiser = self.accelerator.unwrap_model(self.model)
         with self.accelerator.autocast():
             trajectory = sample_trajectories(
@@ -609,10 +611,9 @@ class DanceGRPOTrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         denoiser = self.accelerator.unwrap_model(self.model)
         if self.is_lora:
-            from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
 
-            lora_state_dict = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
+            lora_state_dict = get_peft_model_state_dict(denoiser)
             metadata = denoiser.peft_config["default"].to_dict()
             self.adapter.save_lora_weights(output_dir, lora_state_dict, metadata)
         else:

@@ -81,7 +81,11 @@ class PipelineAdapter:
         raise NotImplementedError
 
     def save_lora_weights(self, save_directory: str, lora_state_dict: dict, lora_metadata: dict | None) -> None:
-        """Write diffusers-format LoRA weights that `pipeline.load_lora_weights(save_directory)` loads."""
+        """Write diffusers-format LoRA weights that `pipeline.load_lora_weights(save_directory)` loads.
+
+        `lora_state_dict` is PEFT's `get_peft_model_state_dict(denoiser)`; transformer-based pipelines load it as is
+        (as diffusers' own FLUX training script saves it), UNet pipelines convert it (see the SD adapter).
+        """
         kwargs = {f"{self.denoiser_name}_lora_layers": lora_state_dict}
         if lora_metadata is not None:
             kwargs[f"{self.denoiser_name}_lora_adapter_metadata"] = lora_metadata

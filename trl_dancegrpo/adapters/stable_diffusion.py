@@ -35,3 +35,9 @@ class StableDiffusionAdapter(DDIMAdapter):
 
     def decode(self, latents) -> torch.Tensor:
         return self._decode_vae(latents)
+
+    def save_lora_weights(self, save_directory, lora_state_dict, lora_metadata) -> None:
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        # as diffusers' train_dreambooth_lora.py does for UNets
+        super().save_lora_weights(save_directory, convert_state_dict_to_diffusers(lora_state_dict), lora_metadata)

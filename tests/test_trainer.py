@@ -1,0 +1,245 @@
+"""DanceGRPOTrainer end to end on tiny SD and FLUX pipelines loaded from disk."""
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from diffusers import DiffusionPipeline
+from peft import LoraConfig
+
+from trl_dancegrpo import DanceGRPOConfig, DanceGRPOTrainer
+from trl_dancegrpo.rewards import brightness
+
+
+PIPELINES = ["tiny-flux", "tiny-sd"]
+
+
+def make_config(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        num_generations=4,
+        num_inference_steps=4,
+        per_device_train_batch_size=8,
+        max_steps=2,
+        height=32,
+        width=32,
+        learning_rate=1e-3,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    values.update(overrides)
+    return DanceGRPOConfig(**values)
+
+
+def make_trainer(path, tmp_path, reward=brightness, dataset=None, peft_config=None, **overrides):
+    dataset = dataset if dataset is not None else Dataset.from_dict({"prompt": ["a cat", "a dog", "a car", "a tree"]})
+    return DanceGRPOTrainer(
+        model=path,
+        reward_funcs=reward,
+        args=make_config(tmp_path, **overrides),
+        train_dataset=dataset,
+        peft_config=peft_config,
+    )
+
+
+def lora_config():
+    # Gaussian init: with the default zero-initialised B the first step could not move A
+    return LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian")
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+def test_train(name, use_lora, tiny_pipeline_path, tmp_path):
+    trainer = make_trainer(tiny_pipeline_path(name), tmp_path, peft_config=lora_config() if use_lora else None)
+    trainable = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    others = {
+        f"{c}.{n}": p.detach().clone()
+        for c, module in trainer.adapter.frozen_modules().items()
+        for n, p in module.named_parameters()
+    }
+    assert trainable and others
+    assert all("lora" in n for n in trainable) if use_lora else not frozen
+    trainer.train()
+    for n, p in trainer.model.named_parameters():
+        if n in trainable:
+            assert not torch.equal(p, trainable[n]), f"trainable parameter {n} did not change"
+        else:
+            assert torch.equal(p, frozen[n]), f"frozen parameter {n} changed"
+    for c, module in trainer.adapter.frozen_modules().items():
+        for n, p in module.named_parameters():
+            assert torch.equal(p, others[f"{c}.{n}"]), f"{c}.{n} changed"
+    logs = trainer.state.log_history[0]
+    for key in (
+        "rewards/brightness/mean",
+        "rewards/brightness/std",
+        "advantages/std",
+        "clip_ratio",
+        "ratio/mean",
+        "approx_kl",
+        "grad_norm",
+        "timing/rollout",
+        "timing/train",
+        "loss",
+    ):
+        assert key in logs and math.isfinite(logs[key]), key
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_ratio_is_one_at_the_first_inner_step(name, tiny_pipeline_path, tmp_path):
+    # rollout_batch_size 2 < batch 8 and CFG on for SD: the loss must re-score with the rollout's batch composition
+    trainer = make_trainer(tiny_pipeline_path(name), tmp_path, max_steps=1, rollout_batch_size=2, learning_rate=1.0)
+    assert trainer.adapter.use_cfg == (name == "tiny-sd")
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    assert abs(logs["ratio/min"] - 1) < 1e-6 and abs(logs["ratio/max"] - 1) < 1e-6
+    assert logs["clip_ratio"] == 0
+
+
+def test_ratio_moves_when_a_rollout_is_reused(tiny_pipeline_path, tmp_path):
+    # a rollout split over 2 optimizer steps: the second step re-scores under updated weights, ratios leave 1
+    trainer = make_trainer(
+        tiny_pipeline_path("tiny-flux"), tmp_path, max_steps=2, steps_per_generation=2, per_device_train_batch_size=4
+    )
+    trainer.train()
+    first, second = trainer.state.log_history[0], trainer.state.log_history[1]
+    assert abs(first["ratio/max"] - 1) < 1e-6
+    assert abs(second["ratio/max"] - 1) > 1e-6 or abs(second["ratio/min"] - 1) > 1e-6
+
+
+def test_rollout_batch_size_does_not_change_results(tiny_pipeline_path, tmp_path):
+    # SGD, not Adam: Adam's first steps are ~lr * sign(grad), which turns float round-off of near-zero gradients
+    # (batches of 3 vs 8 rows take different matmul paths) into full-size parameter differences
+    results = []
+    for size in (None, 3):
+        trainer = make_trainer(
+            tiny_pipeline_path("tiny-flux"),
+            tmp_path / str(size),
+            rollout_batch_size=size,
+            optim="sgd",
+            learning_rate=1e-1,
+        )
+        trainer.train()
+        params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        results.append((params, [log["rewards/brightness/mean"] for log in trainer.state.log_history[:-1]]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-6)
+    assert results[0][1] == pytest.approx(results[1][1], abs=1e-6)
+
+
+def test_groups_share_initial_noise_but_not_sde_noise(tiny_pipeline_path, tmp_path):
+    trainer = make_trainer(tiny_pipeline_path("tiny-flux"), tmp_path)
+    prompts = ["a cat"] * 4 + ["a dog"] * 4
+    _, traj, _, _ = trainer.generate(prompts, seed=0, eta=0.3, group_size=4)
+    start, end = traj.latents[:, 0], traj.latents[:, -1]
+    assert torch.equal(start[0], start[3]) and torch.equal(start[4], start[7])
+    assert not torch.equal(start[0], start[4])
+    assert not torch.allclose(end[0], end[1])  # same start, different SDE noise
+    # init_same_noise=False: every sample its own start
+    _, traj, _, _ = trainer.generate(prompts, seed=0, eta=0.3, group_size=1)
+    assert not torch.equal(traj.latents[0, 0], traj.latents[1, 0])
+
+
+def test_prompts_are_encoded_once_per_prompt(tiny_pipeline_path, tmp_path):
+    trainer = make_trainer(tiny_pipeline_path("tiny-sd"), tmp_path, max_steps=1)
+    calls = []
+    encode = trainer.adapter.encode_prompts
+    trainer.adapter.encode_prompts = lambda prompts: calls.append(list(prompts)) or encode(prompts)
+    trainer.train()
+    # 8 samples = 2 prompts x 4 generations: one call with the 2 distinct prompts (+ the empty prompt once, for CFG)
+    assert sorted(len(c) for c in calls) == [1, 2] and [""] in calls
+
+
+def test_cfg_runs_both_branches_in_one_batched_forward(tiny_pipeline_path, tmp_path):
+    trainer = make_trainer(tiny_pipeline_path("tiny-sd"), tmp_path, max_steps=1, rollout_batch_size=4)
+    batch_sizes = []
+    trainer.model.register_forward_pre_hook(
+        lambda m, args, kwargs: batch_sizes.append(args[0].shape[0]), with_kwargs=True
+    )
+    trainer.train()
+    # rollout: 4 steps x 2 slices; loss: ceil(0.6 * 4) = 3 steps x 2 slices; each forward holds 2 x 4 rows
+    assert batch_sizes == [8] * (4 * 2 + 3 * 2)
+
+
+def test_guidance_defaults_per_family(tiny_pipeline_path, tmp_path):
+    flux = make_trainer(tiny_pipeline_path("tiny-flux"), tmp_path)
+    sd = make_trainer(tiny_pipeline_path("tiny-sd"), tmp_path)
+    assert flux.adapter.guidance_scale == 3.5 and flux.adapter.embedded_guidance and not flux.adapter.use_cfg
+    assert sd.adapter.guidance_scale == 5.0 and sd.adapter.use_cfg
+    assert not make_trainer(tiny_pipeline_path("tiny-sd"), tmp_path, guidance_scale=1.0).adapter.use_cfg
+
+
+def test_each_sample_trains_on_a_random_subset_of_its_steps(tiny_pipeline_path, tmp_path):
+    trainer = make_trainer(tiny_pipeline_path("tiny-flux"), tmp_path, num_inference_steps=5, timestep_fraction=0.6)
+    batch = trainer._generate_and_score([{"prompt": p} for p in ["a cat"] * 4 + ["a dog"] * 4])
+    steps = batch["train_steps"]
+    assert steps.shape == (8, 3)  # ceil(0.6 * 5)
+    assert all(len(set(row.tolist())) == 3 for row in steps)
+    assert len({tuple(row.tolist()) for row in steps}) > 1
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_lora_round_trip_through_load_lora_weights(name, tiny_pipeline_path, tmp_path):
+    path = tiny_pipeline_path(name)
+    trainer = make_trainer(path, tmp_path, peft_config=lora_config(), learning_rate=1e-2)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "lora"))
+    call = dict(prompt="a blue house", height=32, width=32, num_inference_steps=3, output_type="pt")
+    trained = trainer.pipeline(**call, generator=torch.Generator().manual_seed(0)).images
+    base = DiffusionPipeline.from_pretrained(path)
+    untouched = base(**call, generator=torch.Generator().manual_seed(0)).images
+    base.load_lora_weights(str(tmp_path / "lora"))
+    loaded = base(**call, generator=torch.Generator().manual_seed(0)).images
+    assert (trained - untouched).abs().max() > 1e-3  # the LoRA does change the output
+    torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-5)
+
+
+def test_full_fine_tuning_saves_the_denoiser(tiny_pipeline_path, tmp_path):
+    path = tiny_pipeline_path("tiny-sd")
+    trainer = make_trainer(path, tmp_path, learning_rate=1e-2)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "unet"))
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(tmp_path / "unet"))
+    for (n, p), (_, q) in zip(trainer.model.named_parameters(), unet.named_parameters()):
+        assert torch.equal(p.detach(), q), n
+
+
+def test_evaluate_logs_rewards_of_deterministic_samples(tiny_pipeline_path, tmp_path):
+    trainer = make_trainer(tiny_pipeline_path("tiny-flux"), tmp_path)
+    trainer.eval_dataset = Dataset.from_dict({"prompt": ["a house", "a bird"]})
+    first = trainer.evaluate()
+    assert first == trainer.evaluate()  # eta = 0 and a fixed seed: the same samples
+    images, _, _, _ = trainer.generate(["a house", "a bird"], seed=trainer.args.seed)
+    assert first["eval_rewards/brightness/mean"] == pytest.approx(images.mean().item(), abs=1e-6)
+
+
+def test_async_and_none_rewards(tiny_pipeline_path, tmp_path):
+    async def async_brightness(prompts, images, **kwargs):
+        return brightness(prompts, images)
+
+    def only_cats(prompts, images, **kwargs):
+        return [1.0 if "cat" in p else None for p in prompts]
+
+    trainer = make_trainer(
+        tiny_pipeline_path("tiny-flux"), tmp_path, reward=[async_brightness, only_cats], max_steps=1
+    )
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    assert math.isfinite(logs["rewards/async_brightness/mean"])
+    assert logs["num_failed_samples"] == 0  # None means "not applicable", not a failure
+
+
+def test_dataset_columns_reach_the_rewards(tiny_pipeline_path, tmp_path):
+    seen = {}
+
+    def reward(prompts, images, target, **kwargs):
+        seen["target"] = target
+        return [float(t) for t in target]
+
+    dataset = Dataset.from_dict({"prompt": ["a cat", "a dog", "a car", "a tree"], "target": [0, 1, 2, 3]})
+    trainer = make_trainer(tiny_pipeline_path("tiny-flux"), tmp_path, reward=reward, dataset=dataset, max_steps=1)
+    trainer.train()
+    assert len(seen["target"]) == 8 and set(seen["target"]) <= {0, 1, 2, 3}
