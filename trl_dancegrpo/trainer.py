@@ -436,6 +436,11 @@ class DanceGRPOTrainer(Trainer):
         failed = gather(failed_local.to(device)).cpu()
         if rewards.shape[0] % args.num_generations:
             raise RuntimeError("The gathered batch is not made of whole groups; this is a bug, please report it.")
+        if failed.all():
+            raise ValueError(
+                "The rewards were NaN for every sample of the batch: nothing to learn from. Check the reward functions "
+                f"{self.reward_func_names} (a NaN marks a failed sample; return None where a reward does not apply)."
+            )
         masked = rewards.clone()
         masked[failed] = float("nan")
         advantages = compute_advantages(
