@@ -187,6 +187,7 @@ class DanceGRPOConfig(TrainingArguments):
         if self.rollout_batch_size is not None and self.rollout_batch_size < 1:
             raise ValueError(f"rollout_batch_size must be a positive integer or None, got {self.rollout_batch_size}.")
 
+        _ = self.device  # sets up the distributed state, so that `world_size` counts the launched processes
         if self.steps_per_generation is None:
             self.steps_per_generation = self.gradient_accumulation_steps
         if self.steps_per_generation < 1:

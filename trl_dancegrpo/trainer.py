@@ -451,10 +451,14 @@ class DanceGRPOTrainer(Trainer):
         )
         self._log_rollout_metrics(masked, failed, advantages, rollout_time, reward_time)
 
-        # per sample, a random subset of ceil(tau * T) of its steps to train on
-        steps = args.num_inference_steps
-        generator = torch.Generator().manual_seed(seed)
-        perms = torch.stack([torch.randperm(steps, generator=generator) for _ in prompts])
+        # per sample, a random subset of ceil(tau * T) of its steps to train on, drawn from its global index
+        first = process_slice.start
+        perms = torch.stack(
+            [
+                torch.randperm(args.num_inference_steps, generator=torch.Generator().manual_seed(mix_seed(seed, 2, i)))
+                for i in range(first, first + len(prompts))
+            ]
+        )
         return {
             "latents": trajectory.latents,
             "log_probs": trajectory.log_probs,
