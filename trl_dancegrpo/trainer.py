@@ -518,7 +518,9 @@ class DanceGRPOTrainer(Trainer):
         args = self.args
         num_samples, num_steps = chunk["train_steps"].shape
         slices = sample_slices(num_samples, num_samples, args.rollout_batch_size)
-        scale = 1.0 / (num_samples * num_steps * self.current_gradient_accumulation_steps)
+        # set by Trainer's loop (the last accumulation window may be shorter); outside it, the configured value
+        accumulation = getattr(self, "current_gradient_accumulation_steps", args.gradient_accumulation_steps)
+        scale = 1.0 / (num_samples * num_steps * accumulation)
         total_loss = torch.zeros((), device=self.accelerator.device)
         stats = defaultdict(list)
         model.eval()  # no dropout: see _prepare_denoiser
@@ -541,7 +543,7 @@ class DanceGRPOTrainer(Trainer):
         metrics["approx_kl"].append(((log_ratio.exp() - 1) - log_ratio).mean().item())
         if stats["kl"]:
             metrics["kl"].append(torch.cat(stats["kl"]).mean().item())
-        return total_loss * self.current_gradient_accumulation_steps  # reported loss is per micro-step
+        return total_loss * accumulation  # reported loss is per micro-step
 
     def _step_loss(self, model, chunk, s, j, stats) -> torch.Tensor:
         args = self.args
