@@ -181,7 +181,7 @@ def main():
     print(
         f"{args.preset}: {params / 1e6:.1f}M-parameter transformer, {samples} samples x {preset['T']} steps, "
         f"{preset['size']}px, {device}, {'bf16' if args.bf16 else 'fp32'}, "
-        f"{'LoRA r=%d' % args.lora_rank if args.lora_rank else 'full fine-tuning'}"
+        f"{f'LoRA r={args.lora_rank}' if args.lora_rank else 'full fine-tuning'}"
     )
 
     # (a) rollout vs. plain inference

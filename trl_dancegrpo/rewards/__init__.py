@@ -2,48 +2,48 @@
 
 A reward is any callable `f(prompts, images, **kwargs) -> list[float | None]` where `images` is a float tensor in
 [0, 1] of shape `(N, 3, H, W)` (videos: `(N, F, 3, H, W)`), and dataset columns arrive as keyword arguments.
-`None` means "not applicable" for that sample.
+`None` means "not applicable" for that sample. `async def` rewards work too: the trainer awaits them.
+
+Built in, by registry name:
+
+- `"hpsv2.1"`, `"hpsv2"`: [`HPSReward`], human preference (open_clip ViT-H-14 + the HPS checkpoint);
+- `"clip_score"`: [`CLIPScoreReward`], image-prompt cosine similarity of an open_clip model;
+- `"pickscore"`: [`PickScoreReward`], PickScore (transformers `CLIPModel`);
+- `"aesthetic"`: [`AestheticReward`], the LAION aesthetic predictor (no prompt);
+- `"videoalign_vq"`, `"videoalign_mq"`, `"videoalign_ta"`: [`VideoAlignReward`], video quality, motion quality and
+  text alignment of VideoAlign (one shared Qwen2-VL model);
+- `"jpeg_compressibility"`, `"jpeg_incompressibility"`, `"brightness"`: weight-free rewards.
+
+Wrappers: [`BinaryReward`] (thresholded to 0/1) and [`per_frame`] (an image reward on every frame of a video).
+Model rewards load lazily, once, on the trainer's device and dtype (see [`ModelReward`]).
 """
 
-import importlib
-from collections.abc import Callable
-
-import torch
-
-
-def brightness(prompts, images, **kwargs) -> list[float]:
-    """Mean pixel value of each image (or video) in [0, 1]: a weight-free reward for tests and demos."""
-    return images.float().flatten(1).mean(dim=1).tolist()
+from ._base import ModelReward
+from ._loading import RewardModelNotFoundError, clear_model_cache
+from .image import AestheticReward, CLIPScoreReward, HPSReward, PickScoreReward
+from .registry import REWARD_REGISTRY, get_reward, register_reward
+from .simple import brightness, jpeg_compressibility, jpeg_incompressibility
+from .video import VideoAlignReward
+from .wrappers import BinaryReward, PerFrameReward, per_frame, reward_name
 
 
-REWARD_REGISTRY: dict[str, Callable[[], Callable]] = {
-    "brightness": lambda: brightness,
-}
-
-
-def get_reward(name: str, **kwargs) -> Callable:
-    """Return the reward callable registered as `name`, or import it from a dotted path such as `my_pkg.my_reward`.
-
-    Keyword arguments are passed to the constructor of class-based rewards.
-    """
-    if name in REWARD_REGISTRY:
-        return REWARD_REGISTRY[name](**kwargs)
-    if "." in name:
-        module_name, _, attr = name.rpartition(".")
-        try:
-            module = importlib.import_module(module_name)
-            obj = getattr(module, attr)
-        except (ImportError, AttributeError) as error:
-            raise ValueError(f"Could not import the reward {name!r}: {error}") from error
-        if isinstance(obj, type):
-            obj = obj(**kwargs)
-        if not callable(obj):
-            raise ValueError(f"The reward {name!r} is not callable.")
-        return obj
-    raise ValueError(
-        f"Unknown reward {name!r}. Known rewards: {', '.join(sorted(REWARD_REGISTRY))}; "
-        "or pass a dotted import path such as 'my_package.my_module.my_reward'."
-    )
-
-
-__all__ = ["REWARD_REGISTRY", "brightness", "get_reward"]
+__all__ = [
+    "REWARD_REGISTRY",
+    "AestheticReward",
+    "BinaryReward",
+    "CLIPScoreReward",
+    "HPSReward",
+    "ModelReward",
+    "PerFrameReward",
+    "PickScoreReward",
+    "RewardModelNotFoundError",
+    "VideoAlignReward",
+    "brightness",
+    "clear_model_cache",
+    "get_reward",
+    "jpeg_compressibility",
+    "jpeg_incompressibility",
+    "per_frame",
+    "register_reward",
+    "reward_name",
+]

@@ -34,7 +34,8 @@ class ModelReward:
     Base class of the rewards computed by a neural network.
 
     A subclass implements `_cache_key()` (what identifies the loaded weights), `_load(device, dtype)` (builds the
-    model; called once, on first use) and `_score(model, prompts, images)` (scores one batch, under `torch.no_grad()`).
+    model; called once, on first use) and `_score(loaded, prompts, images)` (scores one batch under `torch.no_grad()`,
+    given what `_load` returned).
     The base class checks the inputs, splits them into batches of `batch_size`, and moves the model to its device and
     dtype.
 
@@ -71,7 +72,7 @@ class ModelReward:
         self._dtype = as_dtype(dtype)
         self._trainer_device = None
         self._trainer_dtype = None
-        self._model = None
+        self._loaded = None
         self._lock = threading.Lock()
 
     @property
@@ -92,7 +93,7 @@ class ModelReward:
         """Run on `device` in `dtype` unless they were given to the constructor. Called by the trainer; loads nothing."""
         self._trainer_device = torch.device(device)
         self._trainer_dtype = as_dtype(dtype)
-        self._model = None  # picked up again (from the shared cache) on the next call
+        self._loaded = None  # picked up again (from the shared cache) on the next call
 
     def _cache_key(self) -> tuple:
         raise NotImplementedError
@@ -100,18 +101,19 @@ class ModelReward:
     def _load(self, device: torch.device, dtype: torch.dtype):
         raise NotImplementedError
 
-    def _score(self, model, prompts: list[str], images: torch.Tensor) -> torch.Tensor:
+    def _score(self, loaded, prompts: list[str], images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     @property
-    def model(self):
-        """The loaded model (loaded on first access, once, and shared by rewards that load the same weights)."""
+    def loaded(self):
+        """What `_load` returned: the model and its helpers (loaded on first access, once, and shared by the rewards
+        that load the same weights on the same device in the same dtype)."""
         with self._lock:
-            if self._model is None:
+            if self._loaded is None:
                 device, dtype = self.device, self.dtype
                 key = (type(self).__name__, *self._cache_key(), str(device), str(dtype))
-                self._model = cached_load(key, lambda: self._load(device, dtype))
-            return self._model
+                self._loaded = cached_load(key, lambda: self._load(device, dtype))
+            return self._loaded
 
     def __call__(self, prompts: list[str], images: torch.Tensor, **kwargs) -> list[float]:
         images = check_images(images, self.__name__, allow_video=self.scores_videos, require_video=self.scores_videos)
@@ -121,12 +123,12 @@ class ModelReward:
             prompts = [""] * len(images) if prompts is None else list(prompts)
         if len(images) == 0:
             return []
-        model = self.model
+        loaded = self.loaded
         scores = []
         with torch.no_grad():
             for start in range(0, len(images), self.batch_size):
                 end = start + self.batch_size
-                scores.append(self._score(model, prompts[start:end], images[start:end]).float().cpu())
+                scores.append(self._score(loaded, prompts[start:end], images[start:end]).float().cpu())
         return torch.cat(scores).tolist()
 
     def __repr__(self) -> str:

@@ -7,9 +7,11 @@ path, instead of a traceback from deep inside `huggingface_hub`. Weights are rea
 """
 
 import os
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 
@@ -18,49 +20,68 @@ class RewardModelNotFoundError(OSError):
     """A reward model's weights are neither at the given local path nor downloadable from the Hub."""
 
 
-def _reason(error: BaseException) -> str:
+def _hub_unreachable() -> str | None:
+    """Why the Hub cannot be reached right now (offline mode, or its host does not resolve), or `None`.
+
+    Checked before each download so that a machine without network fails at once (from the local cache only):
+    huggingface_hub would otherwise retry every request with backoff for half a minute.
+    """
     from huggingface_hub import constants
-    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
-    if isinstance(error, OfflineModeIsEnabled) or (
-        isinstance(error, LocalEntryNotFoundError) and constants.HF_HUB_OFFLINE
-    ):
-        return "offline mode is on (HF_HUB_OFFLINE=1) and the file is not in the local cache"
-    if isinstance(error, LocalEntryNotFoundError):
-        return "the Hub cannot be reached and the file is not in the local cache"
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
+    if constants.HF_HUB_OFFLINE:
+        return "offline mode is on (HF_HUB_OFFLINE=1)"
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return f"{host} cannot be resolved (no network)"
+    return None
 
 
-def _not_found(repo_id: str, files: Sequence[str], argument: str, error: BaseException) -> RewardModelNotFoundError:
-    if len(files) == 1 and "*" not in files[0]:
-        command = f"hf download {repo_id} {files[0]} --local-dir DIR"
+def _not_found(
+    repo_id: str,
+    files: Sequence[str],
+    argument: str,
+    error: BaseException,
+    unreachable: str | None,
+    alternatives: bool = False,
+) -> RewardModelNotFoundError:
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if unreachable is not None:
+        reason = f"{unreachable} and it is not in the local cache"
+    elif isinstance(error, LocalEntryNotFoundError):
+        reason = "the Hub cannot be reached and it is not in the local cache"
     else:
-        command = (
-            f"hf download {repo_id} --include " + " ".join(f"'{pattern}'" for pattern in files) + " --local-dir DIR"
-        )
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        reason = f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
+    if alternatives:  # files that are alternatives to one another: any of them will do
+        what, command = " or ".join(files), f"hf download {repo_id} {files[0]} --local-dir DIR"
+    else:  # file patterns that are all needed
+        patterns = " ".join(f"'{pattern}'" for pattern in files)
+        what, command = ", ".join(files), f"hf download {repo_id} --include {patterns} --local-dir DIR"
     return RewardModelNotFoundError(
-        f"Could not get {', '.join(files)} from the Hugging Face Hub repository {repo_id!r} ({_reason(error)}). "
-        f"Download it on a machine with Hub access (`{command}`) and pass the local path with `{argument}=...`."
+        f"Could not get {what} from the Hugging Face Hub repository {repo_id!r} ({reason}). Download it on a "
+        f"machine with Hub access (`{command}`) and pass the local path with `{argument}=...`."
     )
 
 
 def _hub_errors() -> tuple[type[BaseException], ...]:
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
-    # `OSError` covers connection failures and timeouts (`ConnectionError`, `TimeoutError`, httpx's errors are
+    # `OSError` covers connection failures and timeouts (`ConnectionError`, `TimeoutError`; httpx's errors are
     # wrapped by huggingface_hub); `ValueError` covers malformed repository ids.
     return (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, HFValidationError, OSError, ValueError)
 
 
-def hub_file(repo_id: str, filename: str, *, argument: str, revision: str | None = None) -> str:
+def hub_file(repo_id: str, filename: str | Sequence[str], *, argument: str, revision: str | None = None) -> str:
     """Download `filename` from the Hub repository `repo_id` (or find it in the cache) and return its local path.
 
     Args:
         repo_id (`str`):
             Hub repository, e.g. `"xswu/HPSv2"`.
-        filename (`str`):
-            Path of the file inside the repository.
+        filename (`str` or `list[str]`):
+            Path of the file inside the repository; several are alternatives, tried in order.
         argument (`str`):
             Name of the constructor argument that takes a local path instead; quoted in the error message.
         revision (`str`, *optional*):
@@ -71,10 +92,15 @@ def hub_file(repo_id: str, filename: str, *, argument: str, revision: str | None
     """
     from huggingface_hub import hf_hub_download
 
-    try:
-        return hf_hub_download(repo_id, filename, revision=revision)
-    except _hub_errors() as error:
-        raise _not_found(repo_id, [filename], argument, error) from None
+    filenames = [filename] if isinstance(filename, str) else list(filename)
+    unreachable = _hub_unreachable()
+    first_error = None
+    for name in filenames:
+        try:
+            return hf_hub_download(repo_id, name, revision=revision, local_files_only=unreachable is not None)
+        except _hub_errors() as error:
+            first_error = first_error or error
+    raise _not_found(repo_id, filenames, argument, first_error, unreachable, alternatives=True) from None
 
 
 def hub_snapshot(repo_id: str, allow_patterns: Sequence[str], *, argument: str, revision: str | None = None) -> str:
@@ -88,10 +114,13 @@ def hub_snapshot(repo_id: str, allow_patterns: Sequence[str], *, argument: str, 
     """
     from huggingface_hub import snapshot_download
 
+    unreachable = _hub_unreachable()
     try:
-        return snapshot_download(repo_id, allow_patterns=list(allow_patterns), revision=revision)
+        return snapshot_download(
+            repo_id, allow_patterns=list(allow_patterns), revision=revision, local_files_only=unreachable is not None
+        )
     except _hub_errors() as error:
-        raise _not_found(repo_id, list(allow_patterns), argument, error) from None
+        raise _not_found(repo_id, list(allow_patterns), argument, error, unreachable) from None
 
 
 def local_or_hub_file(path: str | None, repo_id: str, filename: str, *, argument: str) -> str:
@@ -116,6 +145,14 @@ def local_or_hub_dir(name_or_path: str, allow_patterns: Sequence[str], *, argume
             f"`{argument}={name_or_path!r}` is neither an existing folder nor a Hub repository id ('org/name')."
         )
     return hub_snapshot(expanded, allow_patterns, argument=argument)
+
+
+def source_key(name_or_path: str | None) -> str | None:
+    """How a local path or Hub id identifies loaded weights: local paths made absolute, Hub ids as they are."""
+    if name_or_path is None:
+        return None
+    expanded = os.path.expanduser(str(name_or_path))
+    return os.path.abspath(expanded) if os.path.exists(expanded) else str(name_or_path)
 
 
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 
+RESIZE_MODES = ("shortest", "longest", "squash")
+
 # Values a float image may exceed [0, 1] by (rounding in VAE decoding and dtype casts) before it is refused.
 RANGE_TOLERANCE = 1e-3
 
@@ -19,7 +21,8 @@ RANGE_TOLERANCE = 1e-3
 def check_images(images, reward_name: str, allow_video: bool = False, require_video: bool = False) -> torch.Tensor:
     """Check that `images` is a float tensor in [0, 1] of shape `(N, 3, H, W)` (or `(N, F, 3, H, W)` for videos).
 
-    Returns the tensor clamped to [0, 1] (values within [`RANGE_TOLERANCE`] outside it are rounding, not errors).
+    Returns the tensor, clamped to [0, 1] if needed (values within `RANGE_TOLERANCE` outside it are rounding, not
+    errors).
     """
     if not isinstance(images, torch.Tensor):
         raise ValueError(
@@ -50,17 +53,17 @@ def check_images(images, reward_name: str, allow_video: bool = False, require_vi
             f"{reward_name}: `images` must have shape {expected} with 3 RGB channels, got {tuple(images.shape)}. "
             "Channels-last images need `images.permute(0, 3, 1, 2)`."
         )
-    if images.numel() > 0:
-        low, high = torch.aminmax(images.detach())
-        low, high = low.item(), high.item()
-        if not (math.isfinite(low) and math.isfinite(high)):
-            raise ValueError(f"{reward_name}: `images` contains NaN or infinite values.")
-        if low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
-            raise ValueError(
-                f"{reward_name}: `images` must have values in [0, 1], got values in [{low:.4g}, {high:.4g}]. Images "
-                "in [-1, 1] (a VAE's output) need `(images + 1) / 2`; uint8-range images need `images / 255`."
-            )
-    return images.clamp(0, 1)
+    if images.numel() == 0:
+        return images
+    low, high = (value.item() for value in torch.aminmax(images.detach()))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{reward_name}: `images` contains NaN or infinite values.")
+    if low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
+        raise ValueError(
+            f"{reward_name}: `images` must have values in [0, 1], got values in [{low:.4g}, {high:.4g}]. Images "
+            "in [-1, 1] (a VAE's output) need `(images + 1) / 2`; uint8-range images need `images / 255`."
+        )
+    return images if low >= 0 and high <= 1 else images.clamp(0, 1)  # no copy of a (large) video batch if in range
 
 
 def check_prompts(prompts, num_images: int, reward_name: str) -> list[str]:
@@ -87,14 +90,20 @@ def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return resized.clamp(0, 1)
 
 
-def resize_shortest_and_center_crop(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize so the image covers `size` (shortest edge), then center crop: open_clip's and CLIP's eval transform."""
+def resize_shortest_and_center_crop(
+    images: torch.Tensor, size: tuple[int, int], shortest_edge: int | None = None
+) -> torch.Tensor:
+    """Resize the shortest edge (to `shortest_edge`, default: cover `size`), then center crop to `size`.
+
+    open_clip's and the transformers CLIP image processor's eval transform.
+    """
     height, width = images.shape[-2:]
     target_h, target_w = size
-    if target_h == target_w:
+    if shortest_edge is not None or target_h == target_w:
         # torchvision `Resize(int)`: the short side becomes `size`, the long one int(size * long / short).
+        edge = shortest_edge if shortest_edge is not None else target_h
         short, long = (height, width) if height <= width else (width, height)
-        new_short, new_long = target_h, int(target_h * long / short)
+        new_short, new_long = edge, int(edge * long / short)
         new_h, new_w = (new_short, new_long) if height <= width else (new_long, new_short)
     else:
         ratio = min(height / target_h, width / target_w)
@@ -129,20 +138,23 @@ def preprocess(
     resize_mode: str = "shortest",
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    shortest_edge: int | None = None,
 ) -> torch.Tensor:
     """Move `images` (N, 3, H, W) in [0, 1] to `device`, resize to `size`, normalise, and cast to `dtype`.
 
-    The resize runs in float32 whatever the model's dtype.
+    `resize_mode` is `"shortest"` (resize the shortest edge, to `shortest_edge` if given, then center crop),
+    `"longest"` (resize the longest edge, then center pad with black) or `"squash"` (resize to `size`, ignoring the
+    aspect ratio). The resize runs in float32 whatever the model's dtype.
     """
-    if resize_mode not in ("shortest", "longest"):
-        raise ValueError(
-            f"resize_mode must be 'shortest' (center crop) or 'longest' (center pad), got {resize_mode!r}."
-        )
+    if resize_mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}.")
     images = images.to(device=device, dtype=torch.float32)
     if resize_mode == "shortest":
-        images = resize_shortest_and_center_crop(images, size)
-    else:
+        images = resize_shortest_and_center_crop(images, size, shortest_edge)
+    elif resize_mode == "longest":
         images = resize_longest_and_center_pad(images, size)
+    else:
+        images = _resize(images, size)
     mean = torch.tensor(mean, device=images.device, dtype=torch.float32).view(-1, 1, 1)
     std = torch.tensor(std, device=images.device, dtype=torch.float32).view(-1, 1, 1)
     return ((images - mean) / std).to(dtype)
