@@ -243,3 +243,42 @@ def test_dataset_columns_reach_the_rewards(tiny_pipeline_path, tmp_path):
     trainer = make_trainer(tiny_pipeline_path("tiny-flux"), tmp_path, reward=reward, dataset=dataset, max_steps=1)
     trainer.train()
     assert len(seen["target"]) == 8 and set(seen["target"]) <= {0, 1, 2, 3}
+
+
+def test_gradient_accumulation_gives_the_same_update_as_one_big_batch(tiny_pipeline_path, tmp_path):
+    # 2 micro-steps of 4 samples (one rollout of 8 feeding one optimizer step) == 1 step of 8 samples
+    params = []
+    for batch, accumulation in ((8, 1), (4, 2)):
+        trainer = make_trainer(
+            tiny_pipeline_path("tiny-flux"),
+            tmp_path / str(batch),
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            rollout_batch_size=4,
+            max_steps=1,
+            optim="sgd",
+            learning_rate=1e-1,
+        )
+        assert trainer.args.steps_per_generation == accumulation
+        trainer.train()
+        params.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
+    torch.testing.assert_close(params[0], params[1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+def test_kl_to_the_starting_model(use_lora, tiny_pipeline_path, tmp_path):
+    trainer = make_trainer(
+        tiny_pipeline_path("tiny-flux"),
+        tmp_path,
+        beta=0.1,
+        max_steps=3,
+        learning_rate=1e-2,
+        peft_config=lora_config() if use_lora else None,
+    )
+    assert (trainer.ref_denoiser is None) == use_lora  # LoRA: the reference is the adapter disabled, no copy
+    trainer.train()
+    kls = [log["kl"] for log in trainer.state.log_history if "kl" in log]
+    assert len(kls) == 3
+    if not use_lora:
+        assert kls[0] == 0  # before the first update the model is the reference
+    assert kls[-1] > 0
