@@ -1,0 +1,291 @@
+"""Tiny random reward checkpoints, written in exactly the real checkpoints' file formats.
+
+No real reward weights are needed to exercise the loading code: each builder writes a model of a few hundred
+thousand parameters where the real one would be (an HPS `{"state_dict": ...}` file, a transformers `CLIPModel`
+folder, the aesthetic MLP's state dict, a VideoAlign folder with `model_config.json` and `checkpoint-<step>/model.pth`
+next to a Qwen2-VL base folder). Pass the paths to the rewards' local-path arguments. Used by the tests, the CPU
+benchmarks and offline demos; the scores are meaningless.
+"""
+
+import copy
+import json
+import os
+import string
+import tempfile
+
+import torch
+
+
+TINY_OPEN_CLIP_MODEL = "trl-dancegrpo-tiny-clip"
+_TINY_OPEN_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+    # The real CLIP BPE vocabulary (shipped with open_clip) and context length, so open_clip's tokenizer fits.
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+_REGISTERED_DIR = None
+
+
+def register_tiny_open_clip_config() -> str:
+    """Register the tiny open_clip architecture [`TINY_OPEN_CLIP_MODEL`] (32x32 images) and return its name."""
+    global _REGISTERED_DIR
+    import open_clip
+
+    if _REGISTERED_DIR is None or open_clip.get_model_config(TINY_OPEN_CLIP_MODEL) is None:
+        _REGISTERED_DIR = tempfile.mkdtemp(prefix="trl_dancegrpo_open_clip_")
+        path = os.path.join(_REGISTERED_DIR, f"{TINY_OPEN_CLIP_MODEL}.json")
+        with open(path, "w") as f:
+            json.dump(_TINY_OPEN_CLIP_CONFIG, f)
+        open_clip.add_model_config(path)
+    return TINY_OPEN_CLIP_MODEL
+
+
+def save_tiny_hps_checkpoint(path: str, seed: int = 0) -> str:
+    """Write a tiny HPS checkpoint to the file `path`: `{"state_dict": ...}` of a whole open_clip CLIP model, as
+    `HPS_v2.1_compressed.pt`. Load it with `HPSReward(checkpoint_path=path, clip_model=TINY_OPEN_CLIP_MODEL)`."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    model = open_clip.create_model(register_tiny_open_clip_config(), pretrained=None)
+    torch.save({"state_dict": model.state_dict()}, path)
+    return path
+
+
+_CHARS = list(string.ascii_lowercase + string.digits + ",.!?-'")
+
+
+def _clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    # Without merges, CLIP's BPE splits every word into characters, the last one carrying the "</w>" suffix.
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for char in _CHARS:
+            vocab[char + suffix] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token="<|endoftext|>")
+
+
+def save_tiny_clip_model(path: str, seed: int = 0, projection_dim: int = 32, processor_path: str | None = None) -> str:
+    """Write a tiny transformers `CLIPModel` (32x32 images) and its processor to the folder `path`, as the PickScore
+    and `openai/clip-vit-large-patch14` repositories hold them. The processor goes to `processor_path` if given."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tokenizer = _clip_tokenizer()
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 77,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+        },
+        vision_config={
+            "image_size": 32,
+            "patch_size": 8,
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        },
+        projection_dim=projection_dim,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(path)
+    # Saved separately, as the Hub repositories hold them: `preprocessor_config.json` and the tokenizer files.
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        processor_path or path
+    )
+    tokenizer.save_pretrained(processor_path or path)
+    return path
+
+
+def save_tiny_aesthetic_checkpoint(path: str, input_size: int = 32, seed: int = 0) -> str:
+    """Write a tiny aesthetic MLP's state dict to the file `path`, as `sac+logos+ava1-l14-linearMSE.pth` (whose input
+    size is 768, CLIP ViT-L/14's; here that of [`save_tiny_clip_model`]'s projection)."""
+    from .image import AestheticMLP
+
+    torch.manual_seed(seed)
+    torch.save(AestheticMLP(input_size).state_dict(), path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# VideoAlign
+
+_QWEN_SPECIAL_TOKENS = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+# Qwen2-VL's chat template, reduced to what a user turn with a video and a text needs.
+_QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TINY_VIDEOALIGN_FRAME_SIZE = 96  # frames of this size are already on the tiny model's patch grid
+
+
+def tiny_qwen2_vl_processor():
+    """A Qwen2-VL processor with a byte-level tokenizer (no merges) and 4-pixel patches."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2Tokenizer, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    vocab = {"<|endoftext|>": 0}
+    for char in sorted(ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], additional_special_tokens=_QWEN_SPECIAL_TOKENS)
+    patches = {"patch_size": 4, "merge_size": 2, "temporal_patch_size": 2}
+    pixels = {"min_pixels": 8 * 8, "max_pixels": TINY_VIDEOALIGN_FRAME_SIZE**2}
+    return Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**patches, **pixels),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**patches, **pixels),
+        chat_template=_QWEN_CHAT_TEMPLATE,
+    )
+
+
+def tiny_videoalign_model(seed: int = 0):
+    """The tiny VideoAlign reward model as VideoAlign trains it, and its processor (with the reward tokens).
+
+    A Qwen2-VL with a bias-free scalar head `rm_head`, the token embeddings resized to the reward tokens, and LoRA
+    (r=4, alpha=8) on every linear layer of the language model, wrapped by PEFT; LoRA weights are random (not zero)
+    so that their merge matters. Returns `(peft_model, processor)`.
+    """
+    import torch.nn as nn
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from .video import REWARD_TOKENS
+
+    class Qwen2VLRewardModel(Qwen2VLForConditionalGeneration):
+        def __init__(self, config):
+            super().__init__(config)
+            self.rm_head = nn.Linear(config.text_config.hidden_size, 1, bias=False)
+
+    processor = tiny_qwen2_vl_processor()
+    ids = {token: processor.tokenizer.convert_tokens_to_ids(token) for token in _QWEN_SPECIAL_TOKENS}
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": len(processor.tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 8192,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0},
+            "bos_token_id": 0,
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": 0,
+        },
+        vision_config={
+            "depth": 1,
+            "embed_dim": 32,
+            "hidden_size": 32,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "patch_size": 4,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLRewardModel(config)
+    processor.tokenizer.add_special_tokens({"additional_special_tokens": list(REWARD_TOKENS)})
+    model.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
+    excluded = ("lm_head", "rm_head", "embed_tokens", "visual")  # VideoAlign's lora_namespan_exclude
+    targets = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not any(part in name for part in excluded)
+    ]
+    lora = LoraConfig(target_modules=targets, r=4, lora_alpha=8, lora_dropout=0.05, task_type="CAUSAL_LM", bias="none")
+    peft_model = get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05)
+    return peft_model.eval(), processor
+
+
+def save_tiny_videoalign(path: str, seed: int = 0, step: int = 2) -> str:
+    """Write a tiny VideoAlign checkpoint to the folder `path/reward` (and its base model to `path/base`).
+
+    `path/reward` is laid out like the Hub repository `KwaiVGI/VideoReward`: `model_config.json` and
+    `checkpoint-<step>/model.pth`, the full PEFT state dict with transformers 4.4x's Qwen2-VL key names; its
+    `model_config.model_name_or_path` names `path/base`, which holds the base model's config and processor, like
+    `Qwen/Qwen2-VL-2B-Instruct` (whose weights the reward does not need). Returns the reward folder, for
+    `VideoAlignReward(model_name_or_path=...)`.
+    """
+    from .video import DIMENSIONS
+
+    peft_model, processor = tiny_videoalign_model(seed)
+    base_dir, reward_dir = os.path.join(path, "base"), os.path.join(path, "reward")
+    base_processor = tiny_qwen2_vl_processor()  # the base tokenizer has no reward tokens
+    base_processor.save_pretrained(base_dir)
+    base_config = copy.deepcopy(peft_model.get_base_model().config)
+    base_config.text_config.vocab_size = len(base_processor.tokenizer)
+    base_config.save_pretrained(base_dir)
+    os.makedirs(os.path.join(reward_dir, f"checkpoint-{step}"), exist_ok=True)
+    state_dict = {}
+    for key, value in peft_model.state_dict().items():
+        # transformers < 4.52 (VideoAlign's) had the language model at `model` and the vision tower at `visual`.
+        key = key.replace("base_model.model.model.language_model.", "base_model.model.model.")
+        key = key.replace("base_model.model.model.visual.", "base_model.model.visual.")
+        state_dict[key] = value.clone()
+    torch.save(state_dict, os.path.join(reward_dir, f"checkpoint-{step}", "model.pth"))
+    model_config = {
+        "data_config": {
+            "max_frame_pixels": TINY_VIDEOALIGN_FRAME_SIZE**2,
+            "num_frames": None,
+            "fps": 2.0,
+            "eval_dim": list(DIMENSIONS),
+            "prompt_template_type": "detailed_special",
+            "sample_type": "uniform",
+        },
+        "model_config": {
+            "model_name_or_path": os.path.abspath(base_dir),
+            "output_dim": 1,
+            "use_special_tokens": True,
+            "reward_token": "special",
+        },
+        "peft_lora_config": {
+            "lora_enable": True,
+            "vision_lora": False,
+            "lora_r": 4,
+            "lora_alpha": 8,
+            "lora_dropout": 0.05,
+            "lora_namespan_exclude": ["lm_head", "rm_head", "embed_tokens", "visual"],
+            "lora_task_type": "CAUSAL_LM",
+            "use_rslora": False,
+            "num_lora_modules": -1,
+        },
+        # VideoAlign's published calibration.
+        "inference_config": {
+            "VQ_mean": 3.6757,
+            "VQ_std": 2.2476,
+            "MQ_mean": 1.1646,
+            "MQ_std": 1.3811,
+            "TA_mean": 2.8105,
+            "TA_std": 2.5121,
+        },
+    }
+    with open(os.path.join(reward_dir, "model_config.json"), "w") as f:
+        json.dump(model_config, f, indent=2)
+    return reward_dir
