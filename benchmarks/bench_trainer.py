@@ -212,7 +212,8 @@ def main():
         torch.cuda.reset_peak_memory_stats()
     (batched,) = timed([lambda: one_training_step(trainer, inputs)], 0, device)
     results["d_peak_memory_mb"] = peak_memory_mb(device)
-    single = make_trainer(pipeline, preset, args, rollout_batch_size=1)
+    # the same weights (same seed) in a second pipeline: a LoRA cannot be added twice to one denoiser
+    single = make_trainer(build_pipeline(preset, dtype if args.lora_rank else torch.float32), preset, args, 1)
     batched, one_by_one = timed(
         [lambda: one_training_step(trainer, inputs), lambda: one_training_step(single, inputs)], args.repeats, device
     )

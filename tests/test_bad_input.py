@@ -146,3 +146,14 @@ def test_all_nan_rewards_are_an_error_not_silent(tiny_pipeline_path, tmp_path):
 def test_model_of_wrong_type(tmp_path):
     with pytest.raises(TypeError, match="model must be a diffusers pipeline or a Hub id"):
         DanceGRPOTrainer(model=42, reward_funcs=brightness, args=make_config(tmp_path))
+
+
+def test_a_denoiser_that_already_has_a_lora_is_a_clear_error(tmp_path):
+    from peft import LoraConfig
+
+    from trl_dancegrpo.tiny import tiny_flux_pipeline
+
+    pipeline = tiny_flux_pipeline()
+    make_trainer(pipeline, tmp_path, peft_config=LoraConfig(r=2, lora_alpha=2))
+    with pytest.raises(ValueError, match="already has LoRA adapters"):
+        make_trainer(pipeline, tmp_path, peft_config=LoraConfig(r=2, lora_alpha=2))

@@ -259,6 +259,12 @@ class DanceGRPOTrainer(Trainer):
             denoiser.to(dtype=weight_dtype)
             if peft_config.target_modules is None:
                 peft_config.target_modules = list(self.adapter.default_lora_target_modules)
+            if getattr(denoiser, "peft_config", None):
+                raise ValueError(
+                    f"The {self.adapter.denoiser_name} already has LoRA adapters {sorted(denoiser.peft_config)} (from "
+                    "load_lora_weights or an earlier trainer). Pass a freshly loaded pipeline with peft_config, or fuse "
+                    "the loaded LoRA first (pipeline.fuse_lora(); pipeline.unload_lora_weights())."
+                )
             denoiser.add_adapter(peft_config)
             for param in denoiser.parameters():  # trainable LoRA weights in float32, as diffusers' training scripts
                 if param.requires_grad:
