@@ -200,7 +200,7 @@ def main():
 
     pipeline.set_progress_bar_config(disable=True)
     ours, reference = timed(
-        [lambda: trainer.generate(prompts, seed=0, eta=0.3, group_size=preset["G"], mode="train"), plain],
+        [lambda: trainer.generate(prompts, seed=0, eta=0.3, group_size=preset["G"]), plain],
         args.repeats,
         device,
     )

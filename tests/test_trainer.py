@@ -88,9 +88,18 @@ def test_train(name, use_lora, tiny_pipeline_path, tmp_path):
 
 
 @pytest.mark.parametrize("name", PIPELINES)
-def test_ratio_is_one_at_the_first_inner_step(name, tiny_pipeline_path, tmp_path):
-    # rollout_batch_size 2 < batch 8 and CFG on for SD: the loss must re-score with the rollout's batch composition
-    trainer = make_trainer(tiny_pipeline_path(name), tmp_path, max_steps=1, rollout_batch_size=2, learning_rate=1.0)
+@pytest.mark.parametrize("batch, rollout_batch_size", [(8, 2), (12, None)])
+def test_ratio_is_one_at_the_first_inner_step(name, batch, rollout_batch_size, tiny_pipeline_path, tmp_path):
+    # slices smaller than the batch, a batch larger than the eval batch (8), CFG on for SD: the loss must re-score
+    # with the rollout's batch composition
+    trainer = make_trainer(
+        tiny_pipeline_path(name),
+        tmp_path,
+        max_steps=1,
+        per_device_train_batch_size=batch,
+        rollout_batch_size=rollout_batch_size,
+        learning_rate=1.0,
+    )
     assert trainer.adapter.use_cfg == (name == "tiny-sd")
     trainer.train()
     logs = trainer.state.log_history[0]
@@ -131,13 +140,13 @@ def test_rollout_batch_size_does_not_change_results(tiny_pipeline_path, tmp_path
 def test_groups_share_initial_noise_but_not_sde_noise(tiny_pipeline_path, tmp_path):
     trainer = make_trainer(tiny_pipeline_path("tiny-flux"), tmp_path)
     prompts = ["a cat"] * 4 + ["a dog"] * 4
-    _, traj, _, _ = trainer.generate(prompts, seed=0, eta=0.3, group_size=4)
+    _, traj = trainer.generate(prompts, seed=0, eta=0.3, group_size=4)
     start, end = traj.latents[:, 0], traj.latents[:, -1]
     assert torch.equal(start[0], start[3]) and torch.equal(start[4], start[7])
     assert not torch.equal(start[0], start[4])
     assert not torch.allclose(end[0], end[1])  # same start, different SDE noise
     # init_same_noise=False: every sample its own start
-    _, traj, _, _ = trainer.generate(prompts, seed=0, eta=0.3, group_size=1)
+    _, traj = trainer.generate(prompts, seed=0, eta=0.3, group_size=1)
     assert not torch.equal(traj.latents[0, 0], traj.latents[1, 0])
 
 
@@ -212,7 +221,7 @@ def test_evaluate_logs_rewards_of_deterministic_samples(tiny_pipeline_path, tmp_
     trainer.eval_dataset = Dataset.from_dict({"prompt": ["a house", "a bird"]})
     first = trainer.evaluate()
     assert first == trainer.evaluate()  # eta = 0 and a fixed seed: the same samples
-    images, _, _, _ = trainer.generate(["a house", "a bird"], seed=trainer.args.seed)
+    images, _ = trainer.generate(["a house", "a bird"], seed=trainer.args.seed)
     assert first["eval_rewards/brightness/mean"] == pytest.approx(images.mean().item(), abs=1e-6)
 
 
@@ -282,3 +291,29 @@ def test_kl_to_the_starting_model(use_lora, tiny_pipeline_path, tmp_path):
     if not use_lora:
         assert kls[0] == 0  # before the first update the model is the reference
     assert kls[-1] > 0
+
+
+def test_overlapping_rewards_with_the_rollout_changes_nothing(tiny_pipeline_path, tmp_path):
+    calls, results = [], []
+    for overlap in (False, True):
+
+        def reward(prompts, images, overlap=overlap, **kwargs):
+            calls.append((overlap, len(prompts)))
+            return brightness(prompts, images)
+
+        trainer = make_trainer(
+            tiny_pipeline_path("tiny-flux"),
+            tmp_path / str(overlap),
+            reward=reward,
+            rollout_batch_size=2,
+            overlap_rewards=overlap,
+            optim="sgd",
+            learning_rate=1e-1,
+        )
+        trainer.train()
+        params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        results.append((params, [log["rewards/reward/mean"] for log in trainer.state.log_history[:-1]]))
+    assert [n for overlap, n in calls if not overlap] == [8, 8]  # once per batch
+    assert [n for overlap, n in calls if overlap] == [2] * 8  # once per slice, while the next slice samples
+    torch.testing.assert_close(results[0][0], results[1][0])
+    assert results[0][1] == pytest.approx(results[1][1], abs=1e-7)

@@ -44,6 +44,10 @@ class DanceGRPOConfig(TrainingArguments):
         rollout_batch_size (`int`, *optional*):
             How many samples go through the denoiser at once, in the rollout and when re-scored in the loss. `None`
             means the whole per-device batch. A memory knob: it does not change results.
+        overlap_rewards (`bool`, *optional*, defaults to `False`):
+            Score each slice of `rollout_batch_size` samples in a background thread while the next slice is sampled.
+            Worth it when rewards run on another device or a remote service; rewards are then called once per slice
+            instead of once per batch.
 
         > Parameters that control the rewards
 
@@ -119,6 +123,10 @@ class DanceGRPOConfig(TrainingArguments):
         metadata={
             "help": "Samples per denoiser forward (rollout and loss); None = the per-device batch. Memory knob."
         },
+    )
+    overlap_rewards: bool = field(
+        default=False,
+        metadata={"help": "Score each rollout slice in a background thread while the next slice is sampled."},
     )
 
     # Rewards

@@ -28,6 +28,10 @@ class Trajectory:
     def final_latents(self) -> torch.Tensor:
         return self.latents[:, -1]
 
+    @classmethod
+    def cat(cls, trajectories: list["Trajectory"]) -> "Trajectory":
+        return cls(torch.cat([t.latents for t in trajectories]), torch.cat([t.log_probs for t in trajectories]))
+
 
 def sample_slices(num_samples: int, micro_batch_size: int, rollout_batch_size: int | None) -> list[slice]:
     """Slices of at most `rollout_batch_size` samples that never cross a micro-batch boundary.

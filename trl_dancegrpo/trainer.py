@@ -8,6 +8,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from accelerate.utils import gather
@@ -17,7 +18,7 @@ from trl.trainer.utils import RepeatSampler
 
 from .adapters import PipelineAdapter, get_adapter_class
 from .config import DanceGRPOConfig
-from .rollout import decode, denoise, index_conditioning, sample_slices, sample_trajectories
+from .rollout import Trajectory, decode, denoise, index_conditioning, sample_slices, sample_trajectories
 
 
 RewardFunc = Callable[..., list]
@@ -332,31 +333,38 @@ class DanceGRPOTrainer(Trainer):
             noises.append(self.adapter.initial_noise(1, generator, self.accelerator.device, torch.float32))
         return torch.cat(noises)
 
-    def _micro_batch_size(self, mode: str) -> int:
-        return self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
-
     @torch.no_grad()
-    def generate(self, prompts: list[str], seed: int = 0, eta: float = 0.0, group_size: int = 1, mode="eval"):
+    def generate(self, prompts: list[str], seed: int = 0, eta: float = 0.0, group_size: int = 1):
         """Sample images for `prompts` with the current model (deterministic when `eta=0`).
 
-        Returns the images `(N, 3, H, W)` in [0, 1] and the [`Trajectory`]. Samples `i` and `j` share their initial
-        noise when `i // group_size == j // group_size`.
+        Samples `i` and `j` share their initial noise when `i // group_size == j // group_size`. Returns the images
+        `(N, 3, H, W)` in [0, 1] and the [`~trl_dancegrpo.rollout.Trajectory`].
         """
-        device = self.accelerator.device
         cond, negative = self._conditioning(prompts)
         first = self.accelerator.process_index * len(prompts)
-        noise = self._initial_noise(len(prompts), first, seed, group_size)
-        slices = sample_slices(len(prompts), self._micro_batch_size(mode), self.args.rollout_batch_size)
-        # one SDE-noise generator per sample, seeded by its index in the global batch: results do not depend on
-        # how the batch is split over processes or slices
-        generator = [torch.Generator().manual_seed(mix_seed(seed, 1, first + i)) for i in range(len(prompts))]
+        parts = sample_slices(len(prompts), self.args.per_device_eval_batch_size, self.args.rollout_batch_size)
+        outputs = [
+            self._sample(index_conditioning(cond, part), negative, part, first, seed, eta, group_size)
+            for part in parts
+        ]
+        return torch.cat([images for images, _ in outputs]), Trajectory.cat([trajectory for _, trajectory in outputs])
+
+    @torch.no_grad()
+    def _sample(self, cond, negative, part: slice, first: int, seed: int, eta: float, group_size: int):
+        """Sample and decode the samples `part` of a batch whose first sample has global index `first`.
+
+        Noise (initial and of every SDE step) is drawn per sample from its global index, so results do not depend on
+        how a batch is split into parts, slices or processes.
+        """
+        num = part.stop - part.start
+        noise = self._initial_noise(num, first + part.start, seed, group_size).to(self.accelerator.device)
+        generator = [torch.Generator().manual_seed(mix_seed(seed, 1, first + i)) for i in range(part.start, part.stop)]
         denoiser = self.accelerator.unwrap_model(self.model)
+        whole = [slice(0, num)]
         with self.accelerator.autocast():
-            trajectory = sample_trajectories(
-                self.adapter, denoiser, cond, noise.to(device), eta, slices, negative, generator
-            )
-            images = decode(self.adapter, trajectory.final_latents, slices)
-        return images, trajectory, cond, negative
+            trajectory = sample_trajectories(self.adapter, denoiser, cond, noise, eta, whole, negative, generator)
+            images = decode(self.adapter, trajectory.final_latents, whole)
+        return images, trajectory
 
     def _score(self, prompts: list[str], images: torch.Tensor, inputs: list[dict]):
         """Rewards `[N, K]` on this process (NaN for `None` and for NaN scores) and the mask of the `None`s."""
@@ -426,16 +434,39 @@ class DanceGRPOTrainer(Trainer):
     def _generate_and_score(self, inputs: list[dict]) -> dict:
         args, device = self.args, self.accelerator.device
         prompts = [row["prompt"] for row in inputs]
-        start = time.perf_counter()
         seed = mix_seed(args.seed, self._step)  # a new seed per rollout, reproducible from the step
         group_size = args.num_generations if args.init_same_noise else 1
+        first = self.accelerator.process_index * len(prompts)
         self.model.eval()
-        images, trajectory, cond, negative = self.generate(prompts, seed=seed, eta=args.eta, group_size=group_size)
-        rollout_time = time.perf_counter() - start
-
-        start = time.perf_counter()
-        local, not_applicable = self._score(prompts, images, inputs)
-        reward_time = time.perf_counter() - start
+        cond, negative = self._conditioning(prompts)
+        # The rollout goes part by part, each part exactly one slice of the loss (so the ratio starts at 1). With
+        # `overlap_rewards`, each part is scored in a background thread while the next one is sampled.
+        parts = sample_slices(len(prompts), args.per_device_train_batch_size, args.rollout_batch_size)
+        executor = ThreadPoolExecutor(max_workers=1) if args.overlap_rewards else None
+        trajectories, images, scores, rollout_time = [], [], [], 0.0
+        try:
+            for part in parts:
+                start = time.perf_counter()
+                part_images, trajectory = self._sample(
+                    index_conditioning(cond, part), negative, part, first, seed, args.eta, group_size
+                )
+                rollout_time += time.perf_counter() - start
+                trajectories.append(trajectory)
+                if executor is not None:
+                    scores.append(executor.submit(self._score, prompts[part], part_images, inputs[part]))
+                else:
+                    images.append(part_images)
+            start = time.perf_counter()
+            if executor is not None:
+                results = [future.result() for future in scores]
+                local, not_applicable = (torch.cat(tensors) for tensors in zip(*results))
+            else:
+                local, not_applicable = self._score(prompts, torch.cat(images), inputs)
+            reward_time = time.perf_counter() - start  # with overlap: only the wait after the last part
+        finally:
+            if executor is not None:
+                executor.shutdown(wait=True)
+        trajectory = Trajectory.cat(trajectories)
         # a None is "not applicable" to that reward; a NaN score means the sample failed: it is skipped and counted
         failed_local = (torch.isnan(local) & ~not_applicable).any(dim=1)
         rewards = gather(local.to(device)).cpu()
@@ -452,13 +483,10 @@ class DanceGRPOTrainer(Trainer):
         advantages = compute_advantages(
             masked, args.num_generations, self.reward_weights, args.multi_objective_aggregation, args.adv_clip_max
         )
-        process_slice = slice(
-            self.accelerator.process_index * len(prompts), (self.accelerator.process_index + 1) * len(prompts)
-        )
+        process_slice = slice(first, first + len(prompts))
         self._log_rollout_metrics(masked, failed, advantages, rollout_time, reward_time)
 
         # per sample, a random subset of ceil(tau * T) of its steps to train on, drawn from its global index
-        first = process_slice.start
         perms = torch.stack(
             [
                 torch.randperm(args.num_inference_steps, generator=torch.Generator().manual_seed(mix_seed(seed, 2, i)))
@@ -613,7 +641,7 @@ class DanceGRPOTrainer(Trainer):
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         local_rows = rows[rank::world] or rows[:1]
         prompts = [row["prompt"] for row in local_rows]
-        images, _, _, _ = self.generate(prompts, seed=self.args.seed, eta=0.0, mode="eval")
+        images, _ = self.generate(prompts, seed=self.args.seed, eta=0.0)
         rewards = gather(self._score(prompts, images, local_rows)[0].to(self.accelerator.device)).cpu()
         metrics = {}
         for k, name in enumerate(self.reward_func_names):
