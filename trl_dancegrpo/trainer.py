@@ -5,6 +5,7 @@ import contextlib
 import inspect
 import math
 import os
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -12,8 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from accelerate.utils import gather
-from transformers import Trainer
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers import Trainer, set_seed
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl.trainer.utils import RepeatSampler
 
 from .adapters import PipelineAdapter, get_adapter_class
@@ -72,6 +75,26 @@ def mix_seed(*values: int) -> int:
     import numpy as np
 
     return int(np.random.SeedSequence([int(v) % (2**63) for v in values]).generate_state(2, np.uint64)[0] >> 1)
+
+
+class EpochSeededRepeatSampler(RepeatSampler):
+    """TRL's `RepeatSampler` whose shuffling depends only on (seed, epoch), not on how often it was iterated before.
+
+    The Trainer calls `set_epoch` at every epoch, so a run resumed from a checkpoint sees the same prompt order as
+    one that never stopped.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.shuffle:
+            self.generator = torch.Generator().manual_seed(mix_seed(self.seed or 0, self.epoch))
+        return super().__iter__()
 
 
 def _reward_name(func) -> str:
@@ -166,6 +189,7 @@ class DanceGRPOTrainer(Trainer):
             1, math.ceil(round(args.timestep_fraction * args.num_inference_steps, 9))
         )
 
+        set_seed(args.seed)  # the LoRA's random initialisation is reproducible, as the Trainer's own model_init is
         denoiser = self._prepare_denoiser(self.adapter.denoiser, peft_config, args)
         super().__init__(
             model=denoiser,
@@ -290,7 +314,7 @@ class DanceGRPOTrainer(Trainer):
         # Each prompt appears num_generations times in a row, and each generation batch is repeated for all the
         # micro-steps that consume it (TRL's GRPO scheme); groups may straddle processes.
         args = self.args
-        return RepeatSampler(
+        return EpochSeededRepeatSampler(
             data_source=dataset if dataset is not None else self.train_dataset,
             mini_repeat_count=args.num_generations,
             batch_size=args.generation_batch_size // args.num_generations,
@@ -523,8 +547,19 @@ class DanceGRPOTrainer(Trainer):
         metrics["timing/reward"].append(reward_time)
 
     # -- loss ---------------------------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        # The micro-step counter seeds every rollout; it is re-derived from the (possibly restored) global step at
+        # the first micro-step, so a resumed run draws the same noise as one that never stopped.
+        self._step = None
+        self._buffered_inputs = None
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+        )
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         args = self.args
+        if self._step is None:
+            self._step = self.state.global_step * args.gradient_accumulation_steps
         if self._step % (args.steps_per_generation * args.num_iterations) == 0 or self._buffered_inputs is None:
             batch = self._generate_and_score(inputs)
             self._buffered_inputs = self._split(batch, args.steps_per_generation)
@@ -664,3 +699,66 @@ class DanceGRPOTrainer(Trainer):
         else:
             denoiser.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write the checkpoint into a staging folder and rename it into place once complete.
+
+        A save interrupted half-way leaves only `tmp-checkpoint-N`, which `resume_from_checkpoint=True` ignores (it
+        looks for `checkpoint-N`), so an interrupted save never looks like a valid checkpoint.
+        """
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final_dir, staging = os.path.join(run_dir, name), os.path.join(run_dir, f"tmp-{name}")
+        if self.args.should_save and os.path.isdir(staging):
+            shutil.rmtree(staging)  # the leftover of an earlier interrupted save
+        self.accelerator.wait_for_everyone()
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        self.save_model(staging, _internal_call=True)
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(staging)
+            self._save_scaler(staging)
+            self._save_rng_state(staging)
+        if self.args.should_save:
+            for callback in [*self.callback_handler.callbacks, self.control]:
+                if isinstance(callback, ExportableState):
+                    self.state.stateful_callbacks[callback.__class__.__name__] = callback.state()
+            self.state.save_to_json(os.path.join(staging, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            if os.path.isdir(final_dir):
+                shutil.rmtree(final_dir)
+            os.replace(staging, final_dir)  # atomic on one file system
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(final_dir)
+        if self.args.should_save:
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Load the trainable weights written by `_save`: the LoRA (diffusers format) or the full denoiser."""
+        denoiser = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if self.is_lora:
+            from diffusers.utils import convert_unet_state_dict_to_peft
+            from peft.utils import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            path = os.path.join(resume_from_checkpoint, "pytorch_lora_weights.safetensors")
+            if not os.path.isfile(path):
+                raise ValueError(f"{resume_from_checkpoint} holds no LoRA weights ({os.path.basename(path)}).")
+            prefix = f"{self.adapter.denoiser_name}."
+            state_dict = {k.removeprefix(prefix): v for k, v in load_file(path).items() if k.startswith(prefix)}
+            result = set_peft_model_state_dict(denoiser, convert_unet_state_dict_to_peft(state_dict))
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(
+                    f"The LoRA in {resume_from_checkpoint} does not match the model's adapter (unexpected keys such "
+                    f"as {result.unexpected_keys[:3]}); resume with the same peft_config."
+                )
+        else:
+            saved = type(denoiser).from_pretrained(resume_from_checkpoint)
+            denoiser.load_state_dict(saved.state_dict())

@@ -1,0 +1,71 @@
+"""Checkpoints hold everything: a run stopped and resumed ends exactly where an uninterrupted run ends."""
+
+import os
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from .test_trainer import lora_config, make_trainer
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def rewards_by_step(trainer):
+    return {
+        log["step"]: log["rewards/brightness/mean"]
+        for log in trainer.state.log_history
+        if "rewards/brightness/mean" in log
+    }
+
+
+def params(trainer):
+    return torch.cat([p.detach().flatten() for p in trainer.model.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+def test_resume_continues_exactly(use_lora, tiny_pipeline_path, tmp_path):
+    path = tiny_pipeline_path("tiny-flux")
+    settings = dict(max_steps=4, learning_rate=1e-2, save_steps=2, save_strategy="steps", dataloader_drop_last=False)
+
+    def trainer(out):
+        return make_trainer(path, out, peft_config=lora_config() if use_lora else None, **settings)
+
+    straight = trainer(tmp_path / "straight")
+    straight.train()
+
+    first = trainer(tmp_path / "resumed")
+    first.add_callback(StopAt(2))
+    first.train()
+    assert first.state.global_step == 2
+    checkpoint = tmp_path / "resumed" / "out" / "checkpoint-2"
+    assert checkpoint.is_dir()
+
+    second = trainer(tmp_path / "resumed")
+    second.train(resume_from_checkpoint=True)
+    assert second.state.global_step == 4
+    assert torch.equal(params(second), params(straight))
+    resumed_rewards = {**rewards_by_step(first), **rewards_by_step(second)}
+    assert resumed_rewards == rewards_by_step(straight)
+    assert len(resumed_rewards) == 4
+
+
+def test_interrupted_save_is_not_taken_for_a_checkpoint(tiny_pipeline_path, tmp_path):
+    path = tiny_pipeline_path("tiny-flux")
+    trainer = make_trainer(path, tmp_path, max_steps=2, save_strategy="steps", save_steps=1, save_total_limit=1)
+    trainer.train()
+    out = tmp_path / "out"
+    assert sorted(os.listdir(out)) == ["checkpoint-2"]  # save_total_limit honoured, no staging folder left
+    # a save that died half-way: only its staging folder exists
+    os.makedirs(out / "tmp-checkpoint-3")
+    (out / "tmp-checkpoint-3" / "trainer_state.json").write_text("{}")
+    resumed = make_trainer(path, tmp_path, max_steps=3, save_strategy="no")
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 3  # continued from checkpoint-2, not from the broken folder
