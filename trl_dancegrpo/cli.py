@@ -62,6 +62,8 @@ class ScriptArguments:
             Registry names (see `trl_dancegrpo.rewards`) or dotted import paths (`my_pkg.my_reward`).
     """
 
+    _argument_group_name = "script arguments"
+
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id or local prompt file."})
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
@@ -87,6 +89,8 @@ class ModelArguments:
         lora_target_modules (`list[str]`, *optional*): Module name suffixes; `None` = the model family's defaults.
     """
 
+    _argument_group_name = "model and LoRA arguments"
+
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Pipeline Hub id or path; tiny-flux/tiny-sd."}
     )
@@ -102,9 +106,21 @@ class ModelArguments:
 
 
 def make_parser():
+    """`TrlParser` over the script, training and model arguments; `--config recipe.yaml` sets their defaults."""
     from trl import TrlParser
 
-    return TrlParser((ScriptArguments, DanceGRPOConfig, ModelArguments))
+    class Parser(TrlParser):
+        def error(self, message):  # one line, not argparse's usage block of every TrainingArguments option
+            self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    return Parser(
+        (ScriptArguments, DanceGRPOConfig, ModelArguments),
+        prog="trl-dancegrpo",
+        usage="%(prog)s [--config RECIPE.yaml] [--model_name_or_path ID_OR_PATH] [--dataset_name DATA] "
+        "[--reward_funcs NAME [NAME ...]] [--use_peft] [any DanceGRPOConfig option]",
+        description="DanceGRPO fine-tuning of a diffusers pipeline. With no --model_name_or_path and no --config, "
+        "runs an offline demo on a tiny random FLUX pipeline.",
+    )
 
 
 def load_prompts(script_args: ScriptArguments):
@@ -166,15 +182,17 @@ def run(script_args=None, training_args=None, model_args=None, argv=None):
 
     from .trainer import DanceGRPOTrainer
 
+    parser = make_parser()
     if training_args is None:
         argv = list(sys.argv[1:] if argv is None else argv)
-        parser = make_parser()
-        demo = "--model_name_or_path" not in argv and "--config" not in argv
-        if demo:
+        if not {"--model_name_or_path", "--config", "-h", "--help"} & set(argv):
             parser.set_defaults(**TINY_DEMO_DEFAULTS)
-        script_args, training_args, model_args = parser.parse_args_and_config(argv)
-        if model_args.model_name_or_path is None:
-            parser.error("--model_name_or_path is required (in the command line or the --config recipe).")
+        try:
+            script_args, training_args, model_args = parser.parse_args_and_config(argv)
+        except (ValueError, TypeError, OSError) as error:  # a contradictory setting, an unreadable recipe
+            parser.error(str(error))
+    if model_args.model_name_or_path is None:
+        parser.error("--model_name_or_path is required (on the command line or in the --config recipe).")
     peft_config = None
     if model_args.use_peft:
         peft_config = LoraConfig(
@@ -182,15 +200,17 @@ def run(script_args=None, training_args=None, model_args=None, argv=None):
             lora_alpha=model_args.lora_alpha,
             lora_dropout=model_args.lora_dropout,
             target_modules=model_args.lora_target_modules,
-            init_lora_weights="gaussian",
         )
-    trainer = DanceGRPOTrainer(
-        model=load_model(model_args),
-        reward_funcs=script_args.reward_funcs,
-        args=training_args,
-        train_dataset=load_prompts(script_args),
-        peft_config=peft_config,
-    )
+    try:
+        trainer = DanceGRPOTrainer(
+            model=load_model(model_args),
+            reward_funcs=script_args.reward_funcs,
+            args=training_args,
+            train_dataset=load_prompts(script_args),
+            peft_config=peft_config,
+        )
+    except (ValueError, TypeError, OSError) as error:  # bad input is reported before any training starts
+        parser.error(str(error).splitlines()[0])
     trainer.train()
     trainer.save_model(training_args.output_dir)
     save_metrics(trainer, training_args.output_dir)
