@@ -212,7 +212,8 @@ def run(script_args=None, training_args=None, model_args=None, argv=None):
     except (ValueError, TypeError, OSError) as error:  # bad input is reported before any training starts
         parser.error(str(error).splitlines()[0])
     trainer.train()
-    trainer.save_model(training_args.output_dir)
+    if not training_args.push_to_hub:  # with push_to_hub, train() has already saved and pushed the result
+        trainer.save_model(training_args.output_dir)
     save_metrics(trainer, training_args.output_dir)
     if trainer.is_world_process_zero():
         print(

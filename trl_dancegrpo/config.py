@@ -1,5 +1,6 @@
 """Configuration of the [`DanceGRPOTrainer`]."""
 
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -38,6 +39,10 @@ class DanceGRPOConfig(TrainingArguments):
             Image height in pixels. `None` uses the pipeline's default resolution.
         width (`int`, *optional*):
             Image width in pixels. `None` uses the pipeline's default resolution.
+        num_frames (`int`, *optional*):
+            Frames per video, for video pipelines (`1 + 4k` for the supported video VAEs). `None` uses the family's
+            default: 53 for HunyuanVideo (DanceGRPO's recipe), 97 for SkyReels, 81 for Wan. Image pipelines refuse
+            other values than `None` and `1`.
         init_same_noise (`bool`, *optional*, defaults to `True`):
             Whether all samples of a group start from the same initial noise (the paper's guard against reward
             hacking). The SDE noise of later steps always differs per sample.
@@ -48,6 +53,11 @@ class DanceGRPOConfig(TrainingArguments):
             Score each slice of `rollout_batch_size` samples in a background thread while the next slice is sampled.
             Worth it when rewards run on another device or a remote service; rewards are then called once per slice
             instead of once per batch.
+        vae_tiling (`bool`, *optional*, defaults to `False`):
+            Decode with the VAE's spatial (and, for video VAEs, temporal) tiling (`vae.enable_tiling()`): flat memory
+            for large or long videos, slightly slower. Decoding always runs outside the autograd graph.
+        vae_slicing (`bool`, *optional*, defaults to `False`):
+            Decode one sample at a time (`vae.enable_slicing()`).
 
         > Parameters that control the rewards
 
@@ -57,6 +67,13 @@ class DanceGRPOConfig(TrainingArguments):
             How several rewards become one advantage. `"normalize_then_sum"` (the paper): each reward is normalised
             within its group, then the weighted sum is taken. `"sum_then_normalize"`: the weighted sum of raw rewards is
             normalised within the group.
+        best_of_n (`int`, *optional*):
+            Best-of-n selection (the public HunyuanVideo recipe: G = 24, best-of-8): of the `num_generations` samples
+            of each group, train only on the `best_of_n // 2` with the highest and the `best_of_n // 2` with the lowest
+            advantage. Advantages keep the statistics of the whole group. Even, below `num_generations`.
+            `per_device_train_batch_size` then counts generated samples: each micro-step trains on
+            `per_device_train_batch_size * best_of_n / num_generations` of them, and each process must hold whole
+            groups. The kept samples are re-scored once (no gradient) so the ratio starts at exactly 1.
 
         > Parameters that control the loss
 
@@ -76,9 +93,18 @@ class DanceGRPOConfig(TrainingArguments):
         steps_per_generation (`int`, *optional*):
             Number of micro-steps one rollout is split over. `None` means `gradient_accumulation_steps`: one rollout
             feeds exactly one optimizer step (on-policy). A larger value reuses a rollout for several optimizer steps;
-            with the paper's tiny clip range most ratios then get clipped (watch `clip_ratio` in the logs).
+            with the paper's tiny clip range most ratios then get clipped (watch `clip_ratio` in the logs). With
+            classifier-free guidance it must stay `gradient_accumulation_steps` (the paper updates once per prompt
+            batch when CFG is on).
         shuffle_dataset (`bool`, *optional*, defaults to `True`):
             Whether to shuffle the prompts.
+
+        > Parameters that control logging
+
+        log_samples (`bool`, *optional*, defaults to `True`):
+            At each logging step, save the first sample of the latest rollout to `output_dir/samples/` (an animated
+            GIF for videos, a PNG for images) and send it to the `report_to` integrations that take media (wandb,
+            TensorBoard, MLflow, Trackio).
 
     > Defaults changed from [`~transformers.TrainingArguments`]: `learning_rate=1e-5`,
     `lr_scheduler_type="constant"`, `weight_decay=1e-4`, `per_device_train_batch_size=12`, `logging_steps=1`,
@@ -115,6 +141,9 @@ class DanceGRPOConfig(TrainingArguments):
     )
     height: int | None = field(default=None, metadata={"help": "Image height; None = the pipeline's default."})
     width: int | None = field(default=None, metadata={"help": "Image width; None = the pipeline's default."})
+    num_frames: int | None = field(
+        default=None, metadata={"help": "Frames per video (video pipelines, 1 + 4k); None = the family's default."}
+    )
     init_same_noise: bool = field(
         default=True, metadata={"help": "All samples of a group start from the same initial noise."}
     )
@@ -128,6 +157,8 @@ class DanceGRPOConfig(TrainingArguments):
         default=False,
         metadata={"help": "Score each rollout slice in a background thread while the next slice is sampled."},
     )
+    vae_tiling: bool = field(default=False, metadata={"help": "Decode with VAE tiling (flat memory, long videos)."})
+    vae_slicing: bool = field(default=False, metadata={"help": "Decode one sample at a time (VAE slicing)."})
 
     # Rewards
     reward_weights: list[float] | None = field(
@@ -136,6 +167,10 @@ class DanceGRPOConfig(TrainingArguments):
     multi_objective_aggregation: str = field(
         default="normalize_then_sum",
         metadata={"help": "How rewards combine: 'normalize_then_sum' (paper) or 'sum_then_normalize'."},
+    )
+    best_of_n: int | None = field(
+        default=None,
+        metadata={"help": "Train on the best and the worst best_of_n // 2 samples of each group (e.g. 8 of 24)."},
     )
 
     # Loss
@@ -151,6 +186,12 @@ class DanceGRPOConfig(TrainingArguments):
         metadata={"help": "Micro-steps one rollout is split over; None = gradient_accumulation_steps (on-policy)."},
     )
     shuffle_dataset: bool = field(default=True, metadata={"help": "Shuffle the prompts."})
+
+    # Logging
+    log_samples: bool = field(
+        default=True,
+        metadata={"help": "Save (output_dir/samples) and report a sample of the latest rollout at each logging step."},
+    )
 
     def __post_init__(self):
         if self.bf16 is None:
@@ -207,6 +248,32 @@ class DanceGRPOConfig(TrainingArguments):
                 f"{self.per_device_train_batch_size} x steps_per_generation {self.steps_per_generation} = "
                 f"{generation_batch_size} samples) must be a multiple of num_generations ({self.num_generations}). "
                 "Change per_device_train_batch_size or num_generations."
+            )
+        if self.num_frames is not None and self.num_frames < 1:
+            raise ValueError(f"num_frames must be a positive integer or None, got {self.num_frames}.")
+        if self.best_of_n is not None:
+            self._check_best_of_n()
+
+    def _check_best_of_n(self) -> None:
+        group, keep = self.num_generations, self.best_of_n
+        if keep < 2 or keep % 2 or keep >= group:
+            raise ValueError(
+                f"best_of_n must be an even number from 2 to num_generations - 1 ({group - 1}), got {keep}: it keeps "
+                f"the best_of_n // 2 best and best_of_n // 2 worst samples of each group of {group}."
+            )
+        local = self.per_device_train_batch_size * self.steps_per_generation
+        if local % group:
+            raise ValueError(
+                f"With best_of_n, each process must sample whole groups: per_device_train_batch_size "
+                f"{self.per_device_train_batch_size} x steps_per_generation {self.steps_per_generation} = {local} must "
+                f"be a multiple of num_generations ({group})."
+            )
+        if (self.per_device_train_batch_size * keep) % group:
+            raise ValueError(
+                f"With best_of_n = {keep} of num_generations = {group}, a micro-step of per_device_train_batch_size "
+                f"{self.per_device_train_batch_size} generated samples trains on {self.per_device_train_batch_size} x "
+                f"{keep} / {group} of them, which must be a whole number: set per_device_train_batch_size to a "
+                f"multiple of {group // math.gcd(group, keep)}."
             )
 
     @property

@@ -173,3 +173,282 @@ def save_tiny_pipeline(name: str, path: str, seed: int = 0) -> str:
         raise ValueError(f"Unknown tiny pipeline {name!r}; choose one of {sorted(TINY_PIPELINES)}.")
     TINY_PIPELINES[name](seed).save_pretrained(path)
     return path
+
+
+# -- video (HunyuanVideo, SkyReels, Wan) and SD3 ------------------------------------------------------------------------
+def _llama_tokenizer(max_length: int = 16):
+    from transformers import LlamaTokenizer
+
+    # Character-level (no merges); right padding as HunyuanVideo's Llama-3 tokenizer, so the template crop is a prefix.
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "\u2581": 4}
+    for char in string.ascii_letters + string.digits + string.punctuation:
+        vocab.setdefault(char, len(vocab))
+    return LlamaTokenizer(vocab=vocab, merges=[], pad_token="<pad>", padding_side="right", model_max_length=max_length)
+
+
+def _hunyuan_text_encoders(seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    llama = LlamaModel(
+        LlamaConfig(
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+            hidden_size=16,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            num_hidden_layers=2,  # HunyuanVideo takes the hidden states of the third layer from the end
+            vocab_size=128,
+            max_position_embeddings=1024,
+        )
+    )
+    torch.manual_seed(seed)
+    # HunyuanVideo pads CLIP prompts to 77 tokens
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=8,
+            intermediate_size=37,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            vocab_size=128,
+            max_position_embeddings=77,
+            projection_dim=8,
+        )
+    )
+    return llama, clip
+
+
+def _hunyuan_video_pipeline(pipeline_class, in_channels: int, seed: int):
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=in_channels,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=10,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        patch_size=1,
+        patch_size_t=1,
+        guidance_embeds=True,
+        text_embed_dim=16,
+        pooled_projection_dim=8,
+        rope_axes_dim=(2, 4, 4),
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        scaling_factor=0.476986,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+        mid_block_add_attention=True,
+    )
+    llama, clip = _hunyuan_text_encoders(seed)
+    return pipeline_class(
+        text_encoder=llama,
+        tokenizer=_llama_tokenizer(),
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=clip,
+        tokenizer_2=_clip_tokenizer(max_length=77),
+    )
+
+
+def tiny_hunyuan_video_pipeline(seed: int = 0):
+    """A `HunyuanVideoPipeline` (text-to-video) with a two-block transformer, for 16-64 px and 1 + 4k frames."""
+    from diffusers import HunyuanVideoPipeline
+
+    return _hunyuan_video_pipeline(HunyuanVideoPipeline, in_channels=4, seed=seed)
+
+
+def tiny_skyreels_pipeline(seed: int = 0):
+    """A `HunyuanSkyreelsImageToVideoPipeline` (SkyReels-V1 image-to-video): the image latents concatenated on channels."""
+    from diffusers import HunyuanSkyreelsImageToVideoPipeline
+
+    return _hunyuan_video_pipeline(HunyuanSkyreelsImageToVideoPipeline, in_channels=8, seed=seed)
+
+
+def _wan_components(in_channels: int, seed: int, image_dim: int | None = None) -> dict:
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=in_channels,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+        image_dim=image_dim,
+    )
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=64,
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    return dict(
+        vae=vae,
+        transformer=transformer,
+        text_encoder=text_encoder,
+        tokenizer=_t5_tokenizer(max_length=16),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+    )
+
+
+def tiny_wan_pipeline(seed: int = 0):
+    """A `WanPipeline` (Wan 2.1 text-to-video) with a two-block transformer, for 16-64 px and 1 + 4k frames."""
+    from diffusers import WanPipeline
+
+    return WanPipeline(**_wan_components(in_channels=16, seed=seed))
+
+
+def tiny_wan_i2v_pipeline(seed: int = 0):
+    """A `WanImageToVideoPipeline` (Wan 2.1 image-to-video): conditioning latents and mask on channels, CLIP image."""
+    from diffusers import WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    components = _wan_components(in_channels=36, seed=seed, image_dim=4)  # 16 noise + 4 mask + 16 image latents
+    torch.manual_seed(seed)
+    image_encoder = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=4,
+            projection_dim=4,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            intermediate_size=16,
+            patch_size=1,
+        )
+    )
+    image_processor = CLIPImageProcessor(crop_size=32, size=32)
+    return WanImageToVideoPipeline(**components, image_encoder=image_encoder, image_processor=image_processor)
+
+
+def tiny_sd3_pipeline(seed: int = 0):
+    """A `StableDiffusion3Pipeline` with a two-block transformer (the last one context-pre-only, as in SD3)."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=1,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=32,  # the two CLIP hidden states side by side (16 + 16), as wide as T5's
+        pooled_projection_dim=32,  # the two CLIP projections side by side
+        out_channels=4,
+    )
+    clip_config = CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=16,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=128,
+        max_position_embeddings=32,
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(clip_config)
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(clip_config)
+    torch.manual_seed(seed)
+    text_encoder_3 = T5EncoderModel(
+        T5Config(
+            vocab_size=64,
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=2,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_clip_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=_clip_tokenizer(),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=_t5_tokenizer(),
+    )
+
+
+TINY_PIPELINES.update(
+    {
+        "tiny-hunyuan-video": tiny_hunyuan_video_pipeline,
+        "tiny-skyreels": tiny_skyreels_pipeline,
+        "tiny-wan": tiny_wan_pipeline,
+        "tiny-wan-i2v": tiny_wan_i2v_pipeline,
+        "tiny-sd3": tiny_sd3_pipeline,
+    }
+)

@@ -14,17 +14,20 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from accelerate.utils import gather
 from transformers import Trainer, set_seed
-from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl.trainer.utils import RepeatSampler
 
 from .adapters import PipelineAdapter, get_adapter_class
 from .config import DanceGRPOConfig
+from .hub import ModelCardCallback
 from .rollout import Trajectory, decode, denoise, index_conditioning, sample_slices, sample_trajectories
+from .video import image_key, load_image, log_sample_to_integrations, save_sample
 
 
 RewardFunc = Callable[..., list]
+TRAINING_ARGS_JSON = "training_args.json"
 
 
 def compute_advantages(
@@ -70,6 +73,20 @@ def compute_advantages(
     return advantages
 
 
+def best_of_n_indices(advantages: torch.Tensor, num_generations: int, best_of_n: int) -> torch.Tensor:
+    """Indices of the `best_of_n // 2` highest- and `best_of_n // 2` lowest-advantage samples of each group.
+
+    `advantages` holds whole consecutive groups of `num_generations`; the indices come back in increasing order (ties
+    keep the earlier sample).
+    """
+    k = best_of_n // 2
+    grouped = advantages.view(-1, num_generations)
+    order = torch.sort(grouped, dim=1, descending=True, stable=True).indices
+    chosen = torch.cat([order[:, :k], order[:, -k:]], dim=1).sort(dim=1).values
+    offsets = torch.arange(grouped.shape[0], device=advantages.device).unsqueeze(1) * num_generations
+    return (chosen + offsets).flatten()
+
+
 def mix_seed(*values: int) -> int:
     """A deterministic 63-bit seed from integers (Python's `hash` of strings differs between processes)."""
     import numpy as np
@@ -95,6 +112,12 @@ class EpochSeededRepeatSampler(RepeatSampler):
         if self.shuffle:
             self.generator = torch.Generator().manual_seed(mix_seed(self.seed or 0, self.epoch))
         return super().__iter__()
+
+
+def _first_null(column) -> int:
+    import pyarrow.compute as pc
+
+    return pc.index(pc.is_null(column), True).as_py()
 
 
 def _reward_name(func) -> str:
@@ -176,15 +199,9 @@ class DanceGRPOTrainer(Trainer):
             self._check_dataset(dataset, name, args)
 
         self.pipeline = self._load_pipeline(model)
-        adapter_class = get_adapter_class(self.pipeline)
-        self.adapter: PipelineAdapter = adapter_class(
-            self.pipeline,
-            args.num_inference_steps,
-            height=args.height,
-            width=args.width,
-            guidance_scale=args.guidance_scale,
-            shift=args.shift,
-        )
+        self.adapter: PipelineAdapter = self._make_adapter(self.pipeline, args)
+        for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            self._check_image_column(dataset, name)
         self.num_train_steps_per_sample = max(
             1, math.ceil(round(args.timestep_fraction * args.num_inference_steps, 9))
         )
@@ -216,6 +233,9 @@ class DanceGRPOTrainer(Trainer):
         self._step = 0
         self._buffered_inputs = None
         self._negative_cond = None
+        self._latest_sample = None  # (prompt, sample) of the latest rollout, for `log_samples`
+        self.model_card_callback = ModelCardCallback(self)  # the card's samples; with push_to_hub, pushes at the end
+        self.add_callback(self.model_card_callback)
 
     # -- construction helpers -----------------------------------------------------------------------------------------
     @staticmethod
@@ -262,6 +282,62 @@ class DanceGRPOTrainer(Trainer):
             )
 
     @staticmethod
+    def _make_adapter(pipeline, args: DanceGRPOConfig) -> PipelineAdapter:
+        adapter_class = get_adapter_class(pipeline)
+        kwargs = {}
+        if adapter_class.is_video:
+            kwargs["num_frames"] = args.num_frames
+        elif args.num_frames not in (None, 1):
+            raise ValueError(
+                f"num_frames={args.num_frames} but {type(pipeline).__name__} generates images; leave num_frames unset."
+            )
+        adapter = adapter_class(
+            pipeline,
+            args.num_inference_steps,
+            height=args.height,
+            width=args.width,
+            guidance_scale=args.guidance_scale,
+            shift=args.shift,
+            **kwargs,
+        )
+        # The paper updates once per prompt batch when CFG is on: one rollout feeds exactly one optimizer step.
+        once_per_batch = args.num_iterations == 1 and args.steps_per_generation == args.gradient_accumulation_steps
+        if adapter.use_cfg and not once_per_batch:
+            raise ValueError(
+                f"{type(pipeline).__name__} trains with classifier-free guidance (guidance_scale "
+                f"{adapter.guidance_scale}), and with CFG DanceGRPO updates once per prompt batch: set num_iterations=1 "
+                "and leave steps_per_generation unset (= gradient_accumulation_steps), or train without CFG "
+                "(guidance_scale=1)."
+            )
+        vae = getattr(pipeline, "vae", None)
+        if args.vae_tiling:
+            vae.enable_tiling()
+        if args.vae_slicing:
+            vae.enable_slicing()
+        return adapter
+
+    def _check_image_column(self, dataset, name: str) -> None:
+        """Image-to-video rows need an `image` (PIL image, path or tensor): the column, no empty entry, no missing file."""
+        if dataset is None or not self.adapter.requires_image:
+            return
+        if "image" not in dataset.column_names:
+            raise ValueError(
+                f"{type(self.pipeline).__name__} is image-to-video: {name} needs an 'image' column (PIL images, paths "
+                f"or tensors) next to 'prompt'; its columns are {dataset.column_names}."
+            )
+        if not hasattr(dataset, "with_format"):
+            return
+        import pyarrow as pa
+
+        column = dataset.with_format("arrow")["image"]  # Arrow data: no image is decoded for these checks
+        if column.null_count:
+            raise ValueError(f"Row {_first_null(column)} of {name} has no image (its 'image' is None).")
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            for i, path in enumerate(column.to_pylist()):
+                if not os.path.isfile(path):
+                    raise ValueError(f"Row {i} of {name}: the image file {path!r} does not exist.")
+
+    @staticmethod
     def _load_pipeline(model):
         if isinstance(model, str):
             from diffusers import DiffusionPipeline
@@ -296,6 +372,12 @@ class DanceGRPOTrainer(Trainer):
                     param.data = param.data.float()
         else:
             denoiser.requires_grad_(True)
+        # parameters that never reach the output (SD3's last context queries) stay frozen: DDP needs every trained
+        # parameter to get a gradient
+        unused = tuple(f"{prefix}." for prefix in self.adapter.unused_parameter_prefixes())
+        for name, param in denoiser.named_parameters():
+            if name.startswith(unused):
+                param.requires_grad_(False)
         if not any(p.requires_grad for p in denoiser.parameters()):
             raise ValueError(
                 "No trainable parameter: check peft_config.target_modules against the denoiser's modules."
@@ -335,14 +417,34 @@ class DanceGRPOTrainer(Trainer):
         )
 
     # -- rollout and rewards ------------------------------------------------------------------------------------------
-    def _conditioning(self, prompts: list[str]):
-        """Prompt embeddings, computed once per distinct prompt and indexed per sample."""
-        unique = list(dict.fromkeys(prompts))
+    def _conditioning(self, prompts: list[str], images: list | None = None):
+        """Conditioning of each sample, encoded once per distinct row and indexed per sample.
+
+        A row is its prompt, and for image-to-video also its conditioning image (compared by content: the samples of
+        a group arrive as separately decoded copies). `images` is ignored by text-conditioned models.
+        """
+        if self.adapter.requires_image:
+            if images is None or len(images) != len(prompts):
+                raise ValueError(
+                    f"{type(self.pipeline).__name__} is image-to-video: it needs one conditioning image per prompt "
+                    f"(got {'none' if images is None else len(images)} for {len(prompts)} prompts)."
+                )
+            images = [
+                load_image(image, f"Sample {i} of the batch (prompt {prompt!r})")
+                for i, (prompt, image) in enumerate(zip(prompts, images))
+            ]
+            keys = [(prompt, image_key(image)) for prompt, image in zip(prompts, images)]
+        else:
+            images, keys = None, list(prompts)
+        unique = list(dict.fromkeys(keys))
+        rows = [keys.index(key) for key in unique]
         with torch.no_grad():
-            cond = self.adapter.encode_prompts(unique)
+            cond = self.adapter.encode_conditioning(
+                [prompts[r] for r in rows], None if images is None else [images[r] for r in rows]
+            )
             if self.adapter.use_cfg and self._negative_cond is None:
                 self._negative_cond = self.adapter.negative_conditioning()
-        index = torch.tensor([unique.index(p) for p in prompts], device=self.accelerator.device)
+        index = torch.tensor([unique.index(key) for key in keys], device=self.accelerator.device)
         return index_conditioning(cond, index), (self._negative_cond if self.adapter.use_cfg else None)
 
     def _initial_noise(self, num_samples: int, first_sample: int, seed: int, group_size: int) -> torch.Tensor:
@@ -358,13 +460,14 @@ class DanceGRPOTrainer(Trainer):
         return torch.cat(noises)
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], seed: int = 0, eta: float = 0.0, group_size: int = 1):
-        """Sample images for `prompts` with the current model (deterministic when `eta=0`).
+    def generate(self, prompts: list[str], seed: int = 0, eta: float = 0.0, group_size: int = 1, images=None):
+        """Sample images (or videos) for `prompts` with the current model (deterministic when `eta=0`).
 
-        Samples `i` and `j` share their initial noise when `i // group_size == j // group_size`. Returns the images
-        `(N, 3, H, W)` in [0, 1] and the [`~trl_dancegrpo.rollout.Trajectory`].
+        Samples `i` and `j` share their initial noise when `i // group_size == j // group_size`. Image-to-video models
+        take one conditioning image per prompt (`images`: PIL images, paths or tensors). Returns the images
+        `(N, 3, H, W)` (videos: `(N, F, 3, H, W)`) in [0, 1] and the [`~trl_dancegrpo.rollout.Trajectory`].
         """
-        cond, negative = self._conditioning(prompts)
+        cond, negative = self._conditioning(prompts, images)
         first = self.accelerator.process_index * len(prompts)
         parts = sample_slices(len(prompts), self.args.per_device_eval_batch_size, self.args.rollout_batch_size)
         outputs = [
@@ -462,7 +565,7 @@ class DanceGRPOTrainer(Trainer):
         group_size = args.num_generations if args.init_same_noise else 1
         first = self.accelerator.process_index * len(prompts)
         self.model.eval()
-        cond, negative = self._conditioning(prompts)
+        cond, negative = self._conditioning(prompts, [row.get("image") for row in inputs])
         # The rollout goes part by part, each part exactly one slice of the loss (so the ratio starts at 1). With
         # `overlap_rewards`, each part is scored in a background thread while the next one is sampled.
         parts = sample_slices(len(prompts), args.per_device_train_batch_size, args.rollout_batch_size)
@@ -475,6 +578,8 @@ class DanceGRPOTrainer(Trainer):
                     index_conditioning(cond, part), negative, part, first, seed, args.eta, group_size
                 )
                 rollout_time += time.perf_counter() - start
+                if part.start == 0 and args.log_samples:  # kept for the sample logged at the next logging step
+                    self._latest_sample = (prompts[0], part_images[0].detach().cpu())
                 trajectories.append(trajectory)
                 if executor is not None:
                     scores.append(executor.submit(self._score, prompts[part], part_images, inputs[part]))
@@ -517,7 +622,7 @@ class DanceGRPOTrainer(Trainer):
                 for i in range(first, first + len(prompts))
             ]
         )
-        return {
+        batch = {
             "latents": trajectory.latents,
             "log_probs": trajectory.log_probs,
             "advantages": advantages[process_slice].to(device),
@@ -525,6 +630,11 @@ class DanceGRPOTrainer(Trainer):
             "cond": cond,
             "negative_cond": negative,
         }
+        if args.best_of_n:
+            keep = best_of_n_indices(advantages[process_slice], args.num_generations, args.best_of_n).to(device)
+            batch = {key: value[keep] if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+            batch["cond"] = index_conditioning(cond, keep)
+        return batch
 
     def _log_rollout_metrics(self, rewards, failed, advantages, rollout_time, reward_time) -> None:
         metrics = self._metrics["train"]
@@ -563,6 +673,9 @@ class DanceGRPOTrainer(Trainer):
         if self._step % (args.steps_per_generation * args.num_iterations) == 0 or self._buffered_inputs is None:
             batch = self._generate_and_score(inputs)
             self._buffered_inputs = self._split(batch, args.steps_per_generation)
+            if args.best_of_n:  # the kept samples were sampled in other batches than the loss will see them in
+                for buffered in self._buffered_inputs:
+                    self._rescore_log_probs(model, buffered)
         chunk = self._buffered_inputs[self._step % args.steps_per_generation]
         self._step += 1
         start = time.perf_counter()
@@ -581,6 +694,27 @@ class DanceGRPOTrainer(Trainer):
             chunk["negative_cond"] = batch["negative_cond"]
             chunks.append(chunk)
         return chunks
+
+    @torch.no_grad()
+    def _rescore_log_probs(self, model, chunk: dict) -> None:
+        """Recompute, in place, the old log-probs of the trained steps in exactly the loss's batches (no gradient).
+
+        Best-of-n drops samples after the rollout, so the kept ones were sampled in other batch compositions than the
+        loss re-scores them in, and batched kernels (bf16 GPU ones especially) differ with the batch: the ratio would
+        start away from 1 and the tiny clip range would clip it. One extra forward per trained step fixes it exactly.
+        """
+        num_samples, num_steps = chunk["train_steps"].shape
+        for s in sample_slices(num_samples, num_samples, self.args.rollout_batch_size):
+            for j in range(num_steps):
+                step_index = chunk["train_steps"][s, j]
+                rows = torch.arange(step_index.shape[0], device=step_index.device)
+                latents = chunk["latents"][s]
+                x_t, x_next = latents[rows, step_index], latents[rows, step_index + 1]
+                cond = index_conditioning(chunk["cond"], s)
+                with self.accelerator.autocast():
+                    output = denoise(self.adapter, model, x_t, step_index, cond, chunk["negative_cond"])
+                step = self.adapter.step(output, x_t, step_index, self.args.eta, prev_sample=x_next)
+                chunk["log_probs"][s][rows, step_index] = step.log_prob
 
     def _policy_step(self, model, chunk: dict) -> torch.Tensor:
         """PPO-clip loss on the chosen steps of each sample, one backward per (step, slice): memory stays flat."""
@@ -666,6 +800,18 @@ class DanceGRPOTrainer(Trainer):
         logs = {**logs, **metrics}
         super().log(logs, start_time)
         self._metrics[mode].clear()
+        if "loss" in logs and self._latest_sample is not None:
+            self._log_sample()
+
+    def _log_sample(self) -> None:
+        """Save the first sample of the latest rollout (GIF or PNG) in `output_dir/samples/` and report it."""
+        prompt, sample = self._latest_sample
+        self._latest_sample = None  # each rollout is logged once
+        if not self.is_world_process_zero():
+            return
+        step = self.state.global_step
+        path = save_sample(sample, os.path.join(self.args.output_dir, "samples", f"step-{step:06d}"))
+        log_sample_to_integrations(self.callback_handler.callbacks, path, sample, prompt, step)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Deterministic (eta = 0) samples of the evaluation prompts, scored by every reward."""
@@ -676,7 +822,8 @@ class DanceGRPOTrainer(Trainer):
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         local_rows = rows[rank::world] or rows[:1]
         prompts = [row["prompt"] for row in local_rows]
-        images, _ = self.generate(prompts, seed=self.args.seed, eta=0.0)
+        images = [row.get("image") for row in local_rows]
+        images, _ = self.generate(prompts, seed=self.args.seed, eta=0.0, images=images)
         rewards = gather(self._score(prompts, images, local_rows)[0].to(self.accelerator.device)).cpu()
         metrics = {}
         for k, name in enumerate(self.reward_func_names):
@@ -685,6 +832,55 @@ class DanceGRPOTrainer(Trainer):
                 metrics[f"{metric_key_prefix}_rewards/{name}/mean"] = column.mean().item()
         self.log(metrics)
         return metrics
+
+    # -- sharing ------------------------------------------------------------------------------------------------------
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs,
+    ):
+        """Upload the LoRA (diffusers format, for `pipe.load_lora_weights(repo_id)`) or the denoiser, with a model card.
+
+        The repository is `args.hub_model_id`; the card (`README.md`, with samples of fixed prompts before vs. after
+        training, the rewards, the settings and how to load the result) and its images are written into
+        `args.output_dir`, which is uploaded. Arguments as [`~transformers.Trainer.push_to_hub`]; `kwargs` go to
+        [`create_model_card`] (`dataset_name`, `tags`, `license`).
+        """
+        self.model_card_callback.prepare()  # on every process: sampling a sharded model needs all of them
+        return super().push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        license: str | None = None,
+    ) -> None:
+        """Write the model card `README.md` and its `images/` into `args.output_dir` (main process only).
+
+        Args:
+            model_name (`str`, *optional*): Title of the card; defaults to the repository name.
+            dataset_name (`str`, *optional*): Hub id of the prompt dataset, for the card's metadata.
+            tags (`str` or `list[str]`, *optional*): Tags added to `dancegrpo`, `diffusers`, `lora`, the model family
+                and the task.
+            license (`str`, *optional*): License identifier for the metadata (mind the base model's license).
+        """
+        from .hub import write_model_card
+
+        if not self.is_world_process_zero():
+            self.model_card_callback.prepared = None
+            return
+        write_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags, license=license)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # transformers' version uploads `training_args.bin` (it pickles hub_token) and copies transformers' file names
+        from .hub import push_from_checkpoint
+
+        push_from_checkpoint(self, checkpoint_folder)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -698,7 +894,10 @@ class DanceGRPOTrainer(Trainer):
             self.adapter.save_lora_weights(output_dir, lora_state_dict, metadata)
         else:
             denoiser.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        # JSON instead of transformers' pickled `training_args.bin`, which holds `hub_token`: this folder gets uploaded
+        # by push_to_hub, and `to_json_string` writes every `*_token` field as a placeholder
+        with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w", encoding="utf-8") as handle:
+            handle.write(self.args.to_json_string())
 
     def _save_checkpoint(self, model, trial) -> None:
         """Write the checkpoint into a staging folder and rename it into place once complete.

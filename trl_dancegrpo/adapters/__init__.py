@@ -2,10 +2,22 @@
 
 from .base import DDIMAdapter, FlowMatchAdapter, PipelineAdapter
 from .flux import FluxAdapter
+from .hunyuan_video import HunyuanVideoAdapter, SkyReelsImageToVideoAdapter
+from .sd3 import StableDiffusion3Adapter
 from .stable_diffusion import StableDiffusionAdapter
+from .video_base import VideoAdapter
+from .wan import WanAdapter, WanImageToVideoAdapter
 
 
-ADAPTERS: list[type[PipelineAdapter]] = [FluxAdapter, StableDiffusionAdapter]
+ADAPTERS: list[type[PipelineAdapter]] = [
+    FluxAdapter,
+    StableDiffusionAdapter,
+    StableDiffusion3Adapter,
+    HunyuanVideoAdapter,
+    SkyReelsImageToVideoAdapter,
+    WanAdapter,
+    WanImageToVideoAdapter,
+]
 
 
 def supported_pipelines() -> list[str]:
@@ -30,8 +42,14 @@ __all__ = [
     "DDIMAdapter",
     "FlowMatchAdapter",
     "FluxAdapter",
+    "HunyuanVideoAdapter",
     "PipelineAdapter",
+    "SkyReelsImageToVideoAdapter",
+    "StableDiffusion3Adapter",
     "StableDiffusionAdapter",
+    "VideoAdapter",
+    "WanAdapter",
+    "WanImageToVideoAdapter",
     "get_adapter_class",
     "supported_pipelines",
 ]

@@ -28,6 +28,8 @@ class PipelineAdapter:
     embedded_guidance: ClassVar[bool] = False  # guidance fed to the model (FLUX.1-dev) instead of CFG
     default_guidance_scale: ClassVar[float] = 1.0
     default_lora_target_modules: ClassVar[list[str]] = []
+    is_video: ClassVar[bool] = False  # decode returns videos (N, F, 3, H, W); the adapter takes `num_frames`
+    requires_image: ClassVar[bool] = False  # image-to-video: each row carries a conditioning image
 
     def __init__(self, pipeline, num_inference_steps: int, height=None, width=None, guidance_scale=None):
         self.pipeline = pipeline
@@ -51,6 +53,10 @@ class PipelineAdapter:
         size = self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
         return size, size
 
+    def unused_parameter_prefixes(self) -> list[str]:
+        """Denoiser submodules whose parameters never reach the output; the trainer keeps them frozen."""
+        return []
+
     def frozen_modules(self) -> dict[str, torch.nn.Module]:
         """Pipeline components other than the denoiser (text encoders, VAE): frozen, in eval mode."""
         return {
@@ -61,6 +67,14 @@ class PipelineAdapter:
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         raise NotImplementedError
+
+    def encode_conditioning(self, prompts: list[str], images: list | None = None) -> Conditioning:
+        """Conditioning of rows: the prompts' embeddings, plus the conditioning images' for image-to-video adapters.
+
+        Keys that the unconditional branch of CFG (`negative_conditioning`) lacks, such as image latents, are shared
+        by both branches.
+        """
+        return self.encode_prompts(prompts)
 
     def negative_conditioning(self) -> Conditioning:
         """The unconditional branch of CFG: the empty prompt, one row."""
@@ -77,7 +91,7 @@ class PipelineAdapter:
         raise NotImplementedError
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents to images, a float tensor in [0, 1] of shape `(N, 3, H, W)`."""
+        """Latents to images, a float tensor in [0, 1] of shape `(N, 3, H, W)` (videos: `(N, F, 3, H, W)`)."""
         raise NotImplementedError
 
     def save_lora_weights(self, save_directory: str, lora_state_dict: dict, lora_metadata: dict | None) -> None:

@@ -1,0 +1,93 @@
+"""Stable Diffusion 3 (`StableDiffusion3Pipeline`) end to end on a tiny model loaded from disk."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+from .test_trainer import lora_config, make_trainer
+from .test_video import one_thread  # noqa: F401 (fixture)
+
+
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+def test_train(use_lora, tiny_pipeline_path, tmp_path):
+    trainer = make_trainer(tiny_pipeline_path("tiny-sd3"), tmp_path, peft_config=lora_config() if use_lora else None)
+    trainable = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    others = {
+        f"{c}.{n}": p.detach().clone()
+        for c, module in trainer.adapter.frozen_modules().items()
+        for n, p in module.named_parameters()
+    }
+    assert trainable and others
+    assert all("lora" in n for n in trainable) or not use_lora
+    # the last block's context queries reach nothing (SD3's last block is context-pre-only): kept frozen
+    assert not any("transformer_blocks.1.attn.add_q_proj" in n for n in trainable)
+    assert any("transformer_blocks.0.attn.add_q_proj" in n for n in trainable)
+    if not use_lora:
+        assert set(frozen) == {
+            "transformer_blocks.1.attn.add_q_proj.weight",
+            "transformer_blocks.1.attn.add_q_proj.bias",
+        }
+    trainer.train()
+    for n, p in trainer.model.named_parameters():
+        if n in trainable:
+            assert not torch.equal(p, trainable[n]), f"trainable parameter {n} did not change"
+        else:
+            assert torch.equal(p, frozen[n]), f"frozen parameter {n} changed"
+    for c, module in trainer.adapter.frozen_modules().items():
+        for n, p in module.named_parameters():
+            assert torch.equal(p, others[f"{c}.{n}"]), f"{c}.{n} changed"
+    first = trainer.state.log_history[0]
+    for key in ("rewards/brightness/mean", "advantages/std", "approx_kl", "grad_norm", "loss"):
+        assert math.isfinite(first[key]), key
+
+
+@pytest.mark.parametrize("batch, rollout_batch_size", [(8, 2), (12, None)])
+def test_ratio_is_one_at_the_first_inner_step(batch, rollout_batch_size, tiny_pipeline_path, tmp_path):
+    trainer = make_trainer(
+        tiny_pipeline_path("tiny-sd3"),
+        tmp_path,
+        max_steps=1,
+        per_device_train_batch_size=batch,
+        rollout_batch_size=rollout_batch_size,
+        learning_rate=1.0,
+    )
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    assert abs(logs["ratio/min"] - 1) < 1e-6 and abs(logs["ratio/max"] - 1) < 1e-6
+    assert logs["clip_ratio"] == 0
+
+
+def test_cfg_and_timesteps(tiny_pipeline_path, tmp_path):
+    trainer = make_trainer(tiny_pipeline_path("tiny-sd3"), tmp_path, max_steps=1, rollout_batch_size=4)
+    assert trainer.adapter.guidance_scale == 4.5 and trainer.adapter.use_cfg  # flow-GRPO's SD3.5 recipe
+    seen = []
+    trainer.model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((kwargs["hidden_states"].shape[0], kwargs["timestep"])), with_kwargs=True
+    )
+    trainer.train()
+    # both branches in one forward: 2 x 4 rows; rollout 4 steps x 2 slices, loss 3 steps x 2 slices
+    assert [rows for rows, _ in seen] == [8] * (4 * 2 + 3 * 2)
+    # the rollout's timesteps are the pipeline scheduler's (sigma * 1000, shift 3 for SD3)
+    scheduler = trainer.pipeline.scheduler
+    scheduler.set_timesteps(4)
+    rollout = [timestep[0].item() for _, timestep in seen[:4]]  # the first slice's 4 steps
+    np.testing.assert_allclose(rollout, scheduler.timesteps.numpy(), rtol=1e-5)
+
+
+def test_lora_round_trip_through_load_lora_weights(tiny_pipeline_path, tmp_path):
+    path = tiny_pipeline_path("tiny-sd3")
+    trainer = make_trainer(path, tmp_path, peft_config=lora_config(), learning_rate=1e-2)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "lora"))
+    call = dict(prompt="a blue house", height=32, width=32, num_inference_steps=3, output_type="pt")
+    trained = trainer.pipeline(**call, generator=torch.Generator().manual_seed(0)).images
+    base = DiffusionPipeline.from_pretrained(path)
+    untouched = base(**call, generator=torch.Generator().manual_seed(0)).images
+    base.load_lora_weights(str(tmp_path / "lora"))
+    loaded = base(**call, generator=torch.Generator().manual_seed(0)).images
+    assert (trained - untouched).abs().max() > 1e-3  # the LoRA does change the output
+    torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-5)

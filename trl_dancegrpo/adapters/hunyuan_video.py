@@ -1,0 +1,130 @@
+"""HunyuanVideo text-to-video (`HunyuanVideoPipeline`) and SkyReels-V1 image-to-video
+(`HunyuanSkyreelsImageToVideoPipeline`, the image-to-video model DanceGRPO trains): one transformer architecture,
+Llama + CLIP prompts, unpacked 5-D latents."""
+
+import numpy as np
+import torch
+
+from .base import Conditioning
+from .video_base import VideoAdapter
+
+
+_LORA_TARGETS = [
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+]
+
+
+class HunyuanVideoAdapter(VideoAdapter):
+    """HunyuanVideo: embedded guidance (guidance-distilled, no CFG at training time, as in DanceGRPO)."""
+
+    pipeline_class_names = ("HunyuanVideoPipeline",)
+    default_guidance_scale = 6.0  # diffusers' HunyuanVideoPipeline default for the embedded guidance
+    default_num_frames = 53  # DanceGRPO's HunyuanVideo recipe: 480x480x53
+    default_size = (480, 480)
+    default_lora_target_modules = _LORA_TARGETS
+    max_sequence_length = 256  # Llama prompt tokens after the template, as HunyuanVideoPipeline
+    embedded_guidance_value = 1.0  # what the guidance embedding gets when training with CFG instead (SkyReels)
+
+    @property
+    def embedded_guidance(self) -> bool:  # a model without a guidance embedding gets CFG if asked for
+        return bool(self.pipeline.transformer.config.guidance_embeds)
+
+    def __init__(self, pipeline, *args, **kwargs):
+        super().__init__(pipeline, *args, **kwargs)
+        from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+        # The prompt goes into the system template the model was trained with; the template's tokens are cropped
+        # from the hidden states. diffusers hard-codes the crop (95 tokens for HunyuanVideo's Llama-3 tokenizer);
+        # counting the tokens before the placeholder gives that number with any tokenizer (e.g. the tiny test one).
+        template = DEFAULT_PROMPT_TEMPLATE["template"]
+        prefix = template.split("{}")[0]
+        crop_start = len(pipeline.tokenizer(prefix, return_attention_mask=False)["input_ids"])
+        self.prompt_template = {"template": template, "crop_start": crop_start}
+
+    @property
+    def latent_channels(self) -> int:
+        return self.pipeline.transformer.config.in_channels
+
+    @property
+    def spatial_patch_size(self) -> int:
+        return self.pipeline.transformer.config.patch_size
+
+    def scheduler_sigmas(self) -> torch.Tensor:
+        # as HunyuanVideoPipeline.__call__: linspace(1, 0) handed to the scheduler, which applies its shift
+        scheduler, steps = self.pipeline.scheduler, self.num_inference_steps
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1])
+        return scheduler.sigmas.double().cpu()
+
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        # small tokenizers (the tiny test models) cap the prompt length lower
+        max_length = min(self.max_sequence_length, self.pipeline.tokenizer.model_max_length)
+        prompt_embeds, pooled, mask = self.pipeline.encode_prompt(
+            prompt=prompts,
+            prompt_template=self.prompt_template,
+            device=self.pipeline.text_encoder.device,
+            max_sequence_length=max_length,
+        )
+        return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled, "prompt_attention_mask": mask}
+
+    def guidance(self, latents: torch.Tensor) -> torch.Tensor | None:
+        if not self.pipeline.transformer.config.guidance_embeds:
+            return None
+        value = self.guidance_scale if self.embedded_guidance else self.embedded_guidance_value
+        return torch.full((latents.shape[0],), value * 1000.0, device=latents.device, dtype=torch.float32)
+
+    def model_input(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return latents
+
+    def predict(self, denoiser, latents, step_index, cond) -> torch.Tensor:
+        return denoiser(
+            hidden_states=self.model_input(latents, cond),
+            timestep=self.timestep(step_index, latents.device),  # HunyuanVideo takes t = sigma * 1000
+            encoder_hidden_states=cond["prompt_embeds"],
+            encoder_attention_mask=cond["prompt_attention_mask"],
+            pooled_projections=cond["pooled_prompt_embeds"],
+            guidance=self.guidance(latents),
+            return_dict=False,
+        )[0]
+
+    def latents_to_vae(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents / self.pipeline.vae.config.scaling_factor
+
+
+class SkyReelsImageToVideoAdapter(HunyuanVideoAdapter):
+    """SkyReels-V1 image-to-video: the image's latents (first frame, zeros after) concatenated on the channels.
+
+    SkyReels is trained with true classifier-free guidance (diffusers' default `true_cfg_scale=6.0`), so training runs
+    with CFG: both branches see the conditioning image, only the prompt differs. The guidance embedding gets 1.0, as
+    in diffusers' pipeline.
+    """
+
+    pipeline_class_names = ("HunyuanSkyreelsImageToVideoPipeline",)
+    requires_image = True
+    embedded_guidance = False  # CFG; the guidance embedding gets `embedded_guidance_value`
+    default_guidance_scale = 6.0  # diffusers' `true_cfg_scale` default for SkyReels
+    default_num_frames = 97  # diffusers' HunyuanSkyreelsImageToVideoPipeline defaults: 544x960x97
+    default_size = (544, 960)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.pipeline.transformer.config.in_channels // 2
+
+    def encode_images(self, images: list) -> Conditioning:
+        vae = self.pipeline.vae
+        pixels = self.preprocess_images(images).to(vae.device, vae.dtype).unsqueeze(2)  # (N, 3, 1, H, W)
+        # The distribution's mode, not a sample (diffusers samples): one fixed conditioning per image, shared by the
+        # samples of its group, so advantages compare samples under identical conditions.
+        latents = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
+        return {"image_latents": latents.float()}  # (N, C, 1, h, w): the first latent frame; padded in `model_input`
+
+    def model_input(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        image = cond["image_latents"].to(latents.dtype)
+        padding = image.new_zeros(*image.shape[:2], latents.shape[2] - 1, *image.shape[3:])
+        return torch.cat([latents, torch.cat([image, padding], dim=2)], dim=1)

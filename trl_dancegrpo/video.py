@@ -1,0 +1,137 @@
+"""Helpers for video and image-to-video training: conditioning images, a weight-free motion reward, sample files.
+
+- [`load_image`]: the `image` column of an image-to-video dataset (PIL image, path, array, tensor, or the dict
+  `datasets` stores undecoded images as) to an RGB PIL image, with an error that names the row when it cannot;
+- [`frame_difference`]: a weight-free motion reward (mean absolute change between consecutive frames);
+- [`save_sample`] and [`log_sample_to_integrations`]: the trainer's sample logging (a GIF per logged step for videos,
+  a PNG for images, in `output_dir/samples/` and through the `report_to` integrations that take media).
+"""
+
+import io
+import os
+
+import torch
+
+
+def load_image(value, row: str = "the row"):
+    """The conditioning image `value` as an RGB `PIL.Image.Image`.
+
+    Accepts a PIL image, a file path, a `{"bytes": ..., "path": ...}` dict (a `datasets` image column read without
+    decoding), a `(H, W, 3)` uint8 array, or a tensor `(3, H, W)` / `(1, 3, H, W)` (float in [0, 1] or uint8). `row`
+    names the sample in error messages.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if value is None:
+        raise ValueError(
+            f"{row} has no image (the 'image' column is None); image-to-video needs a conditioning image per row."
+        )
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, dict) and ("bytes" in value or "path" in value):
+        value = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value.get("path")
+        if value is None:
+            raise ValueError(f"{row} has an empty image entry (no bytes and no path).")
+    if isinstance(value, (str, os.PathLike, io.BytesIO)):
+        try:
+            with Image.open(value) as image:
+                return image.convert("RGB")
+        except (OSError, UnidentifiedImageError) as error:
+            name = "its bytes" if isinstance(value, io.BytesIO) else repr(str(value))
+            raise ValueError(f"{row}: the image {name} could not be read ({type(error).__name__}: {error}).") from None
+    if isinstance(value, torch.Tensor) or hasattr(value, "__array__"):
+        tensor = torch.as_tensor(value)
+        if tensor.ndim == 4 and tensor.shape[0] == 1:
+            tensor = tensor[0]
+        if tensor.ndim == 3 and tensor.shape[0] == 3 and isinstance(value, torch.Tensor):
+            tensor = tensor.permute(1, 2, 0)  # tensors are channels-first, arrays channels-last (PIL's layout)
+        if tensor.ndim != 3 or tensor.shape[-1] != 3:
+            raise ValueError(
+                f"{row}: an image tensor must be (3, H, W) (or an array (H, W, 3)), got shape {tuple(tensor.shape)}."
+            )
+        if tensor.is_floating_point():
+            if tensor.min() < 0 or tensor.max() > 1:
+                raise ValueError(f"{row}: a float image tensor must have values in [0, 1].")
+            tensor = (tensor * 255).round()
+        return Image.fromarray(tensor.to(torch.uint8).cpu().numpy())
+    raise ValueError(
+        f"{row}: cannot use an image of type {type(value).__name__}; give a PIL image, a path, an array or a tensor."
+    )
+
+
+def image_key(image) -> tuple:
+    """A key identifying a conditioning image by its content (rows of a group are decoded to distinct objects)."""
+    import hashlib
+
+    return (image.size, hashlib.sha1(image.tobytes()).hexdigest())
+
+
+def frame_difference(prompts, images, **kwargs) -> list[float]:
+    """Motion score of each video: the mean absolute difference between consecutive frames, in [0, 1].
+
+    A weight-free video reward for tests and demos (its negation rewards static videos). `images` is `(N, F, 3, H, W)`.
+    """
+    if images.ndim != 5 or images.shape[1] < 2:
+        raise ValueError(
+            f"frame_difference scores videos (N, F, 3, H, W) with F >= 2, got shape {tuple(images.shape)}."
+        )
+    return (images[:, 1:].float() - images[:, :-1].float()).abs().flatten(1).mean(dim=1).tolist()
+
+
+def to_uint8_frames(sample: torch.Tensor) -> list:
+    """A video `(F, 3, H, W)` or an image `(3, H, W)` in [0, 1] as a list of `(H, W, 3)` uint8 arrays."""
+    frames = sample.unsqueeze(0) if sample.ndim == 3 else sample
+    return list((frames.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+
+
+def save_sample(sample: torch.Tensor, path_without_suffix: str, fps: int = 8) -> str:
+    """Write a video `(F, 3, H, W)` as an animated GIF (looping) or an image `(3, H, W)` as a PNG; returns the path."""
+    from PIL import Image
+
+    frames = [Image.fromarray(frame) for frame in to_uint8_frames(sample)]
+    os.makedirs(os.path.dirname(path_without_suffix) or ".", exist_ok=True)
+    if sample.ndim == 3:
+        path = path_without_suffix + ".png"
+        frames[0].save(path)
+    else:
+        path = path_without_suffix + ".gif"
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
+    return path
+
+
+def log_sample_to_integrations(callbacks, path: str, sample: torch.Tensor, caption: str, step: int, fps: int = 8):
+    """Send a saved sample to the Trainer's reporting integrations that take media (wandb, TensorBoard, MLflow, Trackio).
+
+    The integrations are found among the Trainer's callbacks (what `report_to` set up), so a sample goes exactly where
+    the scalars go. Integrations without media support are skipped.
+    """
+    import numpy as np
+
+    is_video = sample.ndim == 4
+    for callback in callbacks:
+        name = type(callback).__name__
+        if name == "WandbCallback" and getattr(callback, "_wandb", None) is not None:
+            wandb = callback._wandb
+            if getattr(wandb, "run", None) is None:
+                continue
+            media = wandb.Video(path, caption=caption) if is_video else wandb.Image(path, caption=caption)
+            wandb.log({"samples": media, "train/global_step": step})
+        elif name == "TensorBoardCallback" and getattr(callback, "tb_writer", None) is not None:
+            frames = np.stack(to_uint8_frames(sample))  # (F, H, W, 3)
+            if is_video:
+                # (N, T, C, H, W); TensorBoard encodes it as an animated GIF itself (needs moviepy)
+                try:
+                    callback.tb_writer.add_video("samples", frames.transpose(0, 3, 1, 2)[None], step, fps=fps)
+                except ImportError:  # no moviepy: the frames side by side
+                    callback.tb_writer.add_image(
+                        "samples", np.concatenate(list(frames), axis=1), step, dataformats="HWC"
+                    )
+            else:
+                callback.tb_writer.add_image("samples", frames[0], step, dataformats="HWC")
+        elif name == "MLflowCallback" and getattr(callback, "_initialized", False):
+            callback._ml_flow.log_artifact(path, artifact_path="samples")
+        elif name == "TrackioCallback" and getattr(callback, "_initialized", False):
+            trackio = callback._trackio
+            media_class = getattr(trackio, "Video" if is_video else "Image", None)
+            if media_class is not None:
+                trackio.log({"samples": media_class(path, caption=caption)}, step=step)
