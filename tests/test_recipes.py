@@ -35,7 +35,8 @@ def test_recipe_parses_and_validates(recipe):
 
 
 def test_recipes_exist():
-    assert {"flux_lora.yaml", "flux_full.yaml", "sd14.yaml"} <= {os.path.basename(r) for r in RECIPES}
+    expected = {"flux_lora.yaml", "flux_full.yaml", "sd14.yaml", "hunyuan_video.yaml", "skyreels_i2v.yaml"}
+    assert expected <= {os.path.basename(r) for r in RECIPES}
 
 
 @pytest.mark.parametrize(
