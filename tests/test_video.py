@@ -3,6 +3,7 @@ image-to-video (32x32 px, 5 frames = 2 latent frames)."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
@@ -215,7 +216,7 @@ def test_images_as_paths_tensors_and_pil_are_the_same(name, tiny_pipeline_path, 
     trainer = make_video_trainer(name, tiny_pipeline_path, tmp_path)
     image = Image.effect_mandelbrot((40, 48), (-2, -1.2, 0.8, 1.2), 40).convert("RGB")  # not the training size
     image.save(tmp_path / "image.png")
-    tensor = torch.from_numpy(__import__("numpy").asarray(image)).permute(2, 0, 1).float() / 255
+    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
     videos = [trainer.generate(["a cat"], seed=0, images=[x])[0] for x in (image, str(tmp_path / "image.png"), tensor)]
     torch.testing.assert_close(videos[0], videos[1])
     torch.testing.assert_close(videos[0], videos[2])
