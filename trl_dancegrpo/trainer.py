@@ -663,7 +663,10 @@ class DanceGRPOTrainer(Trainer):
         self._step = None
         self._buffered_inputs = None
         return super().train(
-            resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
         )
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -706,15 +709,20 @@ class DanceGRPOTrainer(Trainer):
         num_samples, num_steps = chunk["train_steps"].shape
         for s in sample_slices(num_samples, num_samples, self.args.rollout_batch_size):
             for j in range(num_steps):
-                step_index = chunk["train_steps"][s, j]
-                rows = torch.arange(step_index.shape[0], device=step_index.device)
-                latents = chunk["latents"][s]
-                x_t, x_next = latents[rows, step_index], latents[rows, step_index + 1]
-                cond = index_conditioning(chunk["cond"], s)
-                with self.accelerator.autocast():
-                    output = denoise(self.adapter, model, x_t, step_index, cond, chunk["negative_cond"])
-                step = self.adapter.step(output, x_t, step_index, self.args.eta, prev_sample=x_next)
+                step, rows, step_index, _, _ = self._rescore(model, chunk, s, j)
                 chunk["log_probs"][s][rows, step_index] = step.log_prob
+
+    def _rescore(self, model, chunk: dict, s: slice, j: int):
+        """Re-score the j-th trained transition of the samples `s` under `model`: the step, and what it was built on."""
+        step_index = chunk["train_steps"][s, j]
+        rows = torch.arange(step_index.shape[0], device=step_index.device)
+        latents = chunk["latents"][s]
+        x_t, x_next = latents[rows, step_index], latents[rows, step_index + 1]
+        cond = index_conditioning(chunk["cond"], s)
+        with self.accelerator.autocast():
+            output = denoise(self.adapter, model, x_t, step_index, cond, chunk["negative_cond"])
+        step = self.adapter.step(output, x_t, step_index, self.args.eta, prev_sample=x_next)
+        return step, rows, step_index, x_t, cond
 
     def _policy_step(self, model, chunk: dict) -> torch.Tensor:
         """PPO-clip loss on the chosen steps of each sample, one backward per (step, slice): memory stays flat."""
@@ -750,14 +758,7 @@ class DanceGRPOTrainer(Trainer):
 
     def _step_loss(self, model, chunk, s, j, stats) -> torch.Tensor:
         args = self.args
-        step_index = chunk["train_steps"][s, j]
-        rows = torch.arange(step_index.shape[0], device=step_index.device)
-        latents = chunk["latents"][s]
-        x_t, x_next = latents[rows, step_index], latents[rows, step_index + 1]
-        cond = index_conditioning(chunk["cond"], s)
-        with self.accelerator.autocast():
-            output = denoise(self.adapter, model, x_t, step_index, cond, chunk["negative_cond"])
-        step = self.adapter.step(output, x_t, step_index, args.eta, prev_sample=x_next)
+        step, rows, step_index, x_t, cond = self._rescore(model, chunk, s, j)
         old_log_prob = chunk["log_probs"][s][rows, step_index]
         advantages = chunk["advantages"][s]
         log_ratio = step.log_prob - old_log_prob
