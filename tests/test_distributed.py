@@ -1,14 +1,17 @@
-"""`accelerate launch --num_processes 2` on CPU trains and computes the same group advantages as one process.
+"""`accelerate launch --num_processes 2` on CPU (DDP, and FSDP2) trains and evaluates as one process does.
 
 Per device 6 samples with G = 4: the second group straddles the two processes, so its statistics are only right if
-rewards are gathered across processes before normalising.
+rewards are gathered across processes before normalising. Three evaluation prompts split unevenly over two processes.
 """
 
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
+from diffusers import FluxTransformer2DModel
+from safetensors.torch import load_file
 
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "train_and_dump.py")
@@ -20,6 +23,20 @@ def run(args, out_dir, timeout=300):
     result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return out_dir
+
+
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1"]
+LAUNCH += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+# the options of examples/accelerate/fsdp.yaml, with tiny FLUX's block classes
+FSDP = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"]
+FSDP += ["--fsdp_transformer_layer_cls_to_wrap", "FluxTransformerBlock,FluxSingleTransformerBlock"]
+FSDP += ["--fsdp_state_dict_type", "SHARDED_STATE_DICT", "--fsdp_reshard_after_forward", "true"]
+
+
+def saved_weights(folder, lora: bool) -> dict[str, torch.Tensor]:
+    if lora:
+        return load_file(folder / "pytorch_lora_weights.safetensors")
+    return FluxTransformer2DModel.from_pretrained(folder).state_dict()
 
 
 def test_two_processes_match_one(tiny_pipeline_path, tmp_path):
@@ -38,3 +55,43 @@ def test_two_processes_match_one(tiny_pipeline_path, tmp_path):
     # DDP averages the two processes' gradients: the update is the single-process one
     torch.testing.assert_close(two[0]["params"], two[1]["params"])
     torch.testing.assert_close(two[0]["params"], one["params"], rtol=1e-4, atol=1e-6)
+    # evaluation: 3 prompts over 2 processes (2 + 1 padded), every prompt scored once, as by one process
+    for rank in (0, 1):
+        assert two[rank]["eval"].keys() == one["eval"].keys()
+        for key in one["eval"]:
+            assert two[rank]["eval"][key] == pytest.approx(one["eval"][key], abs=1e-5), key
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_fsdp_two_processes_match_one_and_resume_exactly(lora, tiny_pipeline_path, tmp_path):
+    """FSDP2 (sharded parameters, gathered forward in the rollout) updates as one process; a resume is exact."""
+    path, extra = tiny_pipeline_path("tiny-flux"), ["--lora"] * lora + ["--max_steps", "2"]
+    single = run([sys.executable, SCRIPT, path, str(tmp_path / "one"), "8", *extra], tmp_path / "one")
+    fsdp = [*LAUNCH, *FSDP, SCRIPT]
+    sharded = run(
+        [*fsdp, path, str(tmp_path / "two"), "4", *extra, "--save_steps", "1", "--cpu_fsdp"], tmp_path / "two"
+    )
+
+    # the saved model is the complete one, in the same format as without FSDP
+    expected = saved_weights(single / "final", lora)
+    got = saved_weights(sharded / "final", lora)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
+    if not lora:
+        config = (sharded / "final" / "config.json").read_text()
+        assert '"_class_name": "FluxTransformer2DModel"' in config  # not FSDP's FSDPFluxTransformer2DModel
+    one, two = torch.load(single / "rank0.pt"), [torch.load(sharded / f"rank{r}.pt") for r in (0, 1)]
+    for key in one["eval"]:
+        assert two[0]["eval"][key] == pytest.approx(one["eval"][key], abs=1e-5), key
+
+    # resume from the first checkpoint (sharded model and optimizer state, RNG of each process) to step 2
+    checkpoint = sharded / "checkpoint-1"
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir()
+    resumed = run(
+        [*fsdp, path, str(tmp_path / "re"), "4", *extra, "--resume", str(checkpoint), "--cpu_fsdp"], tmp_path / "re"
+    )
+    straight = saved_weights(sharded / "final", lora)
+    again = saved_weights(resumed / "final", lora)
+    for key in straight:
+        torch.testing.assert_close(again[key], straight[key], rtol=0, atol=0, msg=key)

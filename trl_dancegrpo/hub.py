@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from .sharding import plain_class
+
 
 NUM_CARD_PROMPTS = 4
 IMAGES_DIR = "images"
@@ -371,7 +373,7 @@ def write_model_card(trainer, model_name=None, dataset_name=None, tags=None, lic
         needs_image=task == "image-to-video",
         pipeline_class=type(pipeline).__name__,
         denoiser_name=adapter.denoiser_name,
-        denoiser_class=type(trainer.accelerator.unwrap_model(trainer.model)).__name__,
+        denoiser_class=plain_class(trainer.accelerator.unwrap_model(trainer.model)).__name__,
         prompts=prompts,
         example_prompt=json.dumps(prompts[0] if prompts else "a photo of a cat", ensure_ascii=False),
         sample_grid=grid,

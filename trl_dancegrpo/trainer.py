@@ -23,6 +23,7 @@ from .adapters import PipelineAdapter, get_adapter_class
 from .config import DanceGRPOConfig
 from .hub import ModelCardCallback
 from .rollout import Trajectory, decode, denoise, index_conditioning, sample_slices, sample_trajectories
+from .sharding import save_denoiser_state_dict
 from .video import image_key, load_image, log_sample_to_integrations, save_sample
 
 
@@ -236,6 +237,15 @@ class DanceGRPOTrainer(Trainer):
         self._latest_sample = None  # (prompt, sample) of the latest rollout, for `log_samples`
         self.model_card_callback = ModelCardCallback(self)  # the card's samples; with push_to_hub, pushes at the end
         self.add_callback(self.model_card_callback)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The denoiser to call outside the loss (rollout, reference model, samples).
+
+        Without DDP's wrapper (its forward is for training); under FSDP the sharded model itself, whose forward gathers
+        the shards (transformers keeps it in `self.model`; FSDP2 shards the module in place).
+        """
+        return self.model if self.is_fsdp_enabled else self.accelerator.unwrap_model(self.model)
 
     # -- construction helpers -----------------------------------------------------------------------------------------
     @staticmethod
@@ -486,7 +496,7 @@ class DanceGRPOTrainer(Trainer):
         num = part.stop - part.start
         noise = self._initial_noise(num, first + part.start, seed, group_size).to(self.accelerator.device)
         generator = [torch.Generator().manual_seed(mix_seed(seed, 1, first + i)) for i in range(part.start, part.stop)]
-        denoiser = self.accelerator.unwrap_model(self.model)
+        denoiser = self.denoiser
         whole = [slice(0, num)]
         with self.accelerator.autocast():
             trajectory = sample_trajectories(self.adapter, denoiser, cond, noise, eta, whole, negative, generator)
@@ -782,7 +792,7 @@ class DanceGRPOTrainer(Trainer):
             if self.ref_denoiser is not None:
                 ref_output = denoise(self.adapter, self.ref_denoiser, x_t, step_index, cond, negative_cond)
             else:
-                denoiser = self.accelerator.unwrap_model(self.model)
+                denoiser = self.denoiser
                 denoiser.disable_adapters()
                 try:
                     ref_output = denoise(self.adapter, denoiser, x_t, step_index, cond, negative_cond)
@@ -820,12 +830,18 @@ class DanceGRPOTrainer(Trainer):
         if dataset is None:
             raise ValueError("DanceGRPOTrainer: evaluation requires an eval_dataset.")
         rows = list(dataset)
+        if not rows:
+            raise ValueError("DanceGRPOTrainer: the eval_dataset is empty.")
+        # every process samples the same number of rows (a contiguous block, the last padded with repeats), so the
+        # gathers (and FSDP's per-forward collectives) line up, and row i keeps global index i (its noise) whatever
+        # the number of processes
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        local_rows = rows[rank::world] or rows[:1]
+        per_process = math.ceil(len(rows) / world)
+        local_rows = [rows[i % len(rows)] for i in range(rank * per_process, (rank + 1) * per_process)]
         prompts = [row["prompt"] for row in local_rows]
         images = [row.get("image") for row in local_rows]
         images, _ = self.generate(prompts, seed=self.args.seed, eta=0.0, images=images)
-        rewards = gather(self._score(prompts, images, local_rows)[0].to(self.accelerator.device)).cpu()
+        rewards = gather(self._score(prompts, images, local_rows)[0].to(self.accelerator.device)).cpu()[: len(rows)]
         metrics = {}
         for k, name in enumerate(self.reward_func_names):
             column = rewards[:, k][~torch.isnan(rewards[:, k])]
@@ -883,18 +899,53 @@ class DanceGRPOTrainer(Trainer):
 
         push_from_checkpoint(self, checkpoint_folder)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the LoRA (diffusers format) or the denoiser into `output_dir` (default `args.output_dir`).
+
+        Under FSDP every process must call it: the shards are gathered first (whatever `fsdp_state_dict_type` is), so
+        the folder always holds weights that `load_lora_weights` / `from_pretrained` load.
+        """
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        self._save(output_dir, state_dict=self._gather_trainable_state_dict())
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _gather_trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The complete trainable weights (LoRA: only the adapter's) on the saving process, gathered from FSDP shards.
+
+        A collective: every process calls it. FSDP2 gathers the LoRA tensors one by one instead of the whole model.
+        """
+        if not self.is_lora:
+            return self.accelerator.get_state_dict(self.model)
+        from peft.utils import get_peft_model_state_dict
+
+        denoiser = self.accelerator.unwrap_model(self.model)
+        if self.accelerator.is_fsdp2:
+            from torch.distributed.tensor import DTensor
+
+            lora = get_peft_model_state_dict(denoiser)
+            return {k: (v.full_tensor() if isinstance(v, DTensor) else v).cpu() for k, v in lora.items()}
+        state_dict = self.accelerator.get_state_dict(self.model)  # FSDP1: complete on the main process only
+        return get_peft_model_state_dict(denoiser, state_dict=state_dict) if self.args.should_save else {}
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Write the trainable weights (`state_dict`: already gathered ones, else the model's own) on the main process."""
+        if not self.args.should_save:
+            return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         denoiser = self.accelerator.unwrap_model(self.model)
         if self.is_lora:
             from peft.utils import get_peft_model_state_dict
 
-            lora_state_dict = get_peft_model_state_dict(denoiser)
+            lora_state_dict = state_dict if state_dict is not None else get_peft_model_state_dict(denoiser)
             metadata = denoiser.peft_config["default"].to_dict()
             self.adapter.save_lora_weights(output_dir, lora_state_dict, metadata)
-        else:
+        elif state_dict is None:
             denoiser.save_pretrained(output_dir)
+        else:
+            save_denoiser_state_dict(denoiser, state_dict, output_dir)
         # JSON instead of transformers' pickled `training_args.bin`, which holds `hub_token`: this folder gets uploaded
         # by push_to_hub, and `to_json_string` writes every `*_token` field as a placeholder
         with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w", encoding="utf-8") as handle:
@@ -941,7 +992,13 @@ class DanceGRPOTrainer(Trainer):
             )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Load the trainable weights written by `_save`: the LoRA (diffusers format) or the full denoiser."""
+        """Load the trainable weights written by `_save`: the LoRA (diffusers format) or the full denoiser.
+
+        Under FSDP, transformers' loader restores the sharded model from the FSDP checkpoint (`pytorch_model_fsdp*`)
+        that every checkpoint also holds next to the optimizer.
+        """
+        if self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
         denoiser = self.accelerator.unwrap_model(model if model is not None else self.model)
         if self.is_lora:
             from diffusers.utils import convert_unet_state_dict_to_peft

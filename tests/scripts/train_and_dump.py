@@ -1,47 +1,83 @@
-"""Train one step on a tiny pipeline and dump this process's advantages and the final weights (for test_distributed)."""
+"""Train a tiny pipeline, then dump this process's first advantages, the weights and an evaluation (for test_distributed).
 
-import sys
+    train_and_dump.py PIPELINE OUT_DIR PER_DEVICE [--lora] [--max_steps N] [--save_steps N] [--resume CKPT] [--cpu_fsdp]
 
-import torch
-import transformers
-from datasets import Dataset
+Writes `OUT_DIR/rank{r}.pt` per process and the saved model (`trainer.save_model`) into `OUT_DIR/final`.
+"""
 
-from trl_dancegrpo import DanceGRPOConfig, DanceGRPOTrainer
-from trl_dancegrpo.rewards import brightness
+import argparse
+
+
+parser = argparse.ArgumentParser()
+parser.add_argument("pipeline")
+parser.add_argument("out_dir")
+parser.add_argument("per_device", type=int)
+parser.add_argument("--lora", action="store_true")
+parser.add_argument("--max_steps", type=int, default=1)
+parser.add_argument("--save_steps", type=int, default=0)
+parser.add_argument("--resume", default=None)
+parser.add_argument("--cpu_fsdp", action="store_true", help="FSDP in CPU processes (see cpu_fsdp.py)")
+cli = parser.parse_args()
+if cli.cpu_fsdp:
+    import cpu_fsdp  # noqa: F401  (before accelerate builds its state)
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from datasets import Dataset  # noqa: E402
+
+from trl_dancegrpo import DanceGRPOConfig, DanceGRPOTrainer  # noqa: E402
+from trl_dancegrpo.rewards import brightness  # noqa: E402
 
 
 transformers.logging.set_verbosity_error()
-pipeline_path, out_dir, per_device = sys.argv[1], sys.argv[2], int(sys.argv[3])
 args = DanceGRPOConfig(
-    output_dir=out_dir,
+    output_dir=cli.out_dir,
     num_generations=4,
     num_inference_steps=3,
-    per_device_train_batch_size=per_device,
+    per_device_train_batch_size=cli.per_device,
+    per_device_eval_batch_size=2,
     rollout_batch_size=2,  # the same forward shapes whatever the number of processes
-    max_steps=1,
+    max_steps=cli.max_steps,
     height=32,
     width=32,
     learning_rate=1e-1,
     optim="sgd",
     report_to="none",
-    save_strategy="no",
+    save_strategy="steps" if cli.save_steps else "no",
+    save_steps=cli.save_steps or 500,
     disable_tqdm=True,
 )
+peft_config = None
+if cli.lora:
+    from peft import LoraConfig
+
+    peft_config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights="gaussian")
 trainer = DanceGRPOTrainer(
-    pipeline_path,
+    cli.pipeline,
     brightness,
     args=args,
     train_dataset=Dataset.from_dict({"prompt": ["a cat", "a dog", "a car", "a tree"]}),
+    eval_dataset=Dataset.from_dict({"prompt": ["a red house", "a boat", "a green hill"]}),  # 3: uneven over 2
+    peft_config=peft_config,
 )
 captured = {}
 generate_and_score = trainer._generate_and_score
-trainer._generate_and_score = lambda inputs: captured.setdefault("batch", generate_and_score(inputs))
-trainer.train()
+
+
+def generate_and_capture(inputs):
+    batch = generate_and_score(inputs)
+    captured.setdefault("batch", batch)  # the first rollout's
+    return batch
+
+
+trainer._generate_and_score = generate_and_capture
+trainer.train(resume_from_checkpoint=cli.resume)
+metrics = trainer.evaluate()
+trainer.save_model(f"{cli.out_dir}/final")  # every process: under FSDP the shards are gathered
 rank = trainer.accelerator.process_index
-torch.save(
-    {
-        "advantages": captured["batch"]["advantages"].cpu(),
-        "params": torch.cat([p.detach().flatten() for p in trainer.model.parameters()]).cpu(),
-    },
-    f"{out_dir}/rank{rank}.pt",
-)
+dump = {"eval": metrics}
+if "batch" in captured:
+    dump["advantages"] = captured["batch"]["advantages"].cpu()
+if not trainer.is_fsdp_enabled:  # FSDP's parameters are shards: the test reads `final` instead
+    dump["params"] = torch.cat([p.detach().flatten() for p in trainer.model.parameters()]).cpu()
+torch.save(dump, f"{cli.out_dir}/rank{rank}.pt")
