@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import json
 import logging
 import os
 
@@ -199,6 +200,9 @@ def test_push_to_hub_in_config_pushes_the_full_model_at_the_end_of_train(
     files = local_hub.files(REPO_ID)
     assert {"config.json", "diffusion_pytorch_model.safetensors", "README.md", "images/samples.png"} <= set(files)
     assert not any("lora" in path for path in files)
+    # the logged rollout samples stay local (`_samples/`: transformers' upload skips `_*`)
+    assert any(name.startswith("step-") for name in os.listdir(os.path.join(trainer.args.output_dir, "_samples")))
+    assert not any("samples/step-" in path for path in files)
 
     card = ModelCard(files["README.md"].decode())
     assert card.data.base_model is None  # trained from a local path: no Hub id to name
@@ -225,6 +229,30 @@ def test_push_to_hub_in_config_pushes_the_full_model_at_the_end_of_train(
     torch.testing.assert_close(loaded, trained)
 
     assert_token_nowhere(TOKEN, local_hub, trainer.args.output_dir, out, err, logs.getvalue())
+
+
+def test_cli_push_to_hub_uploads_the_lora_card_and_metrics(local_hub, tmp_path, capfd):
+    from trl_dancegrpo.cli import run
+    from trl_dancegrpo.tiny import tiny_flux_pipeline
+
+    out = tmp_path / "cli"
+    argv = ["--output_dir", str(out), "--max_steps", "2", "--disable_tqdm", "true", "--push_to_hub", "true"]
+    argv += ["--hub_model_id", REPO_ID, "--hub_token", TOKEN]
+    with capture_logs() as logs:
+        run(argv=argv)  # the built-in tiny FLUX LoRA demo
+    stdout, stderr = capfd.readouterr()
+
+    assert [commit["summary"] for commit in local_hub.commits] == ["End of training"]
+    files = local_hub.files(REPO_ID)
+    expected = {"pytorch_lora_weights.safetensors", "README.md", "images/samples.png", "images/reward_curve.png"}
+    assert expected | {"metrics.json", "reward_curve.png", "training_args.json"} <= set(files)
+    assert not any(path.startswith("_samples/") or path.endswith("training_args.bin") for path in files)
+    history = json.loads(files["metrics.json"])
+    assert sum("rewards/brightness/mean" in log for log in history) == 2  # written before the push, complete
+    pipeline = tiny_flux_pipeline()
+    pipeline.load_lora_weights(local_hub.repo_dir(REPO_ID))
+    assert any("lora" in name for name, _ in pipeline.transformer.named_parameters())
+    assert_token_nowhere(TOKEN, local_hub, str(out), stdout, stderr, logs.getvalue())
 
 
 def test_checkpoint_pushes_upload_the_lora_and_the_checkpoint(tiny_pipeline_path, local_hub, tmp_path):

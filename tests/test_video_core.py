@@ -151,7 +151,7 @@ def test_video_samples_are_saved_and_reported(tiny_pipeline_path, tmp_path):
     trainer.add_callback(wandb)
     trainer.add_callback(tensorboard)
     trainer.train()
-    samples = tmp_path / "out" / "samples"
+    samples = tmp_path / "out" / "_samples"
     assert sorted(p.name for p in samples.iterdir()) == ["step-000001.gif", "step-000002.gif"]
     with Image.open(samples / "step-000002.gif") as gif:
         assert gif.n_frames == 5 and gif.size == (32, 32)
@@ -164,7 +164,7 @@ def test_video_samples_are_saved_and_reported(tiny_pipeline_path, tmp_path):
 def test_sample_logging_can_be_turned_off(tiny_pipeline_path, tmp_path):
     trainer = make_video_trainer("tiny-hunyuan-video", tiny_pipeline_path, tmp_path, log_samples=False, max_steps=1)
     trainer.train()
-    assert not (tmp_path / "out" / "samples").exists()
+    assert not (tmp_path / "out" / "_samples").exists()
 
 
 def test_num_frames_config_field():

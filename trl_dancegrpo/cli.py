@@ -12,7 +12,10 @@ the weight-free brightness reward for 40 steps (a minute on a laptop CPU), writi
 import json
 import os
 import sys
+import weakref
 from dataclasses import dataclass, field
+
+from transformers import TrainerCallback
 
 from .config import DanceGRPOConfig
 
@@ -171,9 +174,20 @@ def save_metrics(trainer, output_dir: str) -> None:
     plot_reward_curve(trainer.state.log_history, os.path.join(output_dir, "reward_curve.png"))
 
 
+class SaveMetricsCallback(TrainerCallback):
+    """Writes `metrics.json` and `reward_curve.png` at the end of training, before a `push_to_hub` uploads the folder."""
+
+    def __init__(self, trainer):
+        self._trainer = weakref.ref(trainer)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        save_metrics(self._trainer(), args.output_dir)
+
+
 def main(argv=None) -> None:
     """Entry point of `trl-dancegrpo` and `python -m trl_dancegrpo`."""
-    run(argv=argv)
+    trainer = run(argv=argv)
+    trainer.accelerator.end_training()  # trackers finish; the process group is torn down before the interpreter exits
 
 
 def run(script_args=None, training_args=None, model_args=None, argv=None):
@@ -211,10 +225,11 @@ def run(script_args=None, training_args=None, model_args=None, argv=None):
         )
     except (ValueError, TypeError, OSError) as error:  # bad input is reported before any training starts
         parser.error(str(error).splitlines()[0])
+    # first in line: the metrics are in the folder when the model card's callback pushes it at the end of train()
+    trainer.callback_handler.callbacks.insert(0, SaveMetricsCallback(trainer))
     trainer.train()
     if not training_args.push_to_hub:  # with push_to_hub, train() has already saved and pushed the result
         trainer.save_model(training_args.output_dir)
-    save_metrics(trainer, training_args.output_dir)
     if trainer.is_world_process_zero():
         print(
             f"Saved the {'LoRA' if peft_config else 'denoiser'}, metrics.json and reward_curve.png to "

@@ -102,9 +102,9 @@ class DanceGRPOConfig(TrainingArguments):
         > Parameters that control logging
 
         log_samples (`bool`, *optional*, defaults to `True`):
-            At each logging step, save the first sample of the latest rollout to `output_dir/samples/` (an animated
-            GIF for videos, a PNG for images) and send it to the `report_to` integrations that take media (wandb,
-            TensorBoard, MLflow, Trackio).
+            At each logging step, save the first sample of the latest rollout to `output_dir/_samples/` (an
+            animated GIF for videos, a PNG for images; not uploaded by `push_to_hub`) and send it to the `report_to`
+            integrations that take media (wandb, TensorBoard, MLflow, Trackio).
 
     > Defaults changed from [`~transformers.TrainingArguments`]: `learning_rate=1e-5`,
     `lr_scheduler_type="constant"`, `weight_decay=1e-4`, `per_device_train_batch_size=12`, `logging_steps=1`,

@@ -815,13 +815,16 @@ class DanceGRPOTrainer(Trainer):
             self._log_sample()
 
     def _log_sample(self) -> None:
-        """Save the first sample of the latest rollout (GIF or PNG) in `output_dir/samples/` and report it."""
+        """Save the first sample of the latest rollout (GIF or PNG) in `output_dir/_samples/` and report it.
+
+        The leading underscore keeps the folder out of `push_to_hub`'s upload of `output_dir` (transformers skips `_*`).
+        """
         prompt, sample = self._latest_sample
         self._latest_sample = None  # each rollout is logged once
         if not self.is_world_process_zero():
             return
         step = self.state.global_step
-        path = save_sample(sample, os.path.join(self.args.output_dir, "samples", f"step-{step:06d}"))
+        path = save_sample(sample, os.path.join(self.args.output_dir, "_samples", f"step-{step:06d}"))
         log_sample_to_integrations(self.callback_handler.callbacks, path, sample, prompt, step)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:

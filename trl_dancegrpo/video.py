@@ -4,7 +4,7 @@
   `datasets` stores undecoded images as) to an RGB PIL image, with an error that names the row when it cannot;
 - [`frame_difference`]: a weight-free motion reward (mean absolute change between consecutive frames);
 - [`save_sample`] and [`log_sample_to_integrations`]: the trainer's sample logging (a GIF per logged step for videos,
-  a PNG for images, in `output_dir/samples/` and through the `report_to` integrations that take media).
+  a PNG for images, in `output_dir/_samples/` and through the `report_to` integrations that take media).
 """
 
 import io

@@ -81,3 +81,4 @@ if "batch" in captured:
 if not trainer.is_fsdp_enabled:  # FSDP's parameters are shards: the test reads `final` instead
     dump["params"] = torch.cat([p.detach().flatten() for p in trainer.model.parameters()]).cpu()
 torch.save(dump, f"{cli.out_dir}/rank{rank}.pt")
+trainer.accelerator.end_training()  # tear the process group down before the interpreter exits
