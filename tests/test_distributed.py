@@ -4,6 +4,7 @@ Per device 6 samples with G = 4: the second group straddles the two processes, s
 rewards are gathered across processes before normalising. Three evaluation prompts split unevenly over two processes.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -95,3 +96,17 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(lora, tiny_pipeline_pat
     again = saved_weights(resumed / "final", lora)
     for key in straight:
         torch.testing.assert_close(again[key], straight[key], rtol=0, atol=0, msg=key)
+
+
+def test_command_line_runs_under_accelerate_launch(tmp_path):
+    """`accelerate launch -m trl_dancegrpo` (the recipes' launch line) on two processes: one set of files, one print."""
+    out = tmp_path / "demo"
+    args = [*LAUNCH, "--multi_gpu", "-m", "trl_dancegrpo", "--output_dir", str(out), "--max_steps", "2"]
+    args += ["--per_device_train_batch_size", "8", "--disable_tqdm", "true"]  # the built-in tiny demo otherwise
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Saved the LoRA") == 1  # the main process reports
+    history = json.loads((out / "metrics.json").read_text())
+    assert sum("rewards/brightness/mean" in log for log in history) == 2
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
