@@ -53,12 +53,14 @@ def _clip_text_encoder(seed: int, hidden_size: int = 32):
     return CLIPTextModel(config)
 
 
-def _t5_encoder(seed: int):
-    from transformers import T5Config, T5EncoderModel
+def _t5_encoder(seed: int, umt5: bool = False):
+    """A two-layer T5 encoder (FLUX, SD3), or UMT5 (Wan) with the same sizes."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
+    config_class, model_class = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
     torch.manual_seed(seed)
-    return T5EncoderModel(
-        T5Config(
+    return model_class(
+        config_class(
             vocab_size=64,
             d_model=32,
             d_kv=8,
@@ -297,7 +299,6 @@ def tiny_skyreels_pipeline(seed: int = 0):
 
 def _wan_components(in_channels: int, seed: int, image_dim: int | None = None) -> dict:
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(seed)
     vae = AutoencoderKLWan(
@@ -319,25 +320,10 @@ def _wan_components(in_channels: int, seed: int, image_dim: int | None = None) -
         rope_max_seq_len=32,
         image_dim=image_dim,
     )
-    torch.manual_seed(seed)
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=64,
-            d_model=32,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
-    )
     return dict(
         vae=vae,
         transformer=transformer,
-        text_encoder=text_encoder,
+        text_encoder=_t5_encoder(seed, umt5=True),
         tokenizer=_t5_tokenizer(max_length=16),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
     )
