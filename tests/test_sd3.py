@@ -4,24 +4,24 @@ import math
 
 import numpy as np
 import pytest
-import torch
-from diffusers import DiffusionPipeline
 
-from .test_trainer import lora_config, make_trainer
+from .test_trainer import (
+    IMAGE_CALL,
+    assert_lora_round_trip,
+    assert_only_trainable_parameters_changed,
+    lora_config,
+    make_trainer,
+    snapshot_parameters,
+)
 from .test_video import one_thread  # noqa: F401 (fixture)
 
 
 @pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
 def test_train(use_lora, tiny_pipeline_path, tmp_path):
     trainer = make_trainer(tiny_pipeline_path("tiny-sd3"), tmp_path, peft_config=lora_config() if use_lora else None)
-    trainable = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
-    others = {
-        f"{c}.{n}": p.detach().clone()
-        for c, module in trainer.adapter.frozen_modules().items()
-        for n, p in module.named_parameters()
-    }
-    assert trainable and others
+    before = snapshot_parameters(trainer)
+    trainable, frozen = before["trainable"], before["frozen"]
+    assert trainable and before["others"]
     assert all("lora" in n for n in trainable) or not use_lora
     # the last block's context queries reach nothing (SD3's last block is context-pre-only): kept frozen
     assert not any("transformer_blocks.1.attn.add_q_proj" in n for n in trainable)
@@ -32,14 +32,7 @@ def test_train(use_lora, tiny_pipeline_path, tmp_path):
             "transformer_blocks.1.attn.add_q_proj.bias",
         }
     trainer.train()
-    for n, p in trainer.model.named_parameters():
-        if n in trainable:
-            assert not torch.equal(p, trainable[n]), f"trainable parameter {n} did not change"
-        else:
-            assert torch.equal(p, frozen[n]), f"frozen parameter {n} changed"
-    for c, module in trainer.adapter.frozen_modules().items():
-        for n, p in module.named_parameters():
-            assert torch.equal(p, others[f"{c}.{n}"]), f"{c}.{n} changed"
+    assert_only_trainable_parameters_changed(trainer, before)
     first = trainer.state.log_history[0]
     for key in ("rewards/brightness/mean", "advantages/std", "approx_kl", "grad_norm", "loss"):
         assert math.isfinite(first[key]), key
@@ -82,12 +75,4 @@ def test_lora_round_trip_through_load_lora_weights(tiny_pipeline_path, tmp_path)
     path = tiny_pipeline_path("tiny-sd3")
     trainer = make_trainer(path, tmp_path, peft_config=lora_config(), learning_rate=1e-2)
     trainer.train()
-    trainer.save_model(str(tmp_path / "lora"))
-    call = dict(prompt="a blue house", height=32, width=32, num_inference_steps=3, output_type="pt")
-    trained = trainer.pipeline(**call, generator=torch.Generator().manual_seed(0)).images
-    base = DiffusionPipeline.from_pretrained(path)
-    untouched = base(**call, generator=torch.Generator().manual_seed(0)).images
-    base.load_lora_weights(str(tmp_path / "lora"))
-    loaded = base(**call, generator=torch.Generator().manual_seed(0)).images
-    assert (trained - untouched).abs().max() > 1e-3  # the LoRA does change the output
-    torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-5)
+    assert_lora_round_trip(trainer, path, tmp_path / "lora", IMAGE_CALL)

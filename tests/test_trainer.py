@@ -13,6 +13,7 @@ from trl_dancegrpo.rewards import brightness
 
 
 PIPELINES = ["tiny-flux", "tiny-sd"]
+IMAGE_CALL = dict(prompt="a blue house", height=32, width=32, num_inference_steps=3, output_type="pt")
 
 
 def make_config(tmp_path, **overrides):
@@ -44,6 +45,45 @@ def make_trainer(path, tmp_path, reward=brightness, dataset=None, peft_config=No
     )
 
 
+def snapshot_parameters(trainer) -> dict:
+    """Copies of the denoiser's trainable and frozen parameters and of the pipeline's other (frozen) modules."""
+    named = list(trainer.model.named_parameters())
+    return {
+        "trainable": {n: p.detach().clone() for n, p in named if p.requires_grad},
+        "frozen": {n: p.detach().clone() for n, p in named if not p.requires_grad},
+        "others": {
+            f"{c}.{n}": p.detach().clone()
+            for c, module in trainer.adapter.frozen_modules().items()
+            for n, p in module.named_parameters()
+        },
+    }
+
+
+def assert_only_trainable_parameters_changed(trainer, before: dict) -> None:
+    """Every trainable parameter moved; nothing frozen (in the denoiser or elsewhere in the pipeline) did."""
+    for n, p in trainer.model.named_parameters():
+        if n in before["trainable"]:
+            assert not torch.equal(p, before["trainable"][n]), f"trainable parameter {n} did not change"
+        else:
+            assert torch.equal(p, before["frozen"][n]), f"frozen parameter {n} changed"
+    for c, module in trainer.adapter.frozen_modules().items():
+        for n, p in module.named_parameters():
+            assert torch.equal(p, before["others"][f"{c}.{n}"]), f"{c}.{n} changed"
+
+
+def assert_lora_round_trip(trainer, path, folder, call: dict, output: str = "images") -> torch.Tensor:
+    """The saved LoRA, loaded into a fresh pipeline with `load_lora_weights`, reproduces the trained outputs."""
+    trainer.save_model(str(folder))
+    trained = getattr(trainer.pipeline(**call, generator=torch.Generator().manual_seed(0)), output)
+    base = DiffusionPipeline.from_pretrained(path)
+    untouched = getattr(base(**call, generator=torch.Generator().manual_seed(0)), output)
+    base.load_lora_weights(str(folder))
+    loaded = getattr(base(**call, generator=torch.Generator().manual_seed(0)), output)
+    assert (trained - untouched).abs().max() > 1e-3  # the LoRA does change the output
+    torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-5)
+    return trained
+
+
 def lora_config():
     # Gaussian init: with the default zero-initialised B the first step could not move A
     return LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian")
@@ -53,24 +93,11 @@ def lora_config():
 @pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
 def test_train(name, use_lora, tiny_pipeline_path, tmp_path):
     trainer = make_trainer(tiny_pipeline_path(name), tmp_path, peft_config=lora_config() if use_lora else None)
-    trainable = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
-    others = {
-        f"{c}.{n}": p.detach().clone()
-        for c, module in trainer.adapter.frozen_modules().items()
-        for n, p in module.named_parameters()
-    }
-    assert trainable and others
-    assert all("lora" in n for n in trainable) if use_lora else not frozen
+    before = snapshot_parameters(trainer)
+    assert before["trainable"] and before["others"]
+    assert all("lora" in n for n in before["trainable"]) if use_lora else not before["frozen"]
     trainer.train()
-    for n, p in trainer.model.named_parameters():
-        if n in trainable:
-            assert not torch.equal(p, trainable[n]), f"trainable parameter {n} did not change"
-        else:
-            assert torch.equal(p, frozen[n]), f"frozen parameter {n} changed"
-    for c, module in trainer.adapter.frozen_modules().items():
-        for n, p in module.named_parameters():
-            assert torch.equal(p, others[f"{c}.{n}"]), f"{c}.{n} changed"
+    assert_only_trainable_parameters_changed(trainer, before)
     logs = trainer.state.log_history[0]
     for key in (
         "rewards/brightness/mean",
@@ -193,15 +220,7 @@ def test_lora_round_trip_through_load_lora_weights(name, tiny_pipeline_path, tmp
     path = tiny_pipeline_path(name)
     trainer = make_trainer(path, tmp_path, peft_config=lora_config(), learning_rate=1e-2)
     trainer.train()
-    trainer.save_model(str(tmp_path / "lora"))
-    call = dict(prompt="a blue house", height=32, width=32, num_inference_steps=3, output_type="pt")
-    trained = trainer.pipeline(**call, generator=torch.Generator().manual_seed(0)).images
-    base = DiffusionPipeline.from_pretrained(path)
-    untouched = base(**call, generator=torch.Generator().manual_seed(0)).images
-    base.load_lora_weights(str(tmp_path / "lora"))
-    loaded = base(**call, generator=torch.Generator().manual_seed(0)).images
-    assert (trained - untouched).abs().max() > 1e-3  # the LoRA does change the output
-    torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-5)
+    assert_lora_round_trip(trainer, path, tmp_path / "lora", IMAGE_CALL)
 
 
 def test_full_fine_tuning_saves_the_denoiser(tiny_pipeline_path, tmp_path):

@@ -7,12 +7,17 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from diffusers import DiffusionPipeline
 from PIL import Image
 
 from trl_dancegrpo.rewards import brightness, per_frame
 
-from .test_trainer import lora_config, make_trainer
+from .test_trainer import (
+    assert_lora_round_trip,
+    assert_only_trainable_parameters_changed,
+    lora_config,
+    make_trainer,
+    snapshot_parameters,
+)
 
 
 VIDEO_PIPELINES = ["tiny-hunyuan-video", "tiny-skyreels", "tiny-wan", "tiny-wan-i2v"]
@@ -51,24 +56,11 @@ def make_video_trainer(name, tiny_pipeline_path, tmp_path, dataset=None, **overr
 @pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
 def test_train(name, use_lora, tiny_pipeline_path, tmp_path):
     trainer = make_video_trainer(name, tiny_pipeline_path, tmp_path, peft_config=lora_config() if use_lora else None)
-    trainable = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
-    others = {
-        f"{c}.{n}": p.detach().clone()
-        for c, module in trainer.adapter.frozen_modules().items()
-        for n, p in module.named_parameters()
-    }
-    assert trainable and others
-    assert all("lora" in n for n in trainable) if use_lora else not frozen
+    before = snapshot_parameters(trainer)
+    assert before["trainable"] and before["others"]
+    assert all("lora" in n for n in before["trainable"]) if use_lora else not before["frozen"]
     trainer.train()
-    for n, p in trainer.model.named_parameters():
-        if n in trainable:
-            assert not torch.equal(p, trainable[n]), f"trainable parameter {n} did not change"
-        else:
-            assert torch.equal(p, frozen[n]), f"frozen parameter {n} changed"
-    for c, module in trainer.adapter.frozen_modules().items():
-        for n, p in module.named_parameters():
-            assert torch.equal(p, others[f"{c}.{n}"]), f"{c}.{n} changed"
+    assert_only_trainable_parameters_changed(trainer, before)
     first = trainer.state.log_history[0]
     assert first["ratio/min"] == pytest.approx(1, abs=1e-6) and first["ratio/max"] == pytest.approx(1, abs=1e-6)
     for key in ("rewards/brightness/mean", "advantages/std", "approx_kl", "grad_norm", "loss"):
@@ -109,16 +101,8 @@ def test_lora_round_trip_through_load_lora_weights(name, tiny_pipeline_path, tmp
     path = tiny_pipeline_path(name)
     trainer = make_video_trainer(name, tiny_pipeline_path, tmp_path, peft_config=lora_config(), learning_rate=1e-2)
     trainer.train()
-    trainer.save_model(str(tmp_path / "lora"))
-    call = pipeline_call(name, trainer)
-    trained = trainer.pipeline(**call, generator=torch.Generator().manual_seed(0)).frames
-    base = DiffusionPipeline.from_pretrained(path)
-    untouched = base(**call, generator=torch.Generator().manual_seed(0)).frames
-    base.load_lora_weights(str(tmp_path / "lora"))
-    loaded = base(**call, generator=torch.Generator().manual_seed(0)).frames
+    trained = assert_lora_round_trip(trainer, path, tmp_path / "lora", pipeline_call(name, trainer), output="frames")
     assert trained.shape == (1, 5, 3, 32, 32)
-    assert (trained - untouched).abs().max() > 1e-3  # the LoRA does change the output
-    torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-5)
 
 
 def test_rewards_get_whole_clips_and_image_rewards_apply_per_frame(tiny_pipeline_path, tmp_path):
