@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel
 from safetensors.torch import load_file
 
 
@@ -30,8 +30,12 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes",
 LAUNCH += ["--mixed_precision", "no", "--dynamo_backend", "no"]
 # the options of examples/accelerate/fsdp.yaml, with tiny FLUX's block classes
 FSDP = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"]
-FSDP += ["--fsdp_transformer_layer_cls_to_wrap", "FluxTransformerBlock,FluxSingleTransformerBlock"]
 FSDP += ["--fsdp_state_dict_type", "SHARDED_STATE_DICT", "--fsdp_reshard_after_forward", "true"]
+FSDP += ["--fsdp_cpu_ram_efficient_loading", "true"]  # the trainer turns it off (see test_fsdp_other_denoisers)
+
+
+def fsdp_wrap(block_classes: str) -> list[str]:
+    return ["--fsdp_transformer_layer_cls_to_wrap", block_classes]
 
 
 def saved_weights(folder, lora: bool) -> dict[str, torch.Tensor]:
@@ -68,7 +72,7 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(lora, tiny_pipeline_pat
     """FSDP2 (sharded parameters, gathered forward in the rollout) updates as one process; a resume is exact."""
     path, extra = tiny_pipeline_path("tiny-flux"), ["--lora"] * lora + ["--max_steps", "2"]
     single = run([sys.executable, SCRIPT, path, str(tmp_path / "one"), "8", *extra], tmp_path / "one")
-    fsdp = [*LAUNCH, *FSDP, SCRIPT]
+    fsdp = [*LAUNCH, *FSDP, *fsdp_wrap("FluxTransformerBlock,FluxSingleTransformerBlock"), SCRIPT]
     sharded = run(
         [*fsdp, path, str(tmp_path / "two"), "4", *extra, "--save_steps", "1", "--cpu_fsdp"], tmp_path / "two"
     )
@@ -96,6 +100,28 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(lora, tiny_pipeline_pat
     again = saved_weights(resumed / "final", lora)
     for key in straight:
         torch.testing.assert_close(again[key], straight[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize(
+    "name, denoiser_class, blocks, extra",
+    [
+        # a parameter at the model's root (`scale_shift_table`), a video
+        ("tiny-wan", WanTransformer3DModel, "WanTransformerBlock", ["--num_frames", "5"]),
+        # a persistent buffer (`pos_embed.pos_embed`), CFG in one batched forward
+        ("tiny-sd3", SD3Transformer2DModel, "JointTransformerBlock", []),
+    ],
+)
+def test_fsdp_other_denoisers(name, denoiser_class, blocks, extra, tiny_pipeline_path, tmp_path):
+    """What accelerate's rank-0 loader cannot take (it is turned off) trains under FSDP2 as in one process."""
+    path = tiny_pipeline_path(name)
+    single = run([sys.executable, SCRIPT, path, str(tmp_path / "one"), "8", *extra], tmp_path / "one")
+    fsdp = [*LAUNCH, *FSDP, *fsdp_wrap(blocks), SCRIPT, path, str(tmp_path / "two"), "4", *extra, "--cpu_fsdp"]
+    sharded = run(fsdp, tmp_path / "two")
+    expected = denoiser_class.from_pretrained(single / "final").state_dict()
+    got = denoiser_class.from_pretrained(sharded / "final").state_dict()
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
 def test_command_line_runs_under_accelerate_launch(tmp_path):

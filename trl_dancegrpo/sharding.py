@@ -34,6 +34,11 @@ def save_denoiser_state_dict(
     with open(config_path, "w", encoding="utf-8") as handle:
         json.dump(config, handle, indent=2, sort_keys=True)
         handle.write("\n")
+    # a gathered tensor can be a view into a larger buffer, which safetensors refuses: copy those (only those)
+    state_dict = {
+        name: tensor if tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size() else tensor.clone()
+        for name, tensor in state_dict.items()
+    }
     save_torch_state_dict(
         state_dict,
         output_dir,

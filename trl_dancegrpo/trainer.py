@@ -17,6 +17,7 @@ from transformers import Trainer, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.utils import logging
 from trl.trainer.utils import RepeatSampler
 
 from .adapters import PipelineAdapter, get_adapter_class
@@ -28,6 +29,7 @@ from .video import image_key, load_image, log_sample_to_integrations, save_sampl
 
 
 RewardFunc = Callable[..., list]
+logger = logging.get_logger(__name__)
 TRAINING_ARGS_JSON = "training_args.json"
 
 
@@ -217,6 +219,13 @@ class DanceGRPOTrainer(Trainer):
             eval_dataset=eval_dataset,
             callbacks=callbacks,
         )
+        fsdp_plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if fsdp_plugin is not None and fsdp_plugin.fsdp_version == 2 and fsdp_plugin.cpu_ram_efficient_loading:
+            # accelerate's loader (rank 0 broadcasts the weights after sharding) breaks on a denoiser's root-level
+            # parameters (Wan's `scale_shift_table`) and persistent buffers (SD3's `pos_embed`), and saves nothing
+            # here: diffusers' `from_pretrained` has already loaded the full model on every process
+            fsdp_plugin.cpu_ram_efficient_loading = False
+            logger.info("FSDP: fsdp_cpu_ram_efficient_loading is turned off (diffusers loads on every process).")
         self.weight_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
         for module in self.adapter.frozen_modules().values():
             module.to(self.accelerator.device)

@@ -1,6 +1,7 @@
 """Train a tiny pipeline, then dump this process's first advantages, the weights and an evaluation (for test_distributed).
 
-    train_and_dump.py PIPELINE OUT_DIR PER_DEVICE [--lora] [--max_steps N] [--save_steps N] [--resume CKPT] [--cpu_fsdp]
+    train_and_dump.py PIPELINE OUT_DIR PER_DEVICE [--lora] [--max_steps N] [--save_steps N] [--resume CKPT]
+        [--num_frames F] [--cpu_fsdp]
 
 Writes `OUT_DIR/rank{r}.pt` per process and the saved model (`trainer.save_model`) into `OUT_DIR/final`.
 """
@@ -16,6 +17,7 @@ parser.add_argument("--lora", action="store_true")
 parser.add_argument("--max_steps", type=int, default=1)
 parser.add_argument("--save_steps", type=int, default=0)
 parser.add_argument("--resume", default=None)
+parser.add_argument("--num_frames", type=int, default=None, help="for video pipelines")
 parser.add_argument("--cpu_fsdp", action="store_true", help="FSDP in CPU processes (see cpu_fsdp.py)")
 cli = parser.parse_args()
 if cli.cpu_fsdp:
@@ -46,6 +48,7 @@ args = DanceGRPOConfig(
     save_strategy="steps" if cli.save_steps else "no",
     save_steps=cli.save_steps or 500,
     disable_tqdm=True,
+    **({"num_frames": cli.num_frames} if cli.num_frames else {}),
 )
 peft_config = None
 if cli.lora:
