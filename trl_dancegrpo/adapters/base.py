@@ -15,6 +15,18 @@ from ..sde import SDEStepOutput, ddim_step_with_logprob, flow_sde_step_with_logp
 
 Conditioning = dict[str, torch.Tensor]  # batch-first tensors, one row per prompt (or per sample once expanded)
 
+# the attention projections of both streams of a joint-attention (MM-DiT) block: FLUX, SD3, HunyuanVideo
+JOINT_ATTENTION_LORA_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
+
 
 class PipelineAdapter:
     """Base class of the per-family adapters.
@@ -114,7 +126,12 @@ class PipelineAdapter:
 
 
 class FlowMatchAdapter(PipelineAdapter):
-    """Rectified-flow models (FLUX, SD3, HunyuanVideo, Wan): a sigma grid from 1 to 0 and the flow SDE step."""
+    """Rectified-flow models (FLUX, SD3, HunyuanVideo, Wan): a sigma grid from 1 to 0 and the flow SDE step.
+
+    Families set `latent_shape`, the unpacked latent of one sample, in their constructor.
+    """
+
+    latent_shape: tuple[int, ...]
 
     def __init__(self, pipeline, num_inference_steps, height=None, width=None, guidance_scale=None, shift=None):
         super().__init__(pipeline, num_inference_steps, height, width, guidance_scale)
@@ -133,6 +150,16 @@ class FlowMatchAdapter(PipelineAdapter):
         scheduler = self.pipeline.scheduler
         scheduler.set_timesteps(self.num_inference_steps)
         return scheduler.sigmas.double().cpu()
+
+    def initial_noise(self, num_samples, generator, device, dtype) -> torch.Tensor:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        return randn_tensor((num_samples, *self.latent_shape), generator=generator, device=device, dtype=dtype)
+
+    def timestep(self, step_index: torch.Tensor, device) -> torch.Tensor:
+        """The denoiser's timestep for models that take sigma scaled to the scheduler's training range (sigma * 1000)."""
+        num_train_timesteps = self.pipeline.scheduler.config.get("num_train_timesteps", 1000)
+        return self.sigmas.to(device)[step_index] * num_train_timesteps
 
     def step(self, model_output, latents, step_index, eta, prev_sample=None, generator=None) -> SDEStepOutput:
         sigmas = self.sigmas.to(latents.device)

@@ -2,7 +2,7 @@
 
 import torch
 
-from .base import Conditioning, FlowMatchAdapter
+from .base import JOINT_ATTENTION_LORA_TARGETS, Conditioning, FlowMatchAdapter
 
 
 class FluxAdapter(FlowMatchAdapter):
@@ -10,14 +10,7 @@ class FluxAdapter(FlowMatchAdapter):
     denoiser_name = "transformer"
     default_guidance_scale = 3.5  # FLUX.1-dev's embedded guidance, as in DanceGRPO's recipe
     default_lora_target_modules = [
-        "attn.to_q",
-        "attn.to_k",
-        "attn.to_v",
-        "attn.to_out.0",
-        "attn.add_q_proj",
-        "attn.add_k_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
+        *JOINT_ATTENTION_LORA_TARGETS,
         "ff.net.0.proj",
         "ff.net.2",
         "ff_context.net.0.proj",
@@ -40,7 +33,7 @@ class FluxAdapter(FlowMatchAdapter):
             )
         latent_h, latent_w = self.height // vae_scale, self.width // vae_scale
         channels = pipeline.transformer.config.in_channels // 4
-        self._latent_shape = (channels, latent_h, latent_w)
+        self.latent_shape = (channels, latent_h, latent_w)
         self._image_ids = pipeline._prepare_latent_image_ids(1, latent_h // 2, latent_w // 2, "cpu", torch.float32)
 
     def scheduler_sigmas(self) -> torch.Tensor:
@@ -77,10 +70,8 @@ class FluxAdapter(FlowMatchAdapter):
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
 
     def initial_noise(self, num_samples, generator, device, dtype) -> torch.Tensor:
-        from diffusers.utils.torch_utils import randn_tensor
-
-        noise = randn_tensor((num_samples, *self._latent_shape), generator=generator, device=device, dtype=dtype)
-        return self.pipeline._pack_latents(noise, num_samples, *self._latent_shape)
+        noise = super().initial_noise(num_samples, generator, device, dtype)
+        return self.pipeline._pack_latents(noise, num_samples, *self.latent_shape)
 
     def predict(self, denoiser, latents, step_index, cond) -> torch.Tensor:
         sigma = self.sigmas.to(latents.device)[step_index]

@@ -5,20 +5,8 @@ Llama + CLIP prompts, unpacked 5-D latents."""
 import numpy as np
 import torch
 
-from .base import Conditioning
+from .base import JOINT_ATTENTION_LORA_TARGETS, Conditioning
 from .video_base import VideoAdapter
-
-
-_LORA_TARGETS = [
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-]
 
 
 class HunyuanVideoAdapter(VideoAdapter):
@@ -28,7 +16,7 @@ class HunyuanVideoAdapter(VideoAdapter):
     default_guidance_scale = 6.0  # diffusers' HunyuanVideoPipeline default for the embedded guidance
     default_num_frames = 53  # DanceGRPO's HunyuanVideo recipe: 480x480x53
     default_size = (480, 480)
-    default_lora_target_modules = _LORA_TARGETS
+    default_lora_target_modules = list(JOINT_ATTENTION_LORA_TARGETS)
     max_sequence_length = 256  # Llama prompt tokens after the template, as HunyuanVideoPipeline
     embedded_guidance_value = 1.0  # what the guidance embedding gets when training with CFG instead (SkyReels)
 
@@ -78,9 +66,6 @@ class HunyuanVideoAdapter(VideoAdapter):
             return None
         value = self.guidance_scale if self.embedded_guidance else self.embedded_guidance_value
         return torch.full((latents.shape[0],), value * 1000.0, device=latents.device, dtype=torch.float32)
-
-    def model_input(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return latents
 
     def predict(self, denoiser, latents, step_index, cond) -> torch.Tensor:
         return denoiser(

@@ -3,7 +3,7 @@ classifier-free guidance."""
 
 import torch
 
-from .base import Conditioning, FlowMatchAdapter
+from .base import JOINT_ATTENTION_LORA_TARGETS, Conditioning, FlowMatchAdapter
 
 
 class StableDiffusion3Adapter(FlowMatchAdapter):
@@ -12,16 +12,7 @@ class StableDiffusion3Adapter(FlowMatchAdapter):
     default_guidance_scale = 4.5  # flow-GRPO's SD3.5 recipe trains with CFG 4.5
     max_sequence_length = 256  # T5 tokens, as StableDiffusion3Pipeline
     # flow-GRPO's SD3 LoRA targets: the attention projections of both streams
-    default_lora_target_modules = [
-        "attn.to_q",
-        "attn.to_k",
-        "attn.to_v",
-        "attn.to_out.0",
-        "attn.add_q_proj",
-        "attn.add_k_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-    ]
+    default_lora_target_modules = list(JOINT_ATTENTION_LORA_TARGETS)
 
     def __init__(self, pipeline, *args, **kwargs):
         super().__init__(pipeline, *args, **kwargs)
@@ -29,7 +20,7 @@ class StableDiffusion3Adapter(FlowMatchAdapter):
         if self.height % multiple or self.width % multiple:
             raise ValueError(f"SD3 needs height and width divisible by {multiple}, got {self.height}x{self.width}.")
         scale = pipeline.vae_scale_factor
-        self._latent_shape = (pipeline.transformer.config.in_channels, self.height // scale, self.width // scale)
+        self.latent_shape = (pipeline.transformer.config.in_channels, self.height // scale, self.width // scale)
 
     def unused_parameter_prefixes(self) -> list[str]:
         # the last joint block only updates the image stream: its context queries reach nothing
@@ -68,16 +59,10 @@ class StableDiffusion3Adapter(FlowMatchAdapter):
         )
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
 
-    def initial_noise(self, num_samples, generator, device, dtype) -> torch.Tensor:
-        from diffusers.utils.torch_utils import randn_tensor
-
-        return randn_tensor((num_samples, *self._latent_shape), generator=generator, device=device, dtype=dtype)
-
     def predict(self, denoiser, latents, step_index, cond) -> torch.Tensor:
-        num_train_timesteps = self.pipeline.scheduler.config.get("num_train_timesteps", 1000)
         return denoiser(
             hidden_states=latents,
-            timestep=self.sigmas.to(latents.device)[step_index] * num_train_timesteps,  # SD3 takes t = sigma * 1000
+            timestep=self.timestep(step_index, latents.device),  # SD3 takes t = sigma * 1000
             encoder_hidden_states=cond["prompt_embeds"],
             pooled_projections=cond["pooled_prompt_embeds"],
             return_dict=False,

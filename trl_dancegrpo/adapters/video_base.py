@@ -13,7 +13,7 @@ class VideoAdapter(FlowMatchAdapter):
 
     Subclasses set `default_num_frames` and `default_size`, and give `latent_channels`, `spatial_patch_size`,
     `encode_prompts`, `predict`, `latents_to_vae` (undo the latent normalisation) and, for image-to-video
-    (`requires_image = True`), `encode_images`.
+    (`requires_image = True`), `encode_images` and `model_input`.
     """
 
     is_video = True
@@ -75,15 +75,9 @@ class VideoAdapter(FlowMatchAdapter):
             cond.update(self.encode_images(images))
         return cond
 
-    def initial_noise(self, num_samples, generator, device, dtype) -> torch.Tensor:
-        from diffusers.utils.torch_utils import randn_tensor
-
-        return randn_tensor((num_samples, *self.latent_shape), generator=generator, device=device, dtype=dtype)
-
-    def timestep(self, step_index: torch.Tensor, device) -> torch.Tensor:
-        """The denoiser's timestep: sigma scaled to the scheduler's training range (sigma * 1000)."""
-        num_train_timesteps = self.pipeline.scheduler.config.get("num_train_timesteps", 1000)
-        return self.sigmas.to(device)[step_index] * num_train_timesteps
+    def model_input(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """What the denoiser takes as `hidden_states`: the latents (image-to-video adds the image latents)."""
+        return latents
 
     def preprocess_images(self, images: list) -> torch.Tensor:
         """PIL images to `(N, 3, H, W)` in [-1, 1] at the training size, as the pipeline's own `__call__` does."""

@@ -57,9 +57,6 @@ class WanAdapter(VideoAdapter):
         )
         return {"prompt_embeds": prompt_embeds}
 
-    def model_input(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return latents
-
     def predict(self, denoiser, latents, step_index, cond) -> torch.Tensor:
         return denoiser(
             hidden_states=self.model_input(latents, cond),
