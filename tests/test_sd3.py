@@ -7,6 +7,7 @@ import pytest
 
 from .test_trainer import (
     IMAGE_CALL,
+    assert_first_step_on_policy,
     assert_lora_round_trip,
     assert_only_trainable_parameters_changed,
     lora_config,
@@ -49,9 +50,7 @@ def test_ratio_is_one_at_the_first_inner_step(batch, rollout_batch_size, tiny_pi
         learning_rate=1.0,
     )
     trainer.train()
-    logs = trainer.state.log_history[0]
-    assert abs(logs["ratio/min"] - 1) < 1e-6 and abs(logs["ratio/max"] - 1) < 1e-6
-    assert logs["clip_ratio"] == 0
+    assert_first_step_on_policy(trainer)
 
 
 def test_cfg_and_timesteps(tiny_pipeline_path, tmp_path):

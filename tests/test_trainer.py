@@ -71,6 +71,13 @@ def assert_only_trainable_parameters_changed(trainer, before: dict) -> None:
             assert torch.equal(p, before["others"][f"{c}.{n}"]), f"{c}.{n} changed"
 
 
+def assert_first_step_on_policy(trainer) -> None:
+    """The first logged step re-scored its rollout exactly: every ratio 1, nothing clipped."""
+    logs = trainer.state.log_history[0]
+    assert abs(logs["ratio/min"] - 1) < 1e-6 and abs(logs["ratio/max"] - 1) < 1e-6
+    assert logs["clip_ratio"] == 0
+
+
 def assert_lora_round_trip(trainer, path, folder, call: dict, output: str = "images") -> torch.Tensor:
     """The saved LoRA, loaded into a fresh pipeline with `load_lora_weights`, reproduces the trained outputs."""
     trainer.save_model(str(folder))
@@ -129,9 +136,7 @@ def test_ratio_is_one_at_the_first_inner_step(name, batch, rollout_batch_size, t
     )
     assert trainer.adapter.use_cfg == (name == "tiny-sd")
     trainer.train()
-    logs = trainer.state.log_history[0]
-    assert abs(logs["ratio/min"] - 1) < 1e-6 and abs(logs["ratio/max"] - 1) < 1e-6
-    assert logs["clip_ratio"] == 0
+    assert_first_step_on_policy(trainer)
 
 
 def test_ratio_moves_when_a_rollout_is_reused(tiny_pipeline_path, tmp_path):
