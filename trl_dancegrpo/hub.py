@@ -248,7 +248,7 @@ def sample_and_score(trainer, rows: list[dict], base: bool = False):
     """
     prompts = [row["prompt"] for row in rows]
     kwargs = {"images": [row["image"] for row in rows]} if getattr(trainer.adapter, "requires_image", False) else {}
-    denoiser = trainer.accelerator.unwrap_model(trainer.model)
+    denoiser = trainer.denoiser
     with _keep_rng_state(trainer.accelerator.device):
         if base:
             denoiser.disable_adapters()
