@@ -31,7 +31,8 @@ def test_config_rejects_contradictory_settings(overrides, message, tmp_path):
 
 def test_defaults_are_the_recipe():
     args = DanceGRPOConfig(output_dir="unused")
-    assert (args.num_generations, args.num_inference_steps, args.eta, args.timestep_fraction) == (12, 16, 0.3, 0.6)
+    assert (args.num_generations, args.num_inference_steps, args.eta, args.timestep_fraction) == (12, 16, None, 0.6)
+    assert (args.sde_type, args.sde_window_size) == ("dancegrpo", None)
     assert (args.epsilon, args.adv_clip_max, args.beta, args.init_same_noise) == (1e-4, 5.0, 0.0, True)
     assert (args.learning_rate, args.weight_decay, args.lr_scheduler_type) == (1e-5, 1e-4, "constant")
     assert args.steps_per_generation == args.gradient_accumulation_steps  # one rollout, one optimizer step

@@ -7,7 +7,12 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-from trl_dancegrpo.sde import ddim_step_with_logprob, flow_sde_step_with_logprob
+from trl_dancegrpo.sde import (
+    cps_step_with_logprob,
+    ddim_step_with_logprob,
+    flow_grpo_step_with_logprob,
+    flow_sde_step_with_logprob,
+)
 
 
 SHAPES = {"image": (3, 4, 8, 8), "video": (3, 4, 5, 6, 6)}
@@ -32,6 +37,23 @@ def flow_reference(v, x, sigma, sigma_next, eta):
     mean = x + (sn - s) * v - 0.5 * eta**2 * score * (sn - s)
     std = eta * np.sqrt(s - sn) * np.ones_like(mean)
     return mean, std
+
+
+def flow_grpo_reference(v, x, sigma, sigma_next, a, sigma_max):
+    """Float64 transcription of Flow-GRPO's SDE step (its `sde_step_with_logprob`, written as in its code)."""
+    s, sn = _expand(sigma, x.ndim), _expand(sigma_next, x.ndim)
+    dt = sn - s
+    std_dev_t = np.sqrt(s / (1 - np.where(s == 1, sigma_max, s))) * a
+    mean = x * (1 + std_dev_t**2 / (2 * s) * dt) + v * (1 + std_dev_t**2 * (1 - s) / (2 * s)) * dt
+    return mean, std_dev_t * np.sqrt(-dt) * np.ones_like(mean)
+
+
+def cps_reference(v, x, sigma, sigma_next, eta):
+    """Float64 transcription of coefficients-preserving sampling (arXiv 2509.05952, eq. for the CPS step)."""
+    s, sn = _expand(sigma, x.ndim), _expand(sigma_next, x.ndim)
+    x0, x1 = x - s * v, x + (1 - s) * v
+    std = sn * np.sin(eta * np.pi / 2)
+    return x0 * (1 - sn) + x1 * np.sqrt(sn**2 - std**2), std * np.ones_like(x)
 
 
 def ddim_reference(scheduler, eps, x, timestep, eta, num_steps):
@@ -191,3 +213,56 @@ def test_per_sample_sigma_of_wrong_length_is_a_clear_error():
     x = torch.zeros(3, 4, 8, 8)
     with pytest.raises(ValueError, match="one entry per sample"):
         flow_sde_step_with_logprob(x, x, torch.tensor([0.5, 0.4]), 0.3, 0.3)
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("sde_type", ["flow_grpo", "cps"])
+def test_sde_variants_match_float64_reference(shape, sde_type):
+    g = torch.Generator().manual_seed(1)
+    v, x, prev = (torch.randn(shape, generator=g) for _ in range(3))
+    sigma = torch.tensor([1.0, 0.5, 0.2])  # sigma = 1: Flow-GRPO's next-grid-point rule
+    sigma_next = torch.tensor([0.9, 0.3, 0.1])
+    args = (v.double().numpy(), x.double().numpy(), sigma.double().numpy(), sigma_next.double().numpy())
+    if sde_type == "flow_grpo":
+        out = flow_grpo_step_with_logprob(v, x, sigma, sigma_next, 0.7, 0.9, prev_sample=prev)
+        mean, std = flow_grpo_reference(*args, 0.7, 0.9)
+    else:
+        out = cps_step_with_logprob(v, x, sigma, sigma_next, 0.8, prev_sample=prev)
+        mean, std = cps_reference(*args, 0.8)
+    np.testing.assert_allclose(out.prev_sample_mean.numpy(), mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.std_dev.expand(shape).numpy(), std, rtol=1e-5)
+    expected = _normal_log_prob(prev.double().numpy(), mean, std)
+    np.testing.assert_allclose(out.log_prob.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_flow_grpo_is_the_dancegrpo_step_with_a_per_step_noise_level():
+    g = torch.Generator().manual_seed(2)
+    v, x = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    out = flow_grpo_step_with_logprob(v, x, 0.6, 0.5, 0.7, 0.9)
+    same = flow_sde_step_with_logprob(v, x, 0.6, 0.5, 0.7 * math.sqrt(0.6 / 0.4), prev_sample=out.prev_sample)
+    torch.testing.assert_close(out.prev_sample_mean, same.prev_sample_mean)
+    torch.testing.assert_close(out.log_prob, same.log_prob)
+
+
+@pytest.mark.parametrize("sde_type", ["flow_grpo", "cps"])
+def test_sde_variants_sample_rescore_and_reduce_to_euler(sde_type):
+    shape = (4, 4, 16, 16)
+    g = torch.Generator().manual_seed(5)
+    v, x = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+
+    def run(eta, **kw):
+        if sde_type == "flow_grpo":
+            return flow_grpo_step_with_logprob(v, x, 0.8, 0.7, eta, 0.95, **kw)
+        return cps_step_with_logprob(v, x, 0.8, 0.7, eta, **kw)
+
+    sampled = run(0.7, generator=torch.Generator().manual_seed(0))
+    rescored = run(0.7, prev_sample=sampled.prev_sample)
+    torch.testing.assert_close(sampled.log_prob, rescored.log_prob, rtol=0, atol=0)
+    z = (sampled.prev_sample - sampled.prev_sample_mean) / sampled.std_dev
+    assert abs(z.mean().item()) < 0.05 and abs(z.var().item() - 1) < 0.05
+    # eta = 0: the deterministic Euler step, log-prob 0, and no noise drawn from the generator
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    euler = run(0.0, generator=generator)
+    torch.testing.assert_close(euler.prev_sample, x + (0.7 - 0.8) * v, rtol=1e-5, atol=1e-6)
+    assert torch.all(euler.log_prob == 0) and torch.equal(generator.get_state(), state)

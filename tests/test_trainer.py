@@ -199,8 +199,8 @@ def test_cfg_runs_both_branches_in_one_batched_forward(tiny_pipeline_path, tmp_p
         lambda m, args, kwargs: batch_sizes.append(args[0].shape[0]), with_kwargs=True
     )
     trainer.train()
-    # rollout: 4 steps x 2 slices; loss: ceil(0.6 * 4) = 3 steps x 2 slices; each forward holds 2 x 4 rows
-    assert batch_sizes == [8] * (4 * 2 + 3 * 2)
+    # rollout: 4 steps x 2 slices; loss: int(0.6 * (4 - 1)) = 1 step x 2 slices; each forward holds 2 x 4 rows
+    assert batch_sizes == [8] * (4 * 2 + 1 * 2)
 
 
 def test_guidance_defaults_per_family(tiny_pipeline_path, tmp_path):
@@ -215,8 +215,9 @@ def test_each_sample_trains_on_a_random_subset_of_its_steps(tiny_pipeline_path, 
     trainer = make_trainer(tiny_pipeline_path("tiny-flux"), tmp_path, num_inference_steps=5, timestep_fraction=0.6)
     batch = trainer._generate_and_score([{"prompt": p} for p in ["a cat"] * 4 + ["a dog"] * 4])
     steps = batch["train_steps"]
-    assert steps.shape == (8, 3)  # ceil(0.6 * 5)
-    assert all(len(set(row.tolist())) == 3 for row in steps)
+    assert steps.shape == (8, 2)  # int(0.6 * (5 - 1)) of the first 4 steps, as DanceGRPO's code
+    assert all(len(set(row.tolist())) == 2 for row in steps)
+    assert steps.max() <= 3  # the last step (4) is deterministic and never trained
     assert len({tuple(row.tolist()) for row in steps}) > 1
 
 

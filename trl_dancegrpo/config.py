@@ -7,6 +7,8 @@ from transformers import TrainingArguments
 
 
 AGGREGATIONS = ("normalize_then_sum", "sum_then_normalize")
+SDE_TYPES = ("dancegrpo", "flow_grpo", "cps")
+WINDOW_SCHEDULES = ("random", "sliding")
 
 
 @dataclass
@@ -24,10 +26,31 @@ class DanceGRPOConfig(TrainingArguments):
             Number of samples per prompt (the group size G). The global batch
             (`num_processes * per_device_train_batch_size * steps_per_generation`) must be a multiple of it.
         num_inference_steps (`int`, *optional*, defaults to `16`):
-            Number of sampler steps T of each rollout.
-        eta (`float`, *optional*, defaults to `0.3`):
-            Noise scale of the stochastic sampler: the flow SDE's eta for rectified-flow models, DDIM's eta for
-            diffusion models (the public Stable Diffusion recipe uses `1.0`). Must be > 0 for training.
+            Number of sampler steps T of each rollout (at least 2). The last step is always deterministic: rewards
+            see the clean image (for flow models the last step's `x0` estimate), and it is never trained.
+        eta (`float`, *optional*):
+            Noise scale of the stochastic steps: the flow SDE's eta for rectified-flow models, DDIM's eta for
+            diffusion models. `None` uses the recipe value of the model family for `sde_type="dancegrpo"` (FLUX 0.3,
+            Stable Diffusion's DDIM 1.0, HunyuanVideo and SkyReels 0.25, the others 0.3), and the variant's own for
+            the others (`"flow_grpo"`: 0.7, `"cps"`: 0.8). Must be > 0; at most 1 for `"cps"`.
+        sde_type (`str`, *optional*, defaults to `"dancegrpo"`):
+            The stochastic step of rectified-flow models. `"dancegrpo"`: `std = eta * sqrt(sigma - sigma_next)` (the
+            paper); `"flow_grpo"`: Flow-GRPO's noise level `eta * sqrt(sigma / (1 - sigma))`, same SDE;
+            `"cps"`: coefficients-preserving sampling (arXiv 2509.05952), `std = sigma_next * sin(eta * pi / 2)`.
+            Diffusion models (DDIM) have only `"dancegrpo"`.
+        sde_window_size (`int`, *optional*):
+            Only this many consecutive steps are stochastic and trained; every other step is a deterministic (ODE)
+            step and is not trained (MixGRPO, Flow-GRPO-Fast). `None`: every step but the last is stochastic and may be
+            trained (DanceGRPO). With `init_same_noise`, the deterministic steps before the window run once per group.
+        sde_window_range (`list[int]`, *optional*):
+            `[start, end)`: the step indices the window may cover; `None` means `[0, num_inference_steps - 1)`, every
+            step but the last.
+        sde_window_schedule (`str`, *optional*, defaults to `"random"`):
+            Where the window sits in each rollout: `"random"` (a new position per optimizer step, drawn from the seed
+            and the step, as Flow-GRPO-Fast) or `"sliding"` (MixGRPO: starts at the range's start and moves one step
+            forward every `sde_window_interval` optimizer steps, wrapping around).
+        sde_window_interval (`int`, *optional*, defaults to `1`):
+            Optimizer steps between two moves of a `"sliding"` window (MixGRPO's shift interval).
         shift (`float`, *optional*):
             Timestep shift of the flow sigmas, `sigma = shift * s / (1 + (shift - 1) * s)` on `s = linspace(1, 0, T+1)`
             (DanceGRPO uses 3 for FLUX). `None` uses the pipeline scheduler's own sigmas. Flow models only.
@@ -78,8 +101,10 @@ class DanceGRPOConfig(TrainingArguments):
         > Parameters that control the loss
 
         timestep_fraction (`float`, *optional*, defaults to `0.6`):
-            Fraction tau of the T sampler steps trained on: each sample trains on a random subset of
-            `ceil(tau * T)` of its steps.
+            Fraction tau of the stochastic steps trained on. Without a window each sample trains on a random subset of
+            `int(tau * (T - 1))` (at least one) of the first `T - 1` steps, as DanceGRPO's code; with `1.0` exactly
+            those `T - 1`. With `sde_window_size = k`, on `ceil(tau * k)` of the window's steps (MixGRPO and
+            Flow-GRPO-Fast train all of them: 1.0).
         epsilon (`float`, *optional*, defaults to `1e-4`):
             PPO clip range of the probability ratio.
         adv_clip_max (`float`, *optional*, defaults to `5.0`):
@@ -131,7 +156,31 @@ class DanceGRPOConfig(TrainingArguments):
     # Sampling
     num_generations: int = field(default=12, metadata={"help": "Number of samples per prompt (group size G)."})
     num_inference_steps: int = field(default=16, metadata={"help": "Number of sampler steps T per rollout."})
-    eta: float = field(default=0.3, metadata={"help": "Noise scale of the SDE (flow) or DDIM eta (diffusion); > 0."})
+    eta: float | None = field(
+        default=None,
+        metadata={
+            "help": "Noise scale of the SDE (flow) or DDIM eta (diffusion), > 0; None = the family's recipe value."
+        },
+    )
+    sde_type: str = field(
+        default="dancegrpo",
+        metadata={"help": "Stochastic flow step.", "choices": list(SDE_TYPES)},
+    )
+    sde_window_size: int | None = field(
+        default=None,
+        metadata={"help": "Only this many consecutive steps are stochastic and trained; None = all but the last."},
+    )
+    sde_window_range: list[int] | None = field(
+        default=None,
+        metadata={"help": "[start, end): the steps the window may cover; None = all but the last."},
+    )
+    sde_window_schedule: str = field(
+        default="random",
+        metadata={"help": "Window position per optimizer step.", "choices": list(WINDOW_SCHEDULES)},
+    )
+    sde_window_interval: int = field(
+        default=1, metadata={"help": "Optimizer steps between moves of a sliding window (MixGRPO's shift interval)."}
+    )
     shift: float | None = field(
         default=None, metadata={"help": "Flow sigma shift (3 in DanceGRPO's FLUX recipe); None = scheduler's sigmas."}
     )
@@ -207,12 +256,23 @@ class DanceGRPOConfig(TrainingArguments):
             )
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}.")
-        if self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {self.num_inference_steps}.")
-        if self.eta <= 0:
+        if self.num_inference_steps < 2:
             raise ValueError(
-                f"eta must be > 0 (got {self.eta}): with a deterministic sampler the transitions have no log-prob."
+                f"num_inference_steps must be at least 2, got {self.num_inference_steps}: the last step is "
+                "deterministic (the clean image), so one step leaves nothing to train."
             )
+        if self.sde_type not in SDE_TYPES:
+            raise ValueError(f"sde_type must be one of {SDE_TYPES}, got {self.sde_type!r}.")
+        if self.eta is not None and self.eta <= 0:
+            raise ValueError(
+                f"eta must be > 0 or None (got {self.eta}): with a deterministic sampler the transitions have no "
+                "log-prob."
+            )
+        if self.sde_type == "cps" and self.eta is not None and self.eta > 1:
+            raise ValueError(
+                f"With sde_type='cps', eta is in (0, 1] (std = sigma_next * sin(eta * pi / 2)), got {self.eta}."
+            )
+        self._check_sde_window()
         if self.epsilon <= 0:
             raise ValueError(f"epsilon (the clip range) must be > 0, got {self.epsilon}.")
         if self.adv_clip_max <= 0:
@@ -253,6 +313,33 @@ class DanceGRPOConfig(TrainingArguments):
             raise ValueError(f"num_frames must be a positive integer or None, got {self.num_frames}.")
         if self.best_of_n is not None:
             self._check_best_of_n()
+
+    def _check_sde_window(self) -> None:
+        trainable = self.num_inference_steps - 1  # the last step is deterministic
+        if self.sde_window_schedule not in WINDOW_SCHEDULES:
+            raise ValueError(
+                f"sde_window_schedule must be one of {WINDOW_SCHEDULES}, got {self.sde_window_schedule!r}."
+            )
+        if self.sde_window_interval < 1:
+            raise ValueError(f"sde_window_interval must be at least 1, got {self.sde_window_interval}.")
+        if self.sde_window_size is None:
+            if self.sde_window_range is not None:
+                raise ValueError("sde_window_range is set but sde_window_size is not: set the window's size too.")
+            return
+        start, end = self.sde_window_range if self.sde_window_range is not None else (0, trainable)
+        if self.sde_window_range is not None and (
+            len(self.sde_window_range) != 2 or not 0 <= start < end <= trainable
+        ):
+            raise ValueError(
+                f"sde_window_range must be [start, end) with 0 <= start < end <= num_inference_steps - 1 = {trainable} "
+                f"(the last step is never stochastic), got {self.sde_window_range}."
+            )
+        if not 1 <= self.sde_window_size <= end - start:
+            raise ValueError(
+                f"sde_window_size must be from 1 to the size of sde_window_range [{start}, {end}) = {end - start}, got "
+                f"{self.sde_window_size}; lower it or widen the range (num_inference_steps {self.num_inference_steps})."
+            )
+        self.sde_window_range = [start, end]
 
     def _check_best_of_n(self) -> None:
         group, keep = self.num_generations, self.best_of_n

@@ -1,15 +1,34 @@
-"""The one denoising loop: batched, model-agnostic, storing the trajectory and the log-prob of every transition.
+"""The sampler: the one denoising loop, and everything that decides what a rollout samples.
 
-It is used for the GRPO rollout (stochastic, `eta > 0`), for evaluation and sample images (deterministic, `eta = 0`),
-and its building block [`denoise`] is used again by the loss to re-score stored transitions, so that the rollout
-and the training forward compute exactly the same thing on the same batch composition.
+[`Sampler`] owns, for a batch of samples identified by their index in the global batch:
+- the initial noise (shared by the samples of a group) and the SDE noise, drawn per sample from its global index, so
+  results do not depend on how the batch is split into parts, slices or processes;
+- which steps are stochastic: the SDE window (all steps but the last without one), every other step a deterministic
+  (ODE) step, the last one always deterministic so rewards see the clean image;
+- the shared prefix: the deterministic steps before the window are the same for every sample of a group (same
+  initial noise, same conditioning), so they run once per group and are copied to its samples;
+- the parts of the rollout (each part is exactly one slice of the loss, so the ratio starts at 1) and which steps of
+  each sample are trained.
+
+Its building block [`denoise`] is used again by the loss to re-score stored transitions, so that the rollout and the
+training forward compute exactly the same thing on the same batch composition.
 """
 
+import contextlib
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .adapters.base import Conditioning, PipelineAdapter
+
+
+def mix_seed(*values: int) -> int:
+    """A deterministic 63-bit seed from integers (Python's `hash` of strings differs between processes)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(v) % (2**63) for v in values]).generate_state(2, np.uint64)[0] >> 1)
 
 
 @dataclass
@@ -18,7 +37,8 @@ class Trajectory:
 
     Attributes:
         latents (`torch.Tensor`): `[N, T + 1, *latent_shape]`, the initial noise followed by the latent after each step.
-        log_probs (`torch.Tensor`): `[N, T]` float32, the log-prob of each transition under the sampling policy.
+        log_probs (`torch.Tensor`): `[N, T]` float32, the log-prob of each transition under the sampling policy (0 for
+            deterministic steps).
     """
 
     latents: torch.Tensor
@@ -78,42 +98,174 @@ def denoise(
     return uncond + adapter.guidance_scale * (text - uncond)
 
 
-@torch.no_grad()
-def sample_trajectories(
-    adapter: PipelineAdapter,
-    denoiser: torch.nn.Module,
-    cond: Conditioning,
-    noise: torch.Tensor,
-    eta: float,
-    slices: list[slice],
-    negative_cond: Conditioning | None = None,
-    generator: torch.Generator | list[torch.Generator] | None = None,
-) -> Trajectory:
-    """Run the sampler from `noise` for all samples, `slices` at a time through the denoiser.
+class Sampler:
+    """Samples trajectories for a batch: noise per global sample index, the SDE window, the shared prefix, the parts.
 
-    `cond` holds one row per sample. The SDE step runs on the whole batch at once (with one generator per sample when
-    a list is given), so the noise a sample receives does not depend on how the batch is sliced or spread over
-    processes.
+    Args:
+        adapter ([`PipelineAdapter`]): The model family's adapter (its `step` implements the chosen `sde_type`).
+        eta (`float`): Noise scale of the stochastic steps.
+        window_size (`int`, *optional*): Consecutive stochastic (and trainable) steps; `None`: all but the last.
+        window_range (`tuple[int, int]`, *optional*): `[start, end)` the window may cover; `None`: all but the last.
+        window_schedule (`str`, *optional*, defaults to `"random"`): `"random"` or `"sliding"`.
+        window_interval (`int`, *optional*, defaults to `1`): Optimizer steps between moves of a sliding window.
+        timestep_fraction (`float`, *optional*, defaults to `1.0`): Fraction of the stochastic steps trained.
     """
-    num_samples = noise.shape[0]
-    latents = noise
-    all_latents, log_probs = [noise], []
-    for i in range(adapter.num_inference_steps):
-        step_index = torch.full((num_samples,), i, device=noise.device, dtype=torch.long)
-        output = torch.cat(
-            [
-                denoise(adapter, denoiser, latents[s], step_index[s], index_conditioning(cond, s), negative_cond)
-                for s in slices
-            ]
+
+    def __init__(
+        self,
+        adapter: PipelineAdapter,
+        eta: float,
+        window_size: int | None = None,
+        window_range: tuple[int, int] | None = None,
+        window_schedule: str = "random",
+        window_interval: int = 1,
+        timestep_fraction: float = 1.0,
+    ):
+        self.adapter = adapter
+        self.eta = eta
+        self.num_steps = adapter.num_inference_steps
+        self.window_size = window_size
+        self.window_range = tuple(window_range) if window_range is not None else (0, self.num_steps - 1)
+        self.window_schedule = window_schedule
+        self.window_interval = window_interval
+        self.timestep_fraction = timestep_fraction
+
+    # -- which steps --------------------------------------------------------------------------------------------------
+    def window(self, seed: int, step: int) -> range:
+        """The stochastic, trainable steps of the rollout made at optimizer step `step`.
+
+        Without a window size: every step but the last. A `"random"` window's position is drawn from (seed, step), a
+        `"sliding"` one moves forward every `window_interval` steps: both are functions of the seed and the step,
+        so a resumed run places its windows as one that never stopped.
+        """
+        if self.window_size is None:
+            return range(0, self.num_steps - 1)
+        low, high = self.window_range
+        positions = high - low - self.window_size + 1
+        if self.window_schedule == "sliding":
+            start = low + (step // self.window_interval) % positions
+        else:
+            generator = torch.Generator().manual_seed(mix_seed(seed, 3, step))
+            start = low + int(torch.randint(positions, (1,), generator=generator))
+        return range(start, start + self.window_size)
+
+    @property
+    def num_train_steps(self) -> int:
+        """Trained steps per sample: `int(tau * (T - 1))` of all but the last step, or `ceil(tau * k)` of a window."""
+        if self.window_size is None:
+            return max(1, int(round(self.timestep_fraction * (self.num_steps - 1), 9)))
+        return max(1, math.ceil(round(self.timestep_fraction * self.window_size, 9)))
+
+    def train_steps(self, window: range, first: int, num_samples: int, seed: int) -> torch.Tensor:
+        """`[num_samples, num_train_steps]`: a random subset of the window's steps per sample, from its global index."""
+        subsets = [
+            torch.randperm(len(window), generator=torch.Generator().manual_seed(mix_seed(seed, 2, i)))
+            for i in range(first, first + num_samples)
+        ]
+        return torch.stack(subsets)[:, : self.num_train_steps] + window.start
+
+    def step_eta(self, window: range, eta: float) -> list[float]:
+        """The noise scale of each step: `eta` inside the window, 0 (a deterministic step) elsewhere and at the end."""
+        return [eta if i in window and i < self.num_steps - 1 else 0.0 for i in range(self.num_steps)]
+
+    # -- sampling -----------------------------------------------------------------------------------------------------
+    def initial_noise(self, first: int, num_samples: int, seed: int, group_size: int, device) -> torch.Tensor:
+        """Initial noise of samples `first ...`; samples of one group of the global batch share it (`group_size` > 1).
+
+        The noise of sample i depends only on (seed, its global group), so a group split over processes still starts
+        from one noise.
+        """
+        noises = []
+        for i in range(first, first + num_samples):
+            generator = torch.Generator().manual_seed(mix_seed(seed, i // group_size))
+            noises.append(self.adapter.initial_noise(1, generator, device, torch.float32))
+        return torch.cat(noises)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        denoiser: torch.nn.Module,
+        cond: Conditioning,
+        negative_cond: Conditioning | None,
+        first: int,
+        seed: int,
+        parts: list[slice],
+        window: range | None = None,
+        eta: float | None = None,
+        group_size: int = 1,
+        share_prefix: bool = True,
+        autocast: Callable | None = None,
+        on_part: Callable[[slice, torch.Tensor], None] | None = None,
+    ) -> Trajectory:
+        """Sample and decode the trajectories of the samples `first, first + 1, ...` of the global batch.
+
+        Args:
+            denoiser (`torch.nn.Module`): The model to sample with.
+            cond (`Conditioning`): One row per sample; `negative_cond` the unconditional branch of CFG, or `None`.
+            first (`int`): Global index of the first sample (its noise).
+            seed (`int`): Seed of this rollout.
+            parts (`list[slice]`): Consecutive parts the samples go through the denoiser in (the loss's slices); each
+                is decoded and handed to `on_part(part, images)` before the next one is sampled.
+            window (`range`, *optional*): The stochastic steps; `None`: all but the last.
+            eta (`float`, *optional*): Noise scale of the stochastic steps; `None`: the sampler's. `0` samples the ODE.
+            group_size (`int`): Samples `i`, `j` share their initial noise when `i // group_size == j // group_size`.
+            share_prefix (`bool`): Run the deterministic steps before the first stochastic one once per group, in
+                batches of at most the largest part (identical results; `False` runs them per sample).
+            autocast (`Callable`, *optional*): A context-manager factory (mixed precision) for the forwards and decoding.
+        """
+        step_eta = self.step_eta(
+            range(0, self.num_steps - 1) if window is None else window, self.eta if eta is None else eta
         )
-        step = adapter.step(output, latents, step_index, eta, generator=generator)
-        latents = step.prev_sample
-        all_latents.append(latents)
-        log_probs.append(step.log_prob)
-    return Trajectory(latents=torch.stack(all_latents, dim=1), log_probs=torch.stack(log_probs, dim=1))
+        num_samples = parts[-1].stop
+        device = next(iter(cond.values())).device
+        autocast = autocast or contextlib.nullcontext
+        noise = self.initial_noise(first, num_samples, seed, group_size, device)
+        generators = [torch.Generator().manual_seed(mix_seed(seed, 1, first + i)) for i in range(num_samples)]
+        # deterministic steps draw no noise, so each sample's generator gives the same noise to its stochastic steps
+        # whether the prefix is shared or not
+        prefix = next((i for i, value in enumerate(step_eta) if value > 0), self.num_steps)
+        latents, start = [noise], 0
+        if share_prefix and group_size > 1 and prefix > 0:
+            latents, start = self._shared_prefix(
+                denoiser, noise, cond, negative_cond, first, group_size, prefix, parts
+            )
+        zeros = torch.zeros(num_samples, device=device)
+        trajectories = []
+        for part in parts:
+            part_latents, part_log_probs = [x[part] for x in latents], [zeros[part]] * start
+            part_cond = index_conditioning(cond, part)
+            with autocast():
+                for i in range(start, self.num_steps):
+                    step = self._advance(
+                        denoiser, part_latents[-1], i, part_cond, negative_cond, step_eta[i], generators[part]
+                    )
+                    part_latents.append(step.prev_sample)
+                    part_log_probs.append(step.log_prob)
+                images = self.adapter.decode(part_latents[-1])
+            trajectories.append(Trajectory(torch.stack(part_latents, dim=1), torch.stack(part_log_probs, dim=1)))
+            if on_part is not None:
+                on_part(part, images)
+        return Trajectory.cat(trajectories)
 
+    def _shared_prefix(self, denoiser, noise, cond, negative_cond, first, group_size, prefix, parts):
+        """The latents of steps `0 .. prefix` for every sample, computed on one row (its first sample) per group."""
+        groups = [(first + i) // group_size for i in range(noise.shape[0])]
+        heads = sorted({groups.index(g) for g in groups})
+        batch = max(part.stop - part.start for part in parts)
+        head_latents = [noise[heads]]
+        for s in sample_slices(len(heads), len(heads), batch):
+            rows = torch.tensor(heads[s], device=noise.device)
+            x, row_cond = noise[rows], index_conditioning(cond, rows)
+            steps = [x]
+            for i in range(prefix):
+                steps.append(self._advance(denoiser, steps[-1], i, row_cond, negative_cond, 0.0, None).prev_sample)
+            head_latents.append(torch.stack(steps[1:], dim=1))
+        head_latents = torch.cat(head_latents[1:])  # [num_groups, prefix, ...]
+        head_of = torch.tensor([heads.index(groups.index(g)) for g in groups], device=noise.device)
+        return [noise] + list(head_latents[head_of].unbind(dim=1)), prefix
 
-@torch.no_grad()
-def decode(adapter: PipelineAdapter, latents: torch.Tensor, slices: list[slice]) -> torch.Tensor:
-    """Decode final latents to images in [0, 1], a slice at a time, outside any autograd graph."""
-    return torch.cat([adapter.decode(latents[s]) for s in slices])
+    def _advance(self, denoiser, latents, i, cond, negative_cond, eta, generator):
+        """Step `i` of the sampler for a batch of latents: one denoiser forward (CFG batched) and the step."""
+        step_index = torch.full((latents.shape[0],), i, device=latents.device, dtype=torch.long)
+        output = denoise(self.adapter, denoiser, latents, step_index, cond, negative_cond)
+        return self.adapter.step(output, latents, step_index, eta, generator=generator)

@@ -2,13 +2,16 @@
 
 DanceGRPO needs a stochastic sampler whose every step is a Gaussian transition `x_next ~ N(mean(x), std**2)`, so
 that the log-probability of a stored trajectory can be recomputed under the current model. This module holds the two
-steps the paper uses, as pure functions with no model code:
+steps the paper uses and the two rectified-flow variants of the field, as pure functions with no model code:
 
 - [`flow_sde_step_with_logprob`]: rectified flow (FLUX, SD3, HunyuanVideo, SkyReels, Wan), the SDE
-  `dz = (u - 0.5 * eta**2 * score) dt + eta dw` discretised on the sigma grid;
+  `dz = (u - 0.5 * eta**2 * score) dt + eta dw` discretised on the sigma grid (DanceGRPO, `sde_type="dancegrpo"`);
+- [`flow_grpo_step_with_logprob`]: the same SDE with Flow-GRPO's noise level `eta_t = eta * sqrt(sigma / (1 - sigma))`
+  (arXiv 2505.05470, `sde_type="flow_grpo"`);
+- [`cps_step_with_logprob`]: coefficients-preserving sampling (arXiv 2509.05952, `sde_type="cps"`);
 - [`ddim_step_with_logprob`]: diffusion (Stable Diffusion), DDIM with `eta > 0`.
 
-Both broadcast over latents of any rank (4-D images, 5-D videos), accept scalar or per-sample `sigma`/`timestep`,
+With `eta = 0` every flow step is the deterministic Euler (ODE) step. All of them broadcast over latents of any rank (4-D images, 5-D videos), accept scalar or per-sample `sigma`/`timestep`,
 compute in float32 whatever the input dtype, and re-score a given `prev_sample` instead of sampling one.
 """
 
@@ -60,7 +63,9 @@ def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
 
 
 def _sample_or_rescore(mean, std, prev_sample, generator, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    if prev_sample is None:
+    if prev_sample is None and not std.any():
+        prev_sample = mean.to(dtype)  # a deterministic step draws no noise (it would consume the generators)
+    elif prev_sample is None:
         noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
         prev_sample = (mean + std * noise).to(dtype)
     # The log-prob is that of the sample as stored (in the latent dtype), so re-scoring reproduces it exactly.
@@ -89,7 +94,8 @@ def flow_sde_step_with_logprob(
         sample (`torch.Tensor`): The current latent `x` at noise level `sigma`, any rank `[batch, ...]`.
         sigma (`float` or `torch.Tensor`): Current noise level in (0, 1], a number or one per sample.
         sigma_next (`float` or `torch.Tensor`): Next noise level, `0 <= sigma_next < sigma`.
-        eta (`float`): Noise scale of the SDE; `0` gives the deterministic (ODE) Euler step.
+        eta (`float` or `torch.Tensor`): Noise scale of the SDE, a number or one per sample; `0` gives the
+            deterministic (ODE) Euler step.
         prev_sample (`torch.Tensor`, *optional*): A stored next latent to re-score instead of sampling.
         generator (`torch.Generator` or list of them, *optional*): Generator for the step's noise, or one per sample.
 
@@ -100,10 +106,81 @@ def flow_sde_step_with_logprob(
     velocity = model_output.float()
     sigma = _per_sample(sigma, x)
     sigma_next = _per_sample(sigma_next, x)
+    eta = _per_sample(eta, x)
     x0_hat = x - sigma * velocity
     score_term = 0.5 * eta**2 * (x - (1 - sigma) * x0_hat) / sigma**2
     mean = x + (sigma_next - sigma) * (velocity + score_term)
     std = eta * torch.sqrt((sigma - sigma_next).clamp_min(0))
+    prev_sample, log_prob = _sample_or_rescore(mean, std, prev_sample, generator, sample.dtype)
+    return SDEStepOutput(prev_sample=prev_sample, log_prob=log_prob, prev_sample_mean=mean, std_dev=std)
+
+
+def flow_grpo_noise_level(eta, sigma, sigma_max) -> torch.Tensor:
+    """Flow-GRPO's per-step noise level `eta * sqrt(sigma / (1 - sigma))`.
+
+    At `sigma = 1` the ratio diverges; Flow-GRPO then uses the next grid point `sigma_max` in the denominator,
+    `eta * sqrt(1 / (1 - sigma_max))`, and so do we.
+    """
+    sigma = torch.as_tensor(sigma, dtype=torch.float32)
+    sigma_max = torch.as_tensor(sigma_max, dtype=torch.float32, device=sigma.device)
+    return eta * torch.sqrt(sigma / (1 - torch.where(sigma >= 1, sigma_max, sigma)))
+
+
+def flow_grpo_step_with_logprob(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    sigma,
+    sigma_next,
+    eta: float,
+    sigma_max,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> SDEStepOutput:
+    """Flow-GRPO's SDE step (`sde_type="flow_grpo"`): [`flow_sde_step_with_logprob`] with the noise level
+    `eta_t = eta * sqrt(sigma / (1 - sigma))` of [`flow_grpo_noise_level`], so `std = eta_t * sqrt(sigma - sigma_next)`.
+
+    Args:
+        sigma_max (`float` or `torch.Tensor`): The grid's first value below 1, used for `eta_t` at `sigma = 1`.
+
+    The other arguments are those of [`flow_sde_step_with_logprob`]; `eta` is Flow-GRPO's `a` (0.7 in its recipes).
+    """
+    eta_t = flow_grpo_noise_level(eta, torch.as_tensor(sigma, device=sample.device), sigma_max)
+    return flow_sde_step_with_logprob(model_output, sample, sigma, sigma_next, eta_t, prev_sample, generator)
+
+
+def cps_step_with_logprob(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    sigma,
+    sigma_next,
+    eta: float,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> SDEStepOutput:
+    """One coefficients-preserving sampling step (CPS, arXiv 2509.05952; `sde_type="cps"`).
+
+    With the predicted clean latent `x0 = x - sigma * v` and predicted noise `x1 = x + (1 - sigma) * v`:
+
+        std  = sigma_next * sin(eta * pi / 2)
+        mean = x0 * (1 - sigma_next) + x1 * sqrt(sigma_next**2 - std**2)
+
+    so `x_next = (1 - sigma_next) * x0 + sigma_next * (a unit-variance mix of x1 and fresh noise)` keeps exactly the
+    noise level of the grid (the flow SDE adds slightly too much or too little, which shows as noise artefacts).
+    `eta` in [0, 1]: 0 is the Euler (ODE) step, 1 replaces the predicted noise by fresh noise. The log-prob is the
+    Gaussian density (Flow-GRPO's CPS code drops its constants and the `1 / (2 std**2)` factor; we keep them so
+    that the clip range means the same for every `sde_type`).
+
+    Arguments as [`flow_sde_step_with_logprob`].
+    """
+    x = sample.float()
+    velocity = model_output.float()
+    sigma = _per_sample(sigma, x)
+    sigma_next = _per_sample(sigma_next, x)
+    eta = _per_sample(eta, x)
+    x0_hat = x - sigma * velocity
+    x1_hat = x + (1 - sigma) * velocity
+    std = sigma_next * torch.sin(eta * math.pi / 2)
+    mean = x0_hat * (1 - sigma_next) + x1_hat * torch.sqrt((sigma_next**2 - std**2).clamp_min(0))
     prev_sample, log_prob = _sample_or_rescore(mean, std, prev_sample, generator, sample.dtype)
     return SDEStepOutput(prev_sample=prev_sample, log_prob=log_prob, prev_sample_mean=mean, std_dev=std)
 
@@ -132,7 +209,8 @@ def ddim_step_with_logprob(
         model_output (`torch.Tensor`): The model prediction (epsilon, v or sample, per `prediction_type`).
         timestep (`int` or `torch.Tensor`): The current timestep, a number or one per sample.
         sample (`torch.Tensor`): The current latent, any rank `[batch, ...]`.
-        eta (`float`): DDIM's eta; `0` is deterministic DDIM, `1` the DDPM-like variance.
+        eta (`float` or `torch.Tensor`): DDIM's eta, a number or one per sample; `0` is deterministic DDIM, `1` the
+            DDPM-like variance.
         prev_sample (`torch.Tensor`, *optional*): A stored next latent to re-score instead of sampling.
         generator (`torch.Generator` or list of them, *optional*): Generator for the step's noise, or one per sample.
 
@@ -174,7 +252,7 @@ def ddim_step_with_logprob(
         x0_hat = x0_hat.clamp(-clip, clip)
 
     variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
-    std = eta * variance.clamp_min(0).sqrt()
+    std = _per_sample(eta, x) * variance.clamp_min(0).sqrt()
     mean = alpha_prev.sqrt() * x0_hat + (1 - alpha_prev - std**2).clamp_min(0).sqrt() * eps_hat
     prev_sample, log_prob = _sample_or_rescore(mean, std, prev_sample, generator, sample.dtype)
     return SDEStepOutput(prev_sample=prev_sample, log_prob=log_prob, prev_sample_mean=mean, std_dev=std)

@@ -23,7 +23,7 @@ from trl.trainer.utils import RepeatSampler
 from .adapters import PipelineAdapter, get_adapter_class
 from .config import DanceGRPOConfig
 from .hub import ModelCardCallback
-from .rollout import Trajectory, decode, denoise, index_conditioning, sample_slices, sample_trajectories
+from .rollout import Sampler, denoise, index_conditioning, mix_seed, sample_slices
 from .sharding import save_denoiser_state_dict
 from .video import image_key, load_image, log_sample_to_integrations, save_sample
 
@@ -88,13 +88,6 @@ def best_of_n_indices(advantages: torch.Tensor, num_generations: int, best_of_n:
     chosen = torch.cat([order[:, :k], order[:, -k:]], dim=1).sort(dim=1).values
     offsets = torch.arange(grouped.shape[0], device=advantages.device).unsqueeze(1) * num_generations
     return (chosen + offsets).flatten()
-
-
-def mix_seed(*values: int) -> int:
-    """A deterministic 63-bit seed from integers (Python's `hash` of strings differs between processes)."""
-    import numpy as np
-
-    return int(np.random.SeedSequence([int(v) % (2**63) for v in values]).generate_state(2, np.uint64)[0] >> 1)
 
 
 class EpochSeededRepeatSampler(RepeatSampler):
@@ -205,8 +198,14 @@ class DanceGRPOTrainer(Trainer):
         self.adapter: PipelineAdapter = self._make_adapter(self.pipeline, args)
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             self._check_image_column(dataset, name)
-        self.num_train_steps_per_sample = max(
-            1, math.ceil(round(args.timestep_fraction * args.num_inference_steps, 9))
+        self.sampler = Sampler(
+            self.adapter,
+            eta=args.eta if args.eta is not None else self.adapter.eta_for(args.sde_type),
+            window_size=args.sde_window_size,
+            window_range=args.sde_window_range,
+            window_schedule=args.sde_window_schedule,
+            window_interval=args.sde_window_interval,
+            timestep_fraction=args.timestep_fraction,
         )
 
         set_seed(args.seed)  # the LoRA's random initialisation is reproducible, as the Trainer's own model_init is
@@ -319,6 +318,7 @@ class DanceGRPOTrainer(Trainer):
             shift=args.shift,
             **kwargs,
         )
+        adapter.set_sde_type(args.sde_type)
         # The paper updates once per prompt batch when CFG is on: one rollout feeds exactly one optimizer step.
         once_per_batch = args.num_iterations == 1 and args.steps_per_generation == args.gradient_accumulation_steps
         if adapter.use_cfg and not once_per_batch:
@@ -466,51 +466,30 @@ class DanceGRPOTrainer(Trainer):
         index = torch.tensor([unique.index(key) for key in keys], device=self.accelerator.device)
         return index_conditioning(cond, index), (self._negative_cond if self.adapter.use_cfg else None)
 
-    def _initial_noise(self, num_samples: int, first_sample: int, seed: int, group_size: int) -> torch.Tensor:
-        """Initial noise; samples of the same group (of the global batch) get the same noise when `group_size` > 1.
-
-        The noise of sample i depends only on (seed, its global group), so a group split over processes still starts
-        from one noise.
-        """
-        noises = []
-        for i in range(first_sample, first_sample + num_samples):
-            generator = torch.Generator().manual_seed(mix_seed(seed, i // group_size))
-            noises.append(self.adapter.initial_noise(1, generator, self.accelerator.device, torch.float32))
-        return torch.cat(noises)
-
     @torch.no_grad()
     def generate(self, prompts: list[str], seed: int = 0, eta: float = 0.0, group_size: int = 1, images=None):
         """Sample images (or videos) for `prompts` with the current model (deterministic when `eta=0`).
 
-        Samples `i` and `j` share their initial noise when `i // group_size == j // group_size`. Image-to-video models
-        take one conditioning image per prompt (`images`: PIL images, paths or tensors). Returns the images
-        `(N, 3, H, W)` (videos: `(N, F, 3, H, W)`) in [0, 1] and the [`~trl_dancegrpo.rollout.Trajectory`].
+        Samples `i` and `j` share their initial noise when `i // group_size == j // group_size`; with `eta > 0` every
+        step but the last is stochastic. Image-to-video models take one conditioning image per prompt (`images`: PIL
+        images, paths or tensors). Returns the images `(N, 3, H, W)` (videos: `(N, F, 3, H, W)`) in [0, 1] and the
+        [`~trl_dancegrpo.rollout.Trajectory`].
         """
         cond, negative = self._conditioning(prompts, images)
-        first = self.accelerator.process_index * len(prompts)
-        parts = sample_slices(len(prompts), self.args.per_device_eval_batch_size, self.args.rollout_batch_size)
-        outputs = [
-            self._sample(index_conditioning(cond, part), negative, part, first, seed, eta, group_size)
-            for part in parts
-        ]
-        return torch.cat([images for images, _ in outputs]), Trajectory.cat([trajectory for _, trajectory in outputs])
-
-    @torch.no_grad()
-    def _sample(self, cond, negative, part: slice, first: int, seed: int, eta: float, group_size: int):
-        """Sample and decode the samples `part` of a batch whose first sample has global index `first`.
-
-        Noise (initial and of every SDE step) is drawn per sample from its global index, so results do not depend on
-        how a batch is split into parts, slices or processes.
-        """
-        num = part.stop - part.start
-        noise = self._initial_noise(num, first + part.start, seed, group_size).to(self.accelerator.device)
-        generator = [torch.Generator().manual_seed(mix_seed(seed, 1, first + i)) for i in range(part.start, part.stop)]
-        denoiser = self.denoiser
-        whole = [slice(0, num)]
-        with self.accelerator.autocast():
-            trajectory = sample_trajectories(self.adapter, denoiser, cond, noise, eta, whole, negative, generator)
-            images = decode(self.adapter, trajectory.final_latents, whole)
-        return images, trajectory
+        outputs = []
+        trajectory = self.sampler.sample(
+            self.denoiser,
+            cond,
+            negative,
+            first=self.accelerator.process_index * len(prompts),
+            seed=seed,
+            parts=sample_slices(len(prompts), self.args.per_device_eval_batch_size, self.args.rollout_batch_size),
+            eta=eta,
+            group_size=group_size,
+            autocast=self.accelerator.autocast,
+            on_part=lambda part, part_images: outputs.append(part_images),
+        )
+        return torch.cat(outputs), trajectory
 
     def _score(self, prompts: list[str], images: torch.Tensor, inputs: list[dict]):
         """Rewards `[N, K]` on this process (NaN for `None` and for NaN scores) and the mask of the `None`s."""
@@ -581,7 +560,7 @@ class DanceGRPOTrainer(Trainer):
         args, device = self.args, self.accelerator.device
         prompts = [row["prompt"] for row in inputs]
         seed = mix_seed(args.seed, self._step)  # a new seed per rollout, reproducible from the step
-        group_size = args.num_generations if args.init_same_noise else 1
+        window = self.sampler.window(args.seed, self._step // args.gradient_accumulation_steps)
         first = self.accelerator.process_index * len(prompts)
         self.model.eval()
         cond, negative = self._conditioning(prompts, [row.get("image") for row in inputs])
@@ -589,21 +568,31 @@ class DanceGRPOTrainer(Trainer):
         # `overlap_rewards`, each part is scored in a background thread while the next one is sampled.
         parts = sample_slices(len(prompts), args.per_device_train_batch_size, args.rollout_batch_size)
         executor = ThreadPoolExecutor(max_workers=1) if args.overlap_rewards else None
-        trajectories, images, scores, rollout_time = [], [], [], 0.0
+        images, scores = [], []
+
+        def on_part(part: slice, part_images: torch.Tensor) -> None:
+            if part.start == 0 and args.log_samples:  # kept for the sample logged at the next logging step
+                self._latest_sample = (prompts[0], part_images[0].detach().cpu())
+            if executor is not None:
+                scores.append(executor.submit(self._score, prompts[part], part_images, inputs[part]))
+            else:
+                images.append(part_images)
+
         try:
-            for part in parts:
-                start = time.perf_counter()
-                part_images, trajectory = self._sample(
-                    index_conditioning(cond, part), negative, part, first, seed, args.eta, group_size
-                )
-                rollout_time += time.perf_counter() - start
-                if part.start == 0 and args.log_samples:  # kept for the sample logged at the next logging step
-                    self._latest_sample = (prompts[0], part_images[0].detach().cpu())
-                trajectories.append(trajectory)
-                if executor is not None:
-                    scores.append(executor.submit(self._score, prompts[part], part_images, inputs[part]))
-                else:
-                    images.append(part_images)
+            start = time.perf_counter()
+            trajectory = self.sampler.sample(
+                self.denoiser,
+                cond,
+                negative,
+                first=first,
+                seed=seed,
+                parts=parts,
+                window=window,
+                group_size=args.num_generations if args.init_same_noise else 1,
+                autocast=self.accelerator.autocast,
+                on_part=on_part,
+            )
+            rollout_time = time.perf_counter() - start  # sampling and decoding; with overlap, scoring runs meanwhile
             start = time.perf_counter()
             if executor is not None:
                 results = [future.result() for future in scores]
@@ -614,7 +603,6 @@ class DanceGRPOTrainer(Trainer):
         finally:
             if executor is not None:
                 executor.shutdown(wait=True)
-        trajectory = Trajectory.cat(trajectories)
         # a None is "not applicable" to that reward; a NaN score means the sample failed: it is skipped and counted
         failed_local = (torch.isnan(local) & ~not_applicable).any(dim=1)
         rewards = gather(local.to(device)).cpu()
@@ -634,18 +622,14 @@ class DanceGRPOTrainer(Trainer):
         process_slice = slice(first, first + len(prompts))
         self._log_rollout_metrics(masked, failed, advantages, rollout_time, reward_time)
 
-        # per sample, a random subset of ceil(tau * T) of its steps to train on, drawn from its global index
-        perms = torch.stack(
-            [
-                torch.randperm(args.num_inference_steps, generator=torch.Generator().manual_seed(mix_seed(seed, 2, i)))
-                for i in range(first, first + len(prompts))
-            ]
-        )
+        if args.sde_window_size is not None:
+            self._metrics["train"]["sde_window/start"].append(float(window.start))
         batch = {
             "latents": trajectory.latents,
             "log_probs": trajectory.log_probs,
             "advantages": advantages[process_slice].to(device),
-            "train_steps": perms[:, : self.num_train_steps_per_sample].to(device),
+            # per sample, a random subset of the window's steps (without one: of all but the last step) to train on
+            "train_steps": self.sampler.train_steps(window, first, len(prompts), seed).to(device),
             "cond": cond,
             "negative_cond": negative,
         }
@@ -740,7 +724,7 @@ class DanceGRPOTrainer(Trainer):
         cond = index_conditioning(chunk["cond"], s)
         with self.accelerator.autocast():
             output = denoise(self.adapter, model, x_t, step_index, cond, chunk["negative_cond"])
-        step = self.adapter.step(output, x_t, step_index, self.args.eta, prev_sample=x_next)
+        step = self.adapter.step(output, x_t, step_index, self.sampler.eta, prev_sample=x_next)
         return step, rows, step_index, x_t, cond
 
     def _policy_step(self, model, chunk: dict) -> torch.Tensor:
@@ -807,7 +791,7 @@ class DanceGRPOTrainer(Trainer):
                     ref_output = denoise(self.adapter, denoiser, x_t, step_index, cond, negative_cond)
                 finally:
                     denoiser.enable_adapters()
-            ref = self.adapter.step(ref_output, x_t, step_index, self.args.eta, prev_sample=step.prev_sample)
+            ref = self.adapter.step(ref_output, x_t, step_index, self.sampler.eta, prev_sample=step.prev_sample)
         squared = (step.prev_sample_mean - ref.prev_sample_mean).pow(2).flatten(1).mean(1)
         return squared / (2 * step.std_dev.flatten().pow(2).expand_as(squared))
 

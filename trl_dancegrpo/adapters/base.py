@@ -10,10 +10,20 @@ from typing import ClassVar
 
 import torch
 
-from ..sde import SDEStepOutput, ddim_step_with_logprob, flow_sde_step_with_logprob
+from ..sde import (
+    SDEStepOutput,
+    cps_step_with_logprob,
+    ddim_step_with_logprob,
+    flow_grpo_step_with_logprob,
+    flow_sde_step_with_logprob,
+)
 
 
 Conditioning = dict[str, torch.Tensor]  # batch-first tensors, one row per prompt (or per sample once expanded)
+
+SDE_TYPES = ("dancegrpo", "flow_grpo", "cps")
+# the noise scale of the field's SDE variants in their public recipes (Flow-GRPO: a = 0.7; Flow-GRPO's CPS: 0.8)
+SDE_TYPE_DEFAULT_ETA = {"flow_grpo": 0.7, "cps": 0.8}
 
 # the attention projections of both streams of a joint-attention (MM-DiT) block: FLUX, SD3, HunyuanVideo
 JOINT_ATTENTION_LORA_TARGETS = (
@@ -42,10 +52,13 @@ class PipelineAdapter:
     default_lora_target_modules: ClassVar[list[str]] = []
     is_video: ClassVar[bool] = False  # decode returns videos (N, F, 3, H, W); the adapter takes `num_frames`
     requires_image: ClassVar[bool] = False  # image-to-video: each row carries a conditioning image
+    default_eta: ClassVar[float] = 0.3  # the family's recipe noise level for `sde_type="dancegrpo"` (DanceGRPO's FLUX)
+    sde_types: ClassVar[tuple[str, ...]] = ("dancegrpo",)  # the `sde_type`s `step` implements
 
     def __init__(self, pipeline, num_inference_steps: int, height=None, width=None, guidance_scale=None):
         self.pipeline = pipeline
         self.num_inference_steps = num_inference_steps
+        self.sde_type = "dancegrpo"
         default_height, default_width = self.default_resolution()
         self.height = height or default_height
         self.width = width or default_width
@@ -64,6 +77,20 @@ class PipelineAdapter:
     def default_resolution(self) -> tuple[int, int]:
         size = self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
         return size, size
+
+    def set_sde_type(self, sde_type: str) -> None:
+        """Choose the stochastic step (`DanceGRPOConfig.sde_type`); a clear error for one the family lacks."""
+        if sde_type not in self.sde_types:
+            raise ValueError(
+                f"sde_type={sde_type!r} is not available for {type(self.pipeline).__name__} (a "
+                f"{'diffusion' if isinstance(self, DDIMAdapter) else type(self).__name__} model); use one of "
+                f"{list(self.sde_types)}."
+            )
+        self.sde_type = sde_type
+
+    def eta_for(self, sde_type: str) -> float:
+        """The default noise level: the family's recipe value for DanceGRPO's step, the variant's own otherwise."""
+        return SDE_TYPE_DEFAULT_ETA.get(sde_type, self.default_eta)
 
     def unused_parameter_prefixes(self) -> list[str]:
         """Denoiser submodules whose parameters never reach the output; the trainer keeps them frozen."""
@@ -100,6 +127,7 @@ class PipelineAdapter:
         raise NotImplementedError
 
     def step(self, model_output, latents, step_index, eta, prev_sample=None, generator=None) -> SDEStepOutput:
+        """One step of the sampler (`self.sde_type`) from each sample's `step_index`; `eta = 0` is deterministic."""
         raise NotImplementedError
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -132,6 +160,7 @@ class FlowMatchAdapter(PipelineAdapter):
     """
 
     latent_shape: tuple[int, ...]
+    sde_types = SDE_TYPES
 
     def __init__(self, pipeline, num_inference_steps, height=None, width=None, guidance_scale=None, shift=None):
         super().__init__(pipeline, num_inference_steps, height, width, guidance_scale)
@@ -163,13 +192,19 @@ class FlowMatchAdapter(PipelineAdapter):
 
     def step(self, model_output, latents, step_index, eta, prev_sample=None, generator=None) -> SDEStepOutput:
         sigmas = self.sigmas.to(latents.device)
-        return flow_sde_step_with_logprob(
-            model_output, latents, sigmas[step_index], sigmas[step_index + 1], eta, prev_sample, generator
-        )
+        sigma, sigma_next = sigmas[step_index], sigmas[step_index + 1]
+        if self.sde_type == "flow_grpo":
+            return flow_grpo_step_with_logprob(
+                model_output, latents, sigma, sigma_next, eta, sigmas[1], prev_sample, generator
+            )
+        step = cps_step_with_logprob if self.sde_type == "cps" else flow_sde_step_with_logprob
+        return step(model_output, latents, sigma, sigma_next, eta, prev_sample, generator)
 
 
 class DDIMAdapter(PipelineAdapter):
-    """Diffusion models sampled with DDIM (eta > 0 makes it stochastic)."""
+    """Diffusion models sampled with DDIM (eta > 0 makes it stochastic); DDIM is their only `sde_type`."""
+
+    default_eta = 1.0  # DanceGRPO's Stable Diffusion recipe samples with DDIM eta 1
 
     def __init__(self, pipeline, num_inference_steps, height=None, width=None, guidance_scale=None, shift=None):
         super().__init__(pipeline, num_inference_steps, height, width, guidance_scale)

@@ -17,6 +17,7 @@ class HunyuanVideoAdapter(VideoAdapter):
     default_num_frames = 53  # DanceGRPO's HunyuanVideo recipe: 480x480x53
     default_size = (480, 480)
     default_lora_target_modules = list(JOINT_ATTENTION_LORA_TARGETS)
+    default_eta = 0.25  # DanceGRPO's HunyuanVideo recipe
     max_sequence_length = 256  # Llama prompt tokens after the template, as HunyuanVideoPipeline
     embedded_guidance_value = 1.0  # what the guidance embedding gets when training with CFG instead (SkyReels)
 
@@ -65,7 +66,13 @@ class HunyuanVideoAdapter(VideoAdapter):
         if not self.pipeline.transformer.config.guidance_embeds:
             return None
         value = self.guidance_scale if self.embedded_guidance else self.embedded_guidance_value
-        return torch.full((latents.shape[0],), value * 1000.0, device=latents.device, dtype=torch.float32)
+        # as HunyuanVideoPipeline: the scale in the transformer's (compute) dtype, times 1000 in that dtype; in bf16
+        # 6.0 * 1000 rounds to 6016, the value the model and DanceGRPO's reference see
+        device_type = latents.device.type
+        dtype = self.pipeline.transformer.dtype
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+        return torch.full((latents.shape[0],), value, device=latents.device, dtype=dtype) * 1000.0
 
     def predict(self, denoiser, latents, step_index, cond) -> torch.Tensor:
         return denoiser(
