@@ -231,7 +231,7 @@ def run_one(options: dict) -> dict:
         "latent_shape": latent_shape,
         "samples": samples,
         "steps": steps,
-        "trained_steps": trainer.num_train_steps_per_sample,
+        "trained_steps": trainer.sampler.num_train_steps,
         "rollout_batch_size": config.rollout_batch_size,
         "dtype": "bf16" if options["bf16"] else "fp32",
         "lora_rank": rank,

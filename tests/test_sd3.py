@@ -61,8 +61,8 @@ def test_cfg_and_timesteps(tiny_pipeline_path, tmp_path):
         lambda m, args, kwargs: seen.append((kwargs["hidden_states"].shape[0], kwargs["timestep"])), with_kwargs=True
     )
     trainer.train()
-    # both branches in one forward: 2 x 4 rows; rollout 4 steps x 2 slices, loss 3 steps x 2 slices
-    assert [rows for rows, _ in seen] == [8] * (4 * 2 + 3 * 2)
+    # both branches in one forward: 2 x 4 rows; rollout 4 steps x 2 slices, loss int(0.6 * 3) = 1 step x 2 slices
+    assert [rows for rows, _ in seen] == [8] * (4 * 2 + 1 * 2)
     # the rollout's timesteps are the pipeline scheduler's (sigma * 1000, shift 3 for SD3)
     scheduler = trainer.pipeline.scheduler
     scheduler.set_timesteps(4)

@@ -147,12 +147,22 @@ def test_guidance_per_family(name, tiny_pipeline_path, tmp_path):
     )
     trainer.train()
     assert (trainer.adapter.guidance_scale, trainer.adapter.use_cfg) == expected[:2]
-    # CFG: both branches in one forward of 2 x 8 rows, in the rollout (4 steps) and in the loss (3 steps)
-    assert [rows for rows, _ in seen] == [16 if expected[1] else 8] * 7
+    # CFG: both branches in one forward of 2 x 8 rows, in the rollout (4 steps) and in the loss (int(0.6 * 3) = 1)
+    assert [rows for rows, _ in seen] == [16 if expected[1] else 8] * 5
     if expected[2] is None:
         assert all(guidance is None for _, guidance in seen)
     else:
         assert all(torch.all(guidance == expected[2]) for _, guidance in seen)
+
+
+def test_hunyuan_embedded_guidance_is_computed_as_diffusers_does(tiny_pipeline_path, tmp_path):
+    adapter = make_video_trainer("tiny-hunyuan-video", tiny_pipeline_path, tmp_path).adapter
+    latents = torch.zeros(2, 1)
+    assert torch.all(adapter.guidance(latents) == 6000.0)  # float32 weights
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        guidance = adapter.guidance(latents)
+    # HunyuanVideoPipeline: tensor(6.0, transformer dtype) * 1000 -> bf16 6016, what the bf16 model and DanceGRPO see
+    assert guidance.dtype == torch.bfloat16 and torch.all(guidance.float() == 6016.0)
 
 
 def test_hunyuan_prompt_template_is_cropped_and_prompts_matter(tiny_pipeline_path, tmp_path):

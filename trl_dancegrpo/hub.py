@@ -68,7 +68,10 @@ CARD_SETTINGS = (
     "steps_per_generation",
     "num_generations",
     "num_inference_steps",
-    "eta",
+    "sde_type",
+    "sde_window_size",
+    "sde_window_range",
+    "sde_window_schedule",
     "shift",
     "init_same_noise",
     "timestep_fraction",
@@ -147,6 +150,7 @@ def training_settings(trainer) -> list[tuple[str, str]]:
         ("resolution", f"{adapter.height}x{adapter.width}"),
         ("guidance", f"{adapter.guidance_scale:g} ({'embedded' if adapter.embedded_guidance else 'CFG'})"),
     ]
+    rows.append(("eta", _format_value(trainer.sampler.eta)))  # resolved: `args.eta=None` is the family's default
     rows += [(name, _format_value(getattr(args, name))) for name in CARD_SETTINGS if hasattr(args, name)]
     return rows
 
