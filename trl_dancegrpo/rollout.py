@@ -226,9 +226,9 @@ class Sampler:
         prefix = next((i for i, value in enumerate(step_eta) if value > 0), self.num_steps)
         latents, start = [noise], 0
         if share_prefix and group_size > 1 and prefix > 0:
-            latents, start = self._shared_prefix(
-                denoiser, noise, cond, negative_cond, first, group_size, prefix, parts
-            )
+            with autocast():
+                latents = self._shared_prefix(denoiser, noise, cond, negative_cond, first, group_size, prefix, parts)
+            start = prefix
         zeros = torch.zeros(num_samples, device=device)
         trajectories = []
         for part in parts:
@@ -248,21 +248,19 @@ class Sampler:
         return Trajectory.cat(trajectories)
 
     def _shared_prefix(self, denoiser, noise, cond, negative_cond, first, group_size, prefix, parts):
-        """The latents of steps `0 .. prefix` for every sample, computed on one row (its first sample) per group."""
+        """`[noise, x_1, ..., x_prefix]` for every sample, each step run on one row (its first sample) per group."""
         groups = [(first + i) // group_size for i in range(noise.shape[0])]
         heads = sorted({groups.index(g) for g in groups})
         batch = max(part.stop - part.start for part in parts)
-        head_latents = [noise[heads]]
+        chunks = []  # [heads in the slice, prefix, ...] each
         for s in sample_slices(len(heads), len(heads), batch):
             rows = torch.tensor(heads[s], device=noise.device)
-            x, row_cond = noise[rows], index_conditioning(cond, rows)
-            steps = [x]
+            steps, row_cond = [noise[rows]], index_conditioning(cond, rows)
             for i in range(prefix):
                 steps.append(self._advance(denoiser, steps[-1], i, row_cond, negative_cond, 0.0, None).prev_sample)
-            head_latents.append(torch.stack(steps[1:], dim=1))
-        head_latents = torch.cat(head_latents[1:])  # [num_groups, prefix, ...]
+            chunks.append(torch.stack(steps[1:], dim=1))
         head_of = torch.tensor([heads.index(groups.index(g)) for g in groups], device=noise.device)
-        return [noise] + list(head_latents[head_of].unbind(dim=1)), prefix
+        return [noise, *torch.cat(chunks)[head_of].unbind(dim=1)]
 
     def _advance(self, denoiser, latents, i, cond, negative_cond, eta, generator):
         """Step `i` of the sampler for a batch of latents: one denoiser forward (CFG batched) and the step."""
