@@ -1,7 +1,7 @@
 """Train a tiny pipeline, then dump this process's first advantages, the weights and an evaluation (for test_distributed).
 
     train_and_dump.py PIPELINE OUT_DIR PER_DEVICE [--lora] [--max_steps N] [--save_steps N] [--resume CKPT]
-        [--num_frames F] [--cpu_fsdp]
+        [--num_frames F] [--cpu_fsdp] [--sde_window START]
 
 Writes `OUT_DIR/rank{r}.pt` per process and the saved model (`trainer.save_model`) into `OUT_DIR/final`.
 """
@@ -19,6 +19,7 @@ parser.add_argument("--save_steps", type=int, default=0)
 parser.add_argument("--resume", default=None)
 parser.add_argument("--num_frames", type=int, default=None, help="for video pipelines")
 parser.add_argument("--cpu_fsdp", action="store_true", help="FSDP in CPU processes (see cpu_fsdp.py)")
+parser.add_argument("--sde_window", type=int, default=None, help="a one-step SDE window at this step")
 cli = parser.parse_args()
 if cli.cpu_fsdp:
     import cpu_fsdp  # noqa: F401  (before accelerate builds its state)
@@ -49,6 +50,7 @@ args = DanceGRPOConfig(
     save_steps=cli.save_steps or 500,
     disable_tqdm=True,
     **({"num_frames": cli.num_frames} if cli.num_frames else {}),
+    **({"sde_window_size": 1, "sde_window_range": [cli.sde_window, cli.sde_window + 1]} if cli.sde_window else {}),
 )
 peft_config = None
 if cli.lora:
