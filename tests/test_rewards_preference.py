@@ -310,3 +310,27 @@ def test_hpsv3_through_the_hub_path_offline(hpsv3_files, hub_cache):
     clear_model_cache()
     with pytest.raises(RewardModelNotFoundError, match=r"'Other/Missing'.*base_model_name_or_path="):
         HPSv3Reward(device="cpu", base_model_name_or_path="Other/Missing")(["a"], images[:1])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Both
+
+
+@pytest.mark.parametrize("name", ["hpsv3", "imagereward"])
+def test_rewards_follow_the_trainer_dtype_and_keep_their_head_in_float32(name, hpsv3_files, imagereward_files):
+    if name == "hpsv3":
+        make = lambda **kwargs: HPSv3Reward(pixels=tiny.TINY_HPSV3_PIXELS, **hpsv3_files, **kwargs)  # noqa: E731
+    else:
+        make = lambda **kwargs: ImageReward(**imagereward_files, **kwargs)  # noqa: E731
+    images = uint8_images(2, 32, seed=5)
+    reference = make(device="cpu")(PROMPTS[:2], images)
+    reward = make()
+    reward.set_device("cpu", torch.bfloat16)  # what the trainer does with bf16 training
+    scores = reward(PROMPTS[:2], images)
+    backbone = reward.loaded.model if name == "hpsv3" else reward.loaded.vision
+    head = reward.loaded.head if name == "hpsv3" else reward.loaded.mlp
+    assert next(backbone.parameters()).dtype == torch.bfloat16
+    assert next(head.parameters()).dtype == torch.float32
+    torch.testing.assert_close(
+        torch.tensor(scores), torch.tensor(reference), atol=0.1 * max(map(abs, reference)) + 0.02, rtol=0
+    )

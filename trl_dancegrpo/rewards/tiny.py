@@ -437,12 +437,16 @@ def save_tiny_imagereward(path: str, seed: int = 0) -> dict[str, str]:
         add_pooling_layer=False,
     )
     mlp = ImageRewardMLP(32)
-    with torch.no_grad():  # larger than the default initialisation, so that scores differ between images
-        for name, parameter in [*vision.named_parameters(), *text.named_parameters(), *mlp.named_parameters()]:
+    # Larger weights than the default initialisation, so that scores differ between images, yet a gain of about 1 per
+    # MLP layer, so that they do not blow up rounding (bfloat16, 8-bit images).
+    with torch.no_grad():
+        for name, parameter in [*vision.named_parameters(), *text.named_parameters()]:
             if "LayerNorm" in name or "layer_norm" in name or "layernorm" in name:
                 parameter.normal_(mean=1.0 if name.endswith("weight") else 0.0, std=0.1)
             else:
-                parameter.normal_(std=0.3 if parameter.ndim > 1 else 0.1)
+                parameter.normal_(std=0.1)
+        for parameter in mlp.parameters():
+            parameter.normal_(std=parameter.shape[1] ** -0.5 if parameter.ndim > 1 else 0.1)
     state_dict = {_imagereward_original_key("vision", k): v for k, v in vision.state_dict().items()}
     state_dict.update({_imagereward_original_key("text", k): v for k, v in text.state_dict().items()})
     state_dict["blip.text_encoder.embeddings.position_ids"] = torch.arange(40).expand(1, -1).clone()
