@@ -2,12 +2,16 @@
 
 By default every model reward runs on tiny random checkpoints (`trl_dancegrpo.rewards.tiny`) on the CPU: a check
 that the batching and preprocessing cost little next to the models. With `--real`, the real architectures (open_clip
-ViT-H-14 for HPS and CLIP score, transformers CLIP-H for PickScore, CLIP-L for the aesthetic predictor) run with random
+ViT-H-14 for HPS and CLIP score, transformers CLIP-H for PickScore, CLIP-L for the aesthetic predictor, BLIP ViT-L + BERT
+for ImageReward) run with random
 weights, written to a temporary folder in the real checkpoints' formats and loaded through the rewards' local-path
 arguments, which is the speed of the real rewards:
 
     python benchmarks/bench_rewards.py                                  # tiny models, CPU
     python benchmarks/bench_rewards.py --real --device cuda             # ViT-H-14 HPS at 224 px, batch 32, bf16, ...
+
+HPSv3 (Qwen2-VL-7B) runs only as a tiny model here; docs/rewards.md gives its size. VLM judges run in a server
+(vLLM, sglang): their throughput is the server's.
 
 Prints one line per reward and writes the results as JSON (`--output`).
 """
@@ -22,8 +26,8 @@ import time
 import torch
 
 
-TINY_REWARDS = ("hps", "clip_score", "pickscore", "aesthetic", "videoalign")
-REAL_REWARDS = ("hps", "clip_score", "pickscore", "aesthetic")
+TINY_REWARDS = ("hps", "clip_score", "pickscore", "aesthetic", "imagereward", "hpsv3", "videoalign")
+REAL_REWARDS = ("hps", "clip_score", "pickscore", "aesthetic", "imagereward")
 
 
 def parse_args():
@@ -73,6 +77,8 @@ def tiny_rewards(root: str, names, **kwargs) -> dict:
         AestheticReward,
         CLIPScoreReward,
         HPSReward,
+        HPSv3Reward,
+        ImageReward,
         PickScoreReward,
         VideoAlignReward,
         tiny,
@@ -89,6 +95,11 @@ def tiny_rewards(root: str, names, **kwargs) -> dict:
         rewards["pickscore"] = PickScoreReward(clip, clip, **kwargs)
         aesthetic = tiny.save_tiny_aesthetic_checkpoint(os.path.join(root, "aesthetic.pth"))
         rewards["aesthetic"] = AestheticReward(aesthetic, clip, **kwargs)
+    if "imagereward" in names:
+        rewards["imagereward"] = ImageReward(**tiny.save_tiny_imagereward(os.path.join(root, "imagereward")), **kwargs)
+    if "hpsv3" in names:
+        hpsv3 = tiny.save_tiny_hpsv3(os.path.join(root, "hpsv3"))
+        rewards["hpsv3"] = HPSv3Reward(**hpsv3, pixels=tiny.TINY_HPSV3_PIXELS, **{**kwargs, "batch_size": 8})
     if "videoalign" in names:
         videoalign = tiny.save_tiny_videoalign(os.path.join(root, "videoalign"))
         rewards["videoalign"] = VideoAlignReward("MQ", videoalign, **{**kwargs, "batch_size": 4})
@@ -117,7 +128,7 @@ def _random_transformers_clip(path: str, vision: dict, text: dict, projection_di
 def real_rewards(root: str, names, **kwargs) -> dict:
     import open_clip
 
-    from trl_dancegrpo.rewards import AestheticReward, CLIPScoreReward, HPSReward, PickScoreReward
+    from trl_dancegrpo.rewards import AestheticReward, CLIPScoreReward, HPSReward, ImageReward, PickScoreReward
     from trl_dancegrpo.rewards.image import AestheticMLP
 
     rewards = {}
@@ -141,7 +152,44 @@ def real_rewards(root: str, names, **kwargs) -> dict:
         mlp = os.path.join(root, "sac+logos+ava1-l14-linearMSE.pth")
         torch.save(AestheticMLP(768).state_dict(), mlp)
         rewards["aesthetic"] = AestheticReward(mlp, clip, **kwargs)
+    if "imagereward" in names:  # BLIP ViT-L/16 at 224 px + BERT-base with cross-attention + the MLP
+        rewards["imagereward"] = ImageReward(**_random_imagereward(os.path.join(root, "imagereward")), **kwargs)
     return {name: reward for name, reward in rewards.items() if name in names}
+
+
+def _random_imagereward(path: str) -> dict:
+    """ImageReward.pt (real sizes, random weights, half precision on disk), med_config.json and a BERT vocabulary."""
+    from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+
+    from trl_dancegrpo.rewards import tiny
+    from trl_dancegrpo.rewards.imagereward import ImageRewardMLP
+
+    files = tiny.save_tiny_imagereward(path)  # the tokenizer folder; the checkpoint and config are replaced
+    med_config = {
+        "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+        "max_position_embeddings": 512, "vocab_size": 30524, "layer_norm_eps": 1e-12, "hidden_act": "gelu",
+        "pad_token_id": 0, "encoder_width": 768, "add_cross_attention": True,
+    }  # fmt: skip
+    with open(files["med_config_path"], "w") as f:
+        json.dump(med_config, f)
+    vision_config = BlipVisionConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
+        patch_size=16, layer_norm_eps=1e-6,
+    )  # fmt: skip
+    text_config = BlipTextConfig(
+        vocab_size=30524, hidden_size=768, encoder_hidden_size=1024, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=512, is_decoder=True,
+    )  # fmt: skip
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        vision, text = BlipVisionModel(vision_config), BlipTextModel(text_config, add_pooling_layer=False)
+    state_dict = {tiny._imagereward_original_key("vision", k): v for k, v in vision.state_dict().items()}
+    state_dict.update({tiny._imagereward_original_key("text", k): v for k, v in text.state_dict().items()})
+    state_dict.update({f"mlp.{k}": v for k, v in ImageRewardMLP(768).state_dict().items()})
+    torch.save(
+        {k: v.half().cpu() if v.is_floating_point() else v.cpu() for k, v in state_dict.items()},
+        files["checkpoint_path"],
+    )
+    return files
 
 
 # --------------------------------------------------------------------------------------------------------------------

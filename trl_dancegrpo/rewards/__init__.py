@@ -10,6 +10,10 @@ Built in, by registry name:
 - `"clip_score"`: [`CLIPScoreReward`], image-prompt cosine similarity of an open_clip model;
 - `"pickscore"`: [`PickScoreReward`], PickScore (transformers `CLIPModel`);
 - `"aesthetic"`: [`AestheticReward`], the LAION aesthetic predictor (no prompt);
+- `"hpsv3"`: [`HPSv3Reward`], HPSv3 human preference (a Qwen2-VL-7B reward model);
+- `"imagereward"`: [`ImageReward`], ImageReward human preference (BLIP);
+- `"vlm_judge"`, `"vqascore"`, `"unifiedreward"`, `"vlm_instruction_following"`: [`VLMJudge`], a vision-language model
+  served behind an OpenAI-compatible API (vLLM, sglang) asked a question about each image (async);
 - `"videoalign_vq"`, `"videoalign_mq"`, `"videoalign_ta"`: [`VideoAlignReward`], video quality, motion quality and
   text alignment of VideoAlign (one shared Qwen2-VL model);
 - `"jpeg_compressibility"`, `"jpeg_incompressibility"`, `"brightness"`: weight-free rewards.
@@ -20,10 +24,13 @@ Model rewards load lazily, once, on the trainer's device and dtype (see [`ModelR
 
 from ._base import ModelReward
 from ._loading import RewardModelNotFoundError, clear_model_cache
+from .hpsv3 import HPSv3Reward
 from .image import AestheticReward, CLIPScoreReward, HPSReward, PickScoreReward
+from .imagereward import ImageReward
 from .registry import REWARD_REGISTRY, get_reward, register_reward
 from .simple import brightness, jpeg_compressibility, jpeg_incompressibility
 from .video import VideoAlignReward
+from .vlm import VLMJudge, VLMJudgeError
 from .wrappers import BinaryReward, PerFrameReward, per_frame, reward_name
 
 
@@ -33,10 +40,14 @@ __all__ = [
     "BinaryReward",
     "CLIPScoreReward",
     "HPSReward",
+    "HPSv3Reward",
+    "ImageReward",
     "ModelReward",
     "PerFrameReward",
     "PickScoreReward",
     "RewardModelNotFoundError",
+    "VLMJudge",
+    "VLMJudgeError",
     "VideoAlignReward",
     "brightness",
     "clear_model_cache",

@@ -3,9 +3,12 @@
 import importlib
 from collections.abc import Callable
 
+from .hpsv3 import HPSv3Reward
 from .image import AestheticReward, CLIPScoreReward, HPSReward, PickScoreReward
+from .imagereward import ImageReward
 from .simple import brightness, jpeg_compressibility, jpeg_incompressibility
 from .video import VideoAlignReward
+from .vlm import VLMJudge, instruction_following_judge, unifiedreward_judge, vqascore_judge
 
 
 def _plain(function: Callable) -> Callable[..., Callable]:
@@ -27,12 +30,18 @@ REWARD_REGISTRY: dict[str, Callable[..., Callable]] = {
     "clip_score": CLIPScoreReward,
     "hpsv2": lambda **kwargs: HPSReward(version="v2.0", **kwargs),
     "hpsv2.1": lambda **kwargs: HPSReward(version="v2.1", **kwargs),
+    "hpsv3": HPSv3Reward,
+    "imagereward": ImageReward,
     "jpeg_compressibility": _plain(jpeg_compressibility),
     "jpeg_incompressibility": _plain(jpeg_incompressibility),
     "pickscore": PickScoreReward,
+    "unifiedreward": unifiedreward_judge,
     "videoalign_mq": _videoalign("MQ"),
     "videoalign_ta": _videoalign("TA"),
     "videoalign_vq": _videoalign("VQ"),
+    "vlm_instruction_following": instruction_following_judge,
+    "vlm_judge": VLMJudge,
+    "vqascore": vqascore_judge,
 }
 
 
@@ -57,8 +66,10 @@ def get_reward(name: str, **kwargs) -> Callable:
 
     Keyword arguments are passed to the constructor of class-based rewards (e.g.
     `get_reward("hpsv2.1", checkpoint_path="HPS_v2.1_compressed.pt")`). Registered names:
-    `aesthetic`, `brightness`, `clip_score`, `hpsv2`, `hpsv2.1`, `jpeg_compressibility`, `jpeg_incompressibility`,
-    `pickscore`, `videoalign_mq`, `videoalign_ta`, `videoalign_vq`.
+    `aesthetic`, `brightness`, `clip_score`, `hpsv2`, `hpsv2.1`, `hpsv3`, `imagereward`, `jpeg_compressibility`,
+    `jpeg_incompressibility`, `pickscore`, `unifiedreward`, `videoalign_mq`, `videoalign_ta`, `videoalign_vq`,
+    `vlm_instruction_following`, `vlm_judge`, `vqascore` (the VLM judges need `base_url=` and, except `unifiedreward`,
+    `model=`).
     """
     if name in REWARD_REGISTRY:
         return REWARD_REGISTRY[name](**kwargs)

@@ -124,11 +124,12 @@ _QWEN_SPECIAL_TOKENS = [
     "<|image_pad|>",
     "<|video_pad|>",
 ]
-# Qwen2-VL's chat template, reduced to what a user turn with a video and a text needs.
+# Qwen2-VL's chat template, reduced to what a user turn with an image or a video and a text needs.
 _QWEN_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
     "{% if content['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
     "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -156,27 +157,12 @@ def tiny_qwen2_vl_processor():
     )
 
 
-def tiny_videoalign_model(seed: int = 0):
-    """The tiny VideoAlign reward model as VideoAlign trains it, and its processor (with the reward tokens).
+def _tiny_qwen2_vl_config(processor):
+    """A Qwen2-VL config of hidden size 32 for [`tiny_qwen2_vl_processor`]'s tokenizer."""
+    from transformers import Qwen2VLConfig
 
-    A Qwen2-VL with a bias-free scalar head `rm_head`, the token embeddings resized to the reward tokens, and LoRA
-    (r=4, alpha=8) on every linear layer of the language model, wrapped by PEFT; LoRA weights are random (not zero)
-    so that their merge matters. Returns `(peft_model, processor)`.
-    """
-    import torch.nn as nn
-    from peft import LoraConfig, get_peft_model
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    from .video import REWARD_TOKENS
-
-    class Qwen2VLRewardModel(Qwen2VLForConditionalGeneration):
-        def __init__(self, config):
-            super().__init__(config)
-            self.rm_head = nn.Linear(config.text_config.hidden_size, 1, bias=False)
-
-    processor = tiny_qwen2_vl_processor()
     ids = {token: processor.tokenizer.convert_tokens_to_ids(token) for token in _QWEN_SPECIAL_TOKENS}
-    config = Qwen2VLConfig(
+    return Qwen2VLConfig(
         text_config={
             "vocab_size": len(processor.tokenizer),
             "hidden_size": 32,
@@ -205,6 +191,28 @@ def tiny_videoalign_model(seed: int = 0):
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
+
+
+def tiny_videoalign_model(seed: int = 0):
+    """The tiny VideoAlign reward model as VideoAlign trains it, and its processor (with the reward tokens).
+
+    A Qwen2-VL with a bias-free scalar head `rm_head`, the token embeddings resized to the reward tokens, and LoRA
+    (r=4, alpha=8) on every linear layer of the language model, wrapped by PEFT; LoRA weights are random (not zero)
+    so that their merge matters. Returns `(peft_model, processor)`.
+    """
+    import torch.nn as nn
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from .video import REWARD_TOKENS
+
+    class Qwen2VLRewardModel(Qwen2VLForConditionalGeneration):
+        def __init__(self, config):
+            super().__init__(config)
+            self.rm_head = nn.Linear(config.text_config.hidden_size, 1, bias=False)
+
+    processor = tiny_qwen2_vl_processor()
+    config = _tiny_qwen2_vl_config(processor)
     torch.manual_seed(seed)
     model = Qwen2VLRewardModel(config)
     processor.tokenizer.add_special_tokens({"additional_special_tokens": list(REWARD_TOKENS)})
@@ -289,3 +297,285 @@ def save_tiny_videoalign(path: str, seed: int = 0, step: int = 2) -> str:
     with open(os.path.join(reward_dir, "model_config.json"), "w") as f:
         json.dump(model_config, f, indent=2)
     return reward_dir
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# HPSv3
+
+TINY_HPSV3_PIXELS = 32 * 32  # HPSv3Reward(pixels=...) for the tiny model: 32 x 32 images on its 8-pixel grid
+
+
+def tiny_hpsv3_model(seed: int = 0):
+    """The tiny HPSv3 reward model as HPSv3 builds it (`Qwen2VLRewardModelBT`): a Qwen2-VL with the `<|Reward|>` token
+    added, the token embeddings resized, and the "ranknet" head `rm_head` (mu, sigma). Returns `(model, processor)`."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from .hpsv3 import REWARD_TOKEN, ranknet_head
+
+    class Qwen2VLRewardModel(Qwen2VLForConditionalGeneration):
+        def __init__(self, config):
+            super().__init__(config)
+            self.rm_head = ranknet_head(config.text_config.hidden_size, output_dim=2)
+
+    processor = tiny_qwen2_vl_processor()
+    config = _tiny_qwen2_vl_config(processor)
+    torch.manual_seed(seed)
+    model = Qwen2VLRewardModel(config)
+    processor.tokenizer.add_special_tokens({"additional_special_tokens": [REWARD_TOKEN]})
+    model.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
+    with torch.no_grad():  # larger than the default initialisation: scores that differ between images and prompts
+        for parameter in model.parameters():
+            if parameter.ndim > 1:
+                parameter.normal_(std=0.2)
+    return model.eval(), processor
+
+
+def save_tiny_hpsv3(path: str, seed: int = 0) -> dict[str, str]:
+    """Write a tiny HPSv3 checkpoint `path/HPSv3.safetensors` (the reward model's whole state dict, as in the Hub
+    repository `MizzenAI/HPSv3`) and its base model's config and processor to `path/base` (as
+    `Qwen/Qwen2-VL-7B-Instruct`). Returns `{"checkpoint_path": ..., "base_model_name_or_path": ...}`, the arguments of
+    `HPSv3Reward` (with `pixels=TINY_HPSV3_PIXELS`)."""
+    from safetensors.torch import save_file
+
+    model, _ = tiny_hpsv3_model(seed)
+    base_dir = os.path.join(path, "base")
+    base_processor = tiny_qwen2_vl_processor()  # the base tokenizer has no reward token
+    base_processor.save_pretrained(base_dir)
+    base_config = copy.deepcopy(model.config)
+    base_config.text_config.vocab_size = len(base_processor.tokenizer)
+    base_config.save_pretrained(base_dir)
+    checkpoint = os.path.join(path, "HPSv3.safetensors")
+    save_file({key: value.detach().clone().contiguous() for key, value in model.state_dict().items()}, checkpoint)
+    return {"checkpoint_path": checkpoint, "base_model_name_or_path": base_dir}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ImageReward
+
+TINY_IMAGEREWARD_IMAGE_SIZE = 32
+
+
+def _imagereward_original_key(component: str, key: str) -> str:
+    """The name of a transformers BLIP weight in ImageReward.pt (the inverse of `convert_imagereward_state_dict`)."""
+    if component == "text":
+        return "blip.text_encoder." + key
+    renames = {
+        "embeddings.class_embedding": "cls_token",
+        "embeddings.position_embedding": "pos_embed",
+    }
+    if key in renames:
+        return "blip.visual_encoder." + renames[key]
+    key = key.replace("embeddings.patch_embedding.", "patch_embed.proj.").replace("post_layernorm.", "norm.")
+    key = key.replace("encoder.layers.", "blocks.").replace("layer_norm1.", "norm1.").replace("layer_norm2.", "norm2.")
+    key = key.replace("self_attn.qkv.", "attn.qkv.").replace("self_attn.projection.", "attn.proj.")
+    return "blip.visual_encoder." + key
+
+
+def save_tiny_imagereward(path: str, seed: int = 0) -> dict[str, str]:
+    """Write a tiny ImageReward checkpoint to the folder `path`: `ImageReward.pt` (the reference module's state dict,
+    its key names) and `med_config.json`, as in the Hub repository `THUDM/ImageReward`, plus a BERT tokenizer folder
+    `path/bert` (`vocab.txt`, as `bert-base-uncased`). Returns the arguments of `ImageReward`."""
+    from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+
+    from .imagereward import ImageRewardMLP
+
+    os.makedirs(os.path.join(path, "bert"), exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_CHARS, *("##" + char for char in _CHARS)]
+    with open(os.path.join(path, "bert", "vocab.txt"), "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    with open(os.path.join(path, "bert", "tokenizer_config.json"), "w") as f:
+        json.dump({"do_lower_case": True, "model_max_length": 512, "tokenizer_class": "BertTokenizer"}, f)
+    # The real med_config.json with smaller sizes; vocab_size counts BLIP's added [DEC] and [ENC] tokens, and
+    # encoder_width (768 in the real file too) is overridden by the vision width.
+    med_config = {
+        "architectures": ["BertModel"],
+        "attention_probs_dropout_prob": 0.1,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1,
+        "hidden_size": 32,
+        "initializer_range": 0.02,
+        "intermediate_size": 64,
+        "layer_norm_eps": 1e-12,
+        "max_position_embeddings": 40,
+        "model_type": "bert",
+        "num_attention_heads": 2,
+        "num_hidden_layers": 2,
+        "pad_token_id": 0,
+        "type_vocab_size": 2,
+        "vocab_size": len(vocab) + 2,
+        "encoder_width": 768,
+        "add_cross_attention": True,
+    }
+    with open(os.path.join(path, "med_config.json"), "w") as f:
+        json.dump(med_config, f, indent=2)
+
+    torch.manual_seed(seed)
+    vision = BlipVisionModel(
+        BlipVisionConfig(
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=1,  # BLIP's 64-channel heads
+            image_size=TINY_IMAGEREWARD_IMAGE_SIZE,
+            patch_size=16,
+            layer_norm_eps=1e-6,
+        )
+    )
+    text = BlipTextModel(
+        BlipTextConfig(
+            vocab_size=med_config["vocab_size"],
+            hidden_size=32,
+            encoder_hidden_size=64,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=40,
+            bos_token_id=None,
+            sep_token_id=None,
+            is_decoder=True,
+        ),
+        add_pooling_layer=False,
+    )
+    mlp = ImageRewardMLP(32)
+    # Larger weights than the default initialisation, so that scores differ between images, yet a gain of about 1 per
+    # MLP layer, so that they do not blow up rounding (bfloat16, 8-bit images).
+    with torch.no_grad():
+        for name, parameter in [*vision.named_parameters(), *text.named_parameters()]:
+            if "LayerNorm" in name or "layer_norm" in name or "layernorm" in name:
+                parameter.normal_(mean=1.0 if name.endswith("weight") else 0.0, std=0.1)
+            else:
+                parameter.normal_(std=0.1)
+        for parameter in mlp.parameters():
+            parameter.normal_(std=parameter.shape[1] ** -0.5 if parameter.ndim > 1 else 0.1)
+    state_dict = {_imagereward_original_key("vision", k): v for k, v in vision.state_dict().items()}
+    state_dict.update({_imagereward_original_key("text", k): v for k, v in text.state_dict().items()})
+    state_dict["blip.text_encoder.embeddings.position_ids"] = torch.arange(40).expand(1, -1).clone()
+    for name, width in (("vision_proj", 64), ("text_proj", 32)):  # BLIP's contrastive projections, unused
+        state_dict[f"blip.{name}.weight"] = torch.randn(256, width) * 0.02
+        state_dict[f"blip.{name}.bias"] = torch.zeros(256)
+    state_dict.update({f"mlp.{key}": value for key, value in mlp.state_dict().items()})
+    torch.save(
+        {key: value.detach().clone() for key, value in state_dict.items()}, os.path.join(path, "ImageReward.pt")
+    )
+    return {
+        "checkpoint_path": os.path.join(path, "ImageReward.pt"),
+        "med_config_path": os.path.join(path, "med_config.json"),
+        "tokenizer_name_or_path": os.path.join(path, "bert"),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A VLM judge (Qwen2.5-VL) for a real OpenAI-compatible server
+
+# Qwen2.5-VL's chat template, reduced to system/user/assistant turns with images and text; an image part may arrive as
+# {"type": "image"} (transformers) or {"type": "image_url"} (OpenAI-style, as some servers pass it on).
+_QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or content['type'] == 'image_url' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+JUDGE_ANSWER_TOKENS = ("yes", "Yes", "no", "No")
+TINY_JUDGE_IMAGE_SIZE = 56  # 4x4 patches of 14 pixels: 4 visual tokens after the 2x2 merge
+
+
+def tiny_qwen2_5_vl_judge(seed: int = 0, answer_scale: float = 4.0):
+    """A tiny random Qwen2.5-VL chat model and its processor, made to answer yes or no.
+
+    The byte-level tokenizer has `yes`, `Yes`, `no` and `No` as single tokens (merges), and their output rows make
+    them the most likely first tokens of an answer (`answer_scale` is the norm of their shared part), with P(yes) near
+    0.5 and depending on the image. Heads of dimension 32 (vLLM's CPU attention refuses 16).
+    Returns `(model, processor)`.
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2Tokenizer
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    vocab = {"<|endoftext|>": 0}
+    for char in sorted(ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    merges = [("y", "e"), ("ye", "s"), ("Y", "e"), ("Ye", "s"), ("n", "o"), ("N", "o")]
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        additional_special_tokens=_QWEN_SPECIAL_TOKENS,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+    )
+    size = TINY_JUDGE_IMAGE_SIZE
+    patches = {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
+    pixels = {"min_pixels": size * size, "max_pixels": size * size}
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**patches, **pixels),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**patches, **pixels),
+        chat_template=_QWEN2_5_VL_CHAT_TEMPLATE,
+    )
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in _QWEN_SPECIAL_TOKENS}
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 2048,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0},
+            "bos_token_id": 0,
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": 0,
+            "tie_word_embeddings": False,
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 56,
+            "fullatt_block_indexes": [1],
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    # Random output rows rarely put yes or no among a server's top log-probs, and then give P(yes) of 0 or 1. Point the
+    # answers' rows along the final hidden state of a yes/no question (so they lead the top log-probs) and split yes
+    # from no by a small random direction (so that P(yes) stays near 0.5 and moves with the image).
+    question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Yes or no?"}]}]
+    text = processor.apply_chat_template(question, tokenize=False, add_generation_prompt=True)
+    blank = torch.full((3, TINY_JUDGE_IMAGE_SIZE, TINY_JUDGE_IMAGE_SIZE), 0.5)
+    inputs = processor(text=[text], images=[blank], return_tensors="pt", images_kwargs={"do_rescale": False})
+    with torch.no_grad():
+        hidden = model.model(**inputs).last_hidden_state[0, -1]
+        direction = answer_scale * hidden / hidden.norm()
+        for yes, no in (("yes", "no"), ("Yes", "No")):
+            split = torch.randn_like(direction) * 0.05
+            model.lm_head.weight[tokenizer.convert_tokens_to_ids(yes)] = direction + split
+            model.lm_head.weight[tokenizer.convert_tokens_to_ids(no)] = direction - split
+    return model, processor
+
+
+def save_tiny_qwen2_5_vl_judge(path: str, seed: int = 0) -> str:
+    """Write [`tiny_qwen2_5_vl_judge`]'s model and processor to the folder `path`, as a Hub repository of
+    Qwen2.5-VL holds them (servers such as vLLM load it with `--model path`). Returns `path`."""
+    model, processor = tiny_qwen2_5_vl_judge(seed)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    model.generation_config.save_pretrained(path)
+    return path
