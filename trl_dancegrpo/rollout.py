@@ -247,10 +247,29 @@ class Sampler:
                 on_part(part, images)
         return Trajectory.cat(trajectories)
 
+    @staticmethod
+    def _prefix_heads(cond: Conditioning, first: int, group_size: int, num_samples: int) -> list[int]:
+        """For each sample, the first sample with the same initial noise (its group) and identical conditioning.
+
+        In training a group is one prompt (and image) repeated, but `generate` may give a group different prompts or
+        conditioning images: only samples that agree on both have the same deterministic steps.
+        """
+        heads = []
+        for i in range(num_samples):
+            group = (first + i) // group_size
+            heads.append(
+                next(
+                    j
+                    for j in dict.fromkeys(heads + [i])
+                    if (first + j) // group_size == group and all(torch.equal(v[j], v[i]) for v in cond.values())
+                )
+            )
+        return heads
+
     def _shared_prefix(self, denoiser, noise, cond, negative_cond, first, group_size, prefix, parts):
-        """`[noise, x_1, ..., x_prefix]` for every sample, each step run on one row (its first sample) per group."""
-        groups = [(first + i) // group_size for i in range(noise.shape[0])]
-        heads = sorted({groups.index(g) for g in groups})
+        """`[noise, x_1, ..., x_prefix]` for every sample, each step run once per group of identical samples."""
+        groups = self._prefix_heads(cond, first, group_size, noise.shape[0])
+        heads = sorted(set(groups))
         batch = max(part.stop - part.start for part in parts)
         chunks = []  # [heads in the slice, prefix, ...] each
         for s in sample_slices(len(heads), len(heads), batch):
@@ -259,7 +278,7 @@ class Sampler:
             for i in range(prefix):
                 steps.append(self._advance(denoiser, steps[-1], i, row_cond, negative_cond, 0.0, None).prev_sample)
             chunks.append(torch.stack(steps[1:], dim=1))
-        head_of = torch.tensor([heads.index(groups.index(g)) for g in groups], device=noise.device)
+        head_of = torch.tensor([heads.index(head) for head in groups], device=noise.device)
         return [noise, *torch.cat(chunks)[head_of].unbind(dim=1)]
 
     def _advance(self, denoiser, latents, i, cond, negative_cond, eta, generator):
