@@ -193,6 +193,10 @@ class HPSReward(_OpenCLIPReward):
         )
         return path, {}
 
+    def check_weights(self) -> None:
+        """Find (or download) the HPS checkpoint now: the trainer calls this before it loads the pipeline."""
+        self._checkpoint()
+
 
 class CLIPScoreReward(_OpenCLIPReward):
     r"""
@@ -447,6 +451,10 @@ class AestheticReward(_TransformersCLIPReward):
     def _cache_key(self) -> tuple:
         source = source_key(self.checkpoint_path) or f"{AESTHETIC_REPO_ID}/{AESTHETIC_CHECKPOINT}"
         return (source_key(self.clip_model_name_or_path), source)
+
+    def check_weights(self) -> None:
+        """Find (or download) the predictor's checkpoint now: the trainer calls this before it loads the pipeline."""
+        local_or_hub_file(self.checkpoint_path, AESTHETIC_REPO_ID, AESTHETIC_CHECKPOINT, argument="checkpoint_path")
 
     def _load(self, device: torch.device, dtype: torch.dtype) -> _LoadedCLIP:
         path = local_or_hub_file(
