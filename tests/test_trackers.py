@@ -52,7 +52,8 @@ def read_wandb_records(path: str) -> list:
 
     from wandb.proto import wandb_internal_pb2
 
-    data = open(path, "rb").read()
+    with open(path, "rb") as handle:
+        data = handle.read()
     assert data[:4] == b":W&B"
     records, position, pending = [], 7, b""  # 7-byte file header: magic, 0xBEE1, version
     while position + 7 <= len(data):
