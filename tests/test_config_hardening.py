@@ -7,7 +7,6 @@ import math
 import pytest
 from datasets import Dataset, DatasetDict
 
-
 from .test_trainer import make_config, make_trainer
 
 
