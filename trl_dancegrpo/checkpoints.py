@@ -118,7 +118,8 @@ def _saved_lora_metadata(checkpoint: str) -> dict | None:
         raise unreadable_file_error(path, checkpoint, error) from None
     for key, value in metadata.items():
         if key.endswith("lora_adapter_metadata"):
-            saved = json.loads(value)
+            # diffusers prefixes each entry with the component: {"transformer.r": 4, ...}
+            saved = {name.split(".", 1)[-1]: item for name, item in json.loads(value).items()}
             targets = saved.get("target_modules")
             targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
             return {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"), "target_modules": targets}
