@@ -80,6 +80,7 @@ def test_the_full_parser_refuses_abbreviations():
         parser.parse_args_and_config(["--learning_rat", "1e-4", "--output_dir", "x"])
 
 
+@pytest.mark.slow  # a full command-line start (imports torch)
 def test_help_lists_dancegrpo_groups_first():
     result, _ = run_cli("--help")
     assert result.returncode == 0
@@ -96,6 +97,7 @@ def test_help_lists_dancegrpo_groups_first():
     assert "_samples/" in text  # where the logged samples go (--log_samples)
 
 
+@pytest.mark.slow  # a full command-line start (imports torch)
 def test_reward_names_are_checked_before_the_model_loads(tmp_path):
     # the model does not exist: had it been loaded first, the error would be about the model
     missing_model = str(tmp_path / "no-such-model")
@@ -111,6 +113,7 @@ def test_reward_names_are_checked_before_the_model_loads(tmp_path):
     assert "Unknown reward 'brightnes'. Did you mean 'brightness'?" in result.stderr
 
 
+@pytest.mark.slow  # a full command-line start (imports torch)
 def test_a_reward_checkpoint_missing_offline_names_reward_kwargs(tmp_path):
     missing_model = str(tmp_path / "no-such-model")
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-cache")}
@@ -147,6 +150,7 @@ def test_reward_kwargs_for_a_reward_that_is_not_used(tmp_path):
         resolve_reward_funcs(["brightness"], {"brightness": {"scale": 2}})
 
 
+@pytest.mark.slow  # a full command-line start (imports torch)
 def test_a_hub_model_missing_offline(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-cache")}
     result, _ = run_cli("--model_name_or_path", "some-org/some-pipeline", "--output_dir", str(tmp_path), env=env)

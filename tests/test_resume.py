@@ -30,6 +30,7 @@ def params(trainer):
     return torch.cat([p.detach().flatten() for p in trainer.model.parameters() if p.requires_grad])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
 def test_resume_continues_exactly(use_lora, tiny_pipeline_path, tmp_path):
     path = tiny_pipeline_path("tiny-flux")
@@ -72,6 +73,7 @@ def test_interrupted_save_is_not_taken_for_a_checkpoint(tiny_pipeline_path, tmp_
     assert resumed.state.global_step == 3  # continued from checkpoint-2, not from the broken folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "reuse",
     [{"steps_per_generation": 2}, {"num_iterations": 2}],

@@ -72,6 +72,7 @@ def read_wandb_records(path: str) -> list:
     return records
 
 
+@pytest.mark.slow  # wandb's service process takes a while to finish an offline run
 def test_wandb_offline(tiny_pipeline_path, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -121,14 +122,22 @@ def test_trackio_local(tiny_pipeline_path, tmp_path):
     assert len(samples) == 2 and all(sample["_type"] == "trackio.image" for sample in samples)
 
 
+def mlflow_store(tmp_path, monkeypatch, experiment: str) -> str:
+    """A local MLflow store in tmp_path, and its experiment (artifacts there too, not in ./mlruns)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment(experiment, artifact_location=(tmp_path / "artifacts").as_uri())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", experiment)
+    return uri
+
+
 def test_mlflow_local(tiny_pipeline_path, tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "dancegrpo-test")
-    monkeypatch.setenv("MLFLOW_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
+    uri = mlflow_store(tmp_path, monkeypatch, "dancegrpo-test")
     train("mlflow", tiny_pipeline_path, tmp_path)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("dancegrpo-test")
@@ -149,9 +158,7 @@ def test_a_video_sample_reaches_every_tracker(tiny_pipeline_path, tmp_path, monk
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "dancegrpo-video")
+    uri = mlflow_store(tmp_path, monkeypatch, "dancegrpo-video")
     project = f"dancegrpo-video-{os.getpid()}-{tmp_path.name}"
     train(
         ["tensorboard", "wandb", "trackio", "mlflow"],

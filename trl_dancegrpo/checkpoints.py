@@ -80,13 +80,22 @@ def check_output_dir(args, resume_from_checkpoint, is_main_process: bool) -> Non
 
 
 # -- what a checkpoint was trained with -------------------------------------------------------------------------------
+def _plain_name(name: str) -> str:
+    """A parameter's name without the wrappers FSDP and activation checkpointing insert."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name
+
+
 def checkpoint_info(trainer) -> dict:
     denoiser = trainer.accelerator.unwrap_model(trainer.model)
     info = {
         "pipeline": type(trainer.pipeline).__name__,
         "denoiser": type(denoiser).__name__,
         "lora": None,
-        "trainable_parameters": sorted(name for name, p in denoiser.named_parameters() if p.requires_grad),
+        "trainable_parameters": sorted(
+            _plain_name(name) for name, p in denoiser.named_parameters() if p.requires_grad
+        ),
     }
     if trainer.is_lora:
         lora = denoiser.peft_config["default"]
@@ -219,6 +228,17 @@ def load_rollout_buffer(checkpoint: str, device, suffix: str = "") -> dict | Non
     if not os.path.isfile(path):
         return None
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise unreadable_file_error(path, checkpoint, error) from None
+    return _to_device(saved, device)
+
+
+def _to_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(item, device) for item in value)
+    return value
