@@ -133,6 +133,7 @@ def mlflow_store(tmp_path, monkeypatch, experiment: str) -> str:
     return uri
 
 
+@pytest.mark.slow  # MLflow sets up its SQLite store (migrations) first
 def test_mlflow_local(tiny_pipeline_path, tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
