@@ -117,3 +117,33 @@ class ListDataset(list):
 
 def test_no_pin_memory_warning_on_a_cpu(tmp_path):
     assert make_config(tmp_path).dataloader_pin_memory is False
+
+
+def test_no_meaningless_float32_warning_and_the_bar_shows_the_reward(tiny_pipeline_path, tmp_path, caplog):
+    from diffusers.utils import logging as diffusers_logging
+    from transformers import TrainerCallback
+
+    from .test_trainer import lora_config
+
+    class BarPostfix(TrainerCallback):
+        def __init__(self):
+            self.postfixes = []
+
+        def on_log(self, args, state, control, **kwargs):
+            bars = [getattr(c, "training_bar", None) for c in trainer.callback_handler.callbacks]
+            self.postfixes += [bar.postfix for bar in bars if bar is not None]
+
+    diffusers_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            trainer = make_trainer(
+                tiny_pipeline_path("tiny-flux"), tmp_path, peft_config=lora_config(), max_steps=1, disable_tqdm=False
+            )
+    finally:
+        diffusers_logging.disable_propagation()
+    assert "should be kept in float32" not in caplog.text
+    recorder = BarPostfix()
+    trainer.add_callback(recorder)
+    trainer.train()
+    reward = trainer.state.log_history[0]["reward"]
+    assert recorder.postfixes[0] == f"reward={reward:.4g}"  # at the training step's log (then the summary's)

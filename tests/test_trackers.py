@@ -46,6 +46,16 @@ def test_tensorboard(tiny_pipeline_path, tmp_path, monkeypatch):
     assert events.Images("samples")[0].encoded_image_string[:4] == b"\x89PNG"
 
 
+def finish_wandb_run() -> str:
+    """Finish the run the trainer started; returns its folder. wandb is reset, so a later run reads WANDB_DIR anew."""
+    import wandb
+
+    run_dir = os.path.dirname(wandb.run.dir)  # .../offline-run-*/files
+    wandb.finish()
+    wandb.teardown()
+    return run_dir
+
+
 def read_wandb_records(path: str) -> list:
     """The protobuf records of an offline W&B run file (a LevelDB-style log: 32 KiB blocks of chunked records)."""
     import struct
@@ -79,10 +89,7 @@ def test_wandb_offline(tiny_pipeline_path, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     train("wandb", tiny_pipeline_path, tmp_path)
-    import wandb
-
-    wandb.finish()
-    (run_dir,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+    run_dir = finish_wandb_run()
     (run_file,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
     for _ in range(300):  # wandb's service process writes the file: wait for the run's exit record
         records = read_wandb_records(run_file)
@@ -173,9 +180,7 @@ def test_a_video_sample_reaches_every_tracker(tiny_pipeline_path, tmp_path, monk
         trackio_space_id=None,
         trackio_static_space_id=False,
     )
-    import wandb
-
-    wandb.finish()
+    run_dir = finish_wandb_run()
     gif = (tmp_path / "out" / "_samples" / "step-000001.gif").read_bytes()
     assert gif[:6] == b"GIF89a"
 
@@ -183,7 +188,6 @@ def test_a_video_sample_reaches_every_tracker(tiny_pipeline_path, tmp_path, monk
     events.Reload()
     assert events.Images("samples")[0].encoded_image_string == gif  # animated in TensorBoard
 
-    (run_dir,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
     assert glob.glob(os.path.join(run_dir, "files", "media", "videos", "samples_*.gif"))
 
     samples = [row["samples"] for row in SQLiteStorage.get_logs(project, "run") if "samples" in row]

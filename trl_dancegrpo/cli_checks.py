@@ -175,11 +175,12 @@ def precheck(argv: list[str], dataclasses_, defaults: dict | None = None) -> Non
                 setattr(namespace, name, _SCALARS[spec.annotation.replace(" | None", "")](value))
             except ValueError:
                 raise ValueError(f"{name}: invalid {spec.annotation} value {value!r}.") from None
-    from .config_checks import check_values
+    from .config_checks import check_sde_window, check_values
 
     # a computed default, or a value only the full parser converts: left to the full check
     with contextlib.suppress(TypeError, AttributeError):
         check_values(namespace)
+        check_sde_window(namespace)
     check_dataset_name(namespace.dataset_name)
 
 

@@ -642,6 +642,7 @@ class DanceGRPOTrainer(Trainer):
         self._buffered_inputs = None
         self._resumed_rollout = None
         checkpoints.check_output_dir(self.args, resume_from_checkpoint, self.is_world_process_zero())
+        self.accelerator.wait_for_everyone()  # overwrite_output_dir: deleted before any process writes
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint,
             trial=trial,

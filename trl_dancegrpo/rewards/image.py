@@ -66,6 +66,10 @@ class _OpenCLIPReward(ModelReward):
         """Local path of the weights, and the open_clip pretrained config (quick_gelu, mean, std...) if any."""
         raise NotImplementedError
 
+    def check_weights(self) -> None:
+        """Find (or download) the checkpoint now: the trainer calls this before it loads the pipeline."""
+        self._checkpoint()
+
     def _load_weights(self, model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
         if "logit_scale" in state_dict and state_dict["logit_scale"].ndim != model.logit_scale.ndim:
             state_dict["logit_scale"] = state_dict["logit_scale"].reshape(model.logit_scale.shape)
@@ -192,10 +196,6 @@ class HPSReward(_OpenCLIPReward):
             self.checkpoint_path, HPS_REPO_ID, HPS_CHECKPOINTS[self.version], argument="checkpoint_path"
         )
         return path, {}
-
-    def check_weights(self) -> None:
-        """Find (or download) the HPS checkpoint now: the trainer calls this before it loads the pipeline."""
-        self._checkpoint()
 
 
 class CLIPScoreReward(_OpenCLIPReward):
@@ -375,6 +375,11 @@ class PickScoreReward(_TransformersCLIPReward):
     def _cache_key(self) -> tuple:
         return (source_key(self.model_name_or_path), source_key(self.processor_name_or_path))
 
+    def check_weights(self) -> None:
+        """Find (or download) the model and processor files now: the trainer calls this before it loads the pipeline."""
+        _clip_model_dir(self.model_name_or_path, "model_name_or_path")
+        local_or_hub_dir(self.processor_name_or_path, ["*.json", "*.txt"], argument="processor_name_or_path")
+
     def _load(self, device: torch.device, dtype: torch.dtype) -> _LoadedCLIP:
         model_dir = _clip_model_dir(self.model_name_or_path, "model_name_or_path")
         processor_dir = local_or_hub_dir(
@@ -453,8 +458,9 @@ class AestheticReward(_TransformersCLIPReward):
         return (source_key(self.clip_model_name_or_path), source)
 
     def check_weights(self) -> None:
-        """Find (or download) the predictor's checkpoint now: the trainer calls this before it loads the pipeline."""
+        """Find (or download) the predictor and its CLIP now: the trainer calls this before it loads the pipeline."""
         local_or_hub_file(self.checkpoint_path, AESTHETIC_REPO_ID, AESTHETIC_CHECKPOINT, argument="checkpoint_path")
+        _clip_model_dir(self.clip_model_name_or_path, "clip_model_name_or_path")
 
     def _load(self, device: torch.device, dtype: torch.dtype) -> _LoadedCLIP:
         path = local_or_hub_file(
