@@ -202,3 +202,17 @@ def test_a_bug_is_not_retried():
 def test_the_config_passes_timeout_and_retries_to_the_trainer(tiny_pipeline_path, tmp_path):
     trainer = make_trainer(tiny_pipeline_path("tiny-flux"), tmp_path, reward_timeout=12.5, reward_retries=3)
     assert (trainer.reward_scorer.timeout, trainer.reward_scorer.retries) == (12.5, 3)
+
+
+@pytest.mark.parametrize("name", ["hpsv2.1", "clip_score", "pickscore", "aesthetic", "videoalign_mq"])
+def test_model_rewards_without_their_weights_fail_when_built(name, tmp_path, monkeypatch):
+    """Offline with an empty cache: the error comes from `resolve_reward_funcs` (before any pipeline loads)."""
+    from huggingface_hub import constants
+
+    from trl_dancegrpo.rewards import RewardModelNotFoundError
+    from trl_dancegrpo.rewards.scoring import resolve_reward_funcs
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(RewardModelNotFoundError, match=f'--reward_kwargs \'{{"{name}": {{"'):
+        resolve_reward_funcs([name])
