@@ -204,7 +204,9 @@ def test_the_config_passes_timeout_and_retries_to_the_trainer(tiny_pipeline_path
     assert (trainer.reward_scorer.timeout, trainer.reward_scorer.retries) == (12.5, 3)
 
 
-@pytest.mark.parametrize("name", ["hpsv2.1", "clip_score", "pickscore", "aesthetic", "videoalign_mq"])
+@pytest.mark.parametrize(
+    "name", ["hpsv2.1", "clip_score", "pickscore", "aesthetic", "videoalign_mq", "hpsv3", "imagereward"]
+)
 def test_model_rewards_without_their_weights_fail_when_built(name, tmp_path, monkeypatch):
     """Offline with an empty cache: the error comes from `resolve_reward_funcs` (before any pipeline loads)."""
     from huggingface_hub import constants
