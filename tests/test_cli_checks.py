@@ -105,7 +105,7 @@ def test_reward_names_are_checked_before_the_model_loads(tmp_path):
         "--model_name_or_path", missing_model, "--reward_funcs", "hpsv2.2", "--output_dir", str(tmp_path)
     )
     assert result.returncode == 2
-    assert "Unknown reward 'hpsv2.2'. Did you mean 'hpsv2.1' or 'hpsv2'?" in result.stderr
+    assert "Unknown reward 'hpsv2.2'. Did you mean 'hpsv2.1' or 'hpsv2'" in result.stderr
     assert "No module named" not in result.stderr
     result, _ = run_cli(
         "--model_name_or_path", missing_model, "--reward_funcs", "brightnes", "--output_dir", str(tmp_path)
