@@ -15,7 +15,8 @@ def test_demo_writes_lora_metrics_and_plot(tmp_path):
     out = tmp_path / "demo"
     trainer = run(argv=["--output_dir", str(out), "--max_steps", "2", "--disable_tqdm", "true"])
     assert trainer.is_lora and trainer.adapter.height == 32
-    assert {"pytorch_lora_weights.safetensors", "metrics.json", "reward_curve.png"} <= {p.name for p in out.iterdir()}
+    files = {p.name for p in out.iterdir()}
+    assert {"pytorch_lora_weights.safetensors", "metrics.json", "reward_curve.png", "README.md"} <= files
     history = json.loads((out / "metrics.json").read_text())
     assert sum("rewards/brightness/mean" in log for log in history) == 2
     assert (out / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -30,6 +30,7 @@ def params(trainer):
     return torch.cat([p.detach().flatten() for p in trainer.model.parameters() if p.requires_grad])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
 def test_resume_continues_exactly(use_lora, tiny_pipeline_path, tmp_path):
     path = tiny_pipeline_path("tiny-flux")
@@ -70,3 +71,35 @@ def test_interrupted_save_is_not_taken_for_a_checkpoint(tiny_pipeline_path, tmp_
     resumed = make_trainer(path, tmp_path, max_steps=3, save_strategy="no")
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 3  # continued from checkpoint-2, not from the broken folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "reuse",
+    [{"steps_per_generation": 2}, {"num_iterations": 2}],
+    ids=["steps_per_generation", "num_iterations"],
+)
+def test_resume_inside_a_reused_rollout_continues_exactly(reuse, tiny_pipeline_path, tmp_path):
+    # one rollout feeds two optimizer steps: checkpoint-1 falls inside it, so it must carry the rollout
+    path = tiny_pipeline_path("tiny-flux")
+    settings = dict(max_steps=4, learning_rate=1e-2, save_steps=1, save_strategy="steps", log_samples=False, **reuse)
+
+    def trainer(out):
+        return make_trainer(path, out, peft_config=lora_config(), **settings)
+
+    straight = trainer(tmp_path / "straight")
+    straight.train()
+
+    first = trainer(tmp_path / "resumed")
+    first.add_callback(StopAt(1))
+    first.train()
+    checkpoint = tmp_path / "resumed" / "out" / "checkpoint-1"
+    assert (checkpoint / "rollout_buffer.pt").is_file()
+    assert not (tmp_path / "resumed" / "out" / "checkpoint-2").exists()
+
+    second = trainer(tmp_path / "resumed")
+    second.train(resume_from_checkpoint=str(checkpoint))
+    assert second.state.global_step == 4
+    assert torch.equal(params(second), params(straight))
+    # a checkpoint at a rollout boundary has nothing to carry
+    assert not (tmp_path / "straight" / "out" / "checkpoint-2" / "rollout_buffer.pt").exists()

@@ -33,6 +33,7 @@ def held_out_brightness(trainer) -> float:
     return torch.stack([torch.tensor(brightness(HELD_OUT_PROMPTS, v)).mean() for v in videos]).mean().item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, steps, overrides",
     [

@@ -12,12 +12,12 @@ the weight-free brightness reward for 40 steps (a minute on a laptop CPU), writi
 import json
 import os
 import sys
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
-from transformers import TrainerCallback
 
-from .config import DanceGRPOConfig
+# Nothing heavy at the top: the options are checked (cli_checks.precheck) before torch and transformers are imported.
 
 
 DEMO_PROMPTS = [
@@ -108,21 +108,89 @@ class ModelArguments:
     lora_target_modules: list[str] | None = field(default=None, metadata={"help": "LoRA target module suffixes."})
 
 
+INHERITED_GROUP = "inherited transformers.TrainingArguments options"
+CHANGED_DEFAULTS_GROUP = "training options whose defaults differ from transformers.TrainingArguments"
+OTHER_GROUP = "other DanceGRPO options"
+
+
+def config_sections(config_class) -> dict[str, str]:
+    """Field name -> the heading of `DanceGRPOConfig`'s docstring it is listed under ("sampling (the rollout)", ...)."""
+    import re
+
+    sections, current = {}, None
+    for line in (config_class.__doc__ or "").splitlines():
+        heading = re.match(r"\s*> Parameters that control (.+)", line)
+        if heading:
+            current = heading.group(1).strip()
+            continue
+        entry = re.match(r"\s{8}(\w+) \(`", line)
+        if entry and current:
+            sections[entry.group(1)] = current
+    return sections
+
+
 def make_parser():
-    """`TrlParser` over the script, training and model arguments; `--config recipe.yaml` sets their defaults."""
+    """`TrlParser` over the script, training and model arguments; `--config recipe.yaml` sets their defaults.
+
+    `--help` lists the DanceGRPO options first (model and LoRA, data, then one group per section of
+    `DanceGRPOConfig`), and the inherited `TrainingArguments` options after them, under their own heading.
+    """
+    import dataclasses
+    from typing import get_type_hints
+
     from trl import TrlParser
+
+    from .config import DanceGRPOConfig
+
+    own_fields = set(DanceGRPOConfig.__annotations__)
+    sections = config_sections(DanceGRPOConfig)
 
     class Parser(TrlParser):
         def error(self, message):  # one line, not argparse's usage block of every TrainingArguments option
             self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
+        def _group(self, title: str):
+            if title not in self._groups_by_title:
+                self._groups_by_title[title] = self.add_argument_group(title)
+            return self._groups_by_title[title]
+
+        def _add_dataclass_arguments(self, dtype):
+            if not hasattr(self, "_groups_by_title"):  # created in display order
+                self._groups_by_title = {}
+                for title in ("model and LoRA", "data", *dict.fromkeys(sections.values())):
+                    self._group(title)
+            hints = get_type_hints(dtype)
+            for f in dataclasses.fields(dtype):
+                if not f.init:
+                    continue
+                f.type = hints[f.name]
+                if dtype is ModelArguments:
+                    title = "model and LoRA"
+                elif dtype is ScriptArguments:
+                    title = "data" if f.name.startswith("dataset") else sections.get("reward_weights", "rewards")
+                elif f.name in sections:
+                    title = sections[f.name]
+                elif f.name in own_fields:
+                    title = CHANGED_DEFAULTS_GROUP if hasattr(DanceGRPOConfig.__mro__[1], f.name) else OTHER_GROUP
+                else:
+                    title = INHERITED_GROUP
+                self._parse_dataclass_field(self._group(title), f)
+            if dtype is ModelArguments:  # the last dataclass: the inherited options go last
+                for title in (CHANGED_DEFAULTS_GROUP, OTHER_GROUP, INHERITED_GROUP):
+                    group = self._groups_by_title.pop(title, None)
+                    if group is not None:
+                        self._action_groups.remove(group)
+                        self._action_groups.append(group)
+
     return Parser(
         (ScriptArguments, DanceGRPOConfig, ModelArguments),
         prog="trl-dancegrpo",
+        allow_abbrev=False,  # `--learning_rat` must not silently mean `--learning_rate`
         usage="%(prog)s [--config RECIPE.yaml] [--model_name_or_path ID_OR_PATH] [--dataset_name DATA] "
         "[--reward_funcs NAME [NAME ...]] [--use_peft] [any DanceGRPOConfig option]",
         description="DanceGRPO fine-tuning of a diffusers pipeline. With no --model_name_or_path and no --config, "
-        "runs an offline demo on a tiny random FLUX pipeline.",
+        "runs an offline demo on a tiny random FLUX pipeline. Samples of the latest rollout are saved to "
+        "OUTPUT_DIR/_samples/ at each logging step (--log_samples).",
     )
 
 
@@ -130,9 +198,12 @@ def load_prompts(script_args: ScriptArguments):
     """The training prompts as a `datasets.Dataset` with a `prompt` column."""
     from datasets import Dataset, load_dataset
 
+    from .cli_checks import check_dataset_name
+
     name = script_args.dataset_name
     if name is None:
         return Dataset.from_dict({"prompt": DEMO_PROMPTS})
+    check_dataset_name(name)  # a missing local file is not looked up on the Hub
     if os.path.isfile(name):
         extension = os.path.splitext(name)[1].lower().lstrip(".")
         if extension == "txt":
@@ -151,15 +222,12 @@ def load_prompts(script_args: ScriptArguments):
 def load_model(model_args: ModelArguments):
     import torch
 
+    from .loading import load_pipeline
     from .tiny import TINY_PIPELINES
 
     if model_args.model_name_or_path in TINY_PIPELINES:
         return TINY_PIPELINES[model_args.model_name_or_path]()
-    from diffusers import DiffusionPipeline
-
-    return DiffusionPipeline.from_pretrained(
-        model_args.model_name_or_path, torch_dtype=getattr(torch, model_args.dtype)
-    )
+    return load_pipeline(model_args.model_name_or_path, dtype=getattr(torch, model_args.dtype))
 
 
 def save_metrics(trainer, output_dir: str) -> None:
@@ -174,14 +242,18 @@ def save_metrics(trainer, output_dir: str) -> None:
     plot_reward_curve(trainer.state.log_history, os.path.join(output_dir, "reward_curve.png"))
 
 
-class SaveMetricsCallback(TrainerCallback):
-    """Writes `metrics.json` and `reward_curve.png` at the end of training, before a `push_to_hub` uploads the folder."""
+def save_metrics_callback(trainer):
+    """A callback writing `metrics.json` and `reward_curve.png` at the end of training (before a push uploads them)."""
+    from transformers import TrainerCallback
 
-    def __init__(self, trainer):
-        self._trainer = weakref.ref(trainer)
+    class SaveMetricsCallback(TrainerCallback):
+        def __init__(self):
+            self._trainer = weakref.ref(trainer)
 
-    def on_train_end(self, args, state, control, **kwargs):
-        save_metrics(self._trainer(), args.output_dir)
+        def on_train_end(self, args, state, control, **kwargs):
+            save_metrics(self._trainer(), args.output_dir)
+
+    return SaveMetricsCallback()
 
 
 def main(argv=None) -> None:
@@ -190,23 +262,40 @@ def main(argv=None) -> None:
     trainer.accelerator.end_training()  # trackers finish; the process group is torn down before the interpreter exits
 
 
+def _fail(message: str) -> None:
+    sys.stderr.write(f"trl-dancegrpo: error: {message} (see --help)\n")
+    sys.exit(2)
+
+
 def run(script_args=None, training_args=None, model_args=None, argv=None):
     """Parse the arguments (unless given as dataclasses), train, save; returns the trainer."""
-    from peft import LoraConfig
-
-    from .trainer import DanceGRPOTrainer
-
-    parser = make_parser()
     if training_args is None:
         argv = list(sys.argv[1:] if argv is None else argv)
-        if not {"--model_name_or_path", "--config", "-h", "--help"} & set(argv):
+        demo = not {"--model_name_or_path", "--config", "-h", "--help"} & set(argv)
+        if not {"-h", "--help"} & set(argv):
+            from .cli_checks import precheck
+
+            try:
+                with warnings.catch_warnings():  # the full check below warns once
+                    warnings.simplefilter("ignore")
+                    precheck(argv, (ScriptArguments, ModelArguments), TINY_DEMO_DEFAULTS if demo else None)
+            except ValueError as error:
+                _fail(str(error))
+    from peft import LoraConfig
+
+    from .rewards.scoring import resolve_reward_funcs
+    from .trainer import DanceGRPOTrainer
+
+    if training_args is None:
+        parser = make_parser()
+        if demo:
             parser.set_defaults(**TINY_DEMO_DEFAULTS)
         try:
             script_args, training_args, model_args = parser.parse_args_and_config(argv)
         except (ValueError, TypeError, OSError) as error:  # a contradictory setting, an unreadable recipe
             parser.error(str(error))
     if model_args.model_name_or_path is None:
-        parser.error("--model_name_or_path is required (on the command line or in the --config recipe).")
+        _fail("--model_name_or_path is required (on the command line or in the --config recipe).")
     peft_config = None
     if model_args.use_peft:
         peft_config = LoraConfig(
@@ -216,24 +305,27 @@ def run(script_args=None, training_args=None, model_args=None, argv=None):
             target_modules=model_args.lora_target_modules,
         )
     try:
+        # rewards and prompts first: a misspelt reward or a missing file must not wait for a large model's download
+        resolve_reward_funcs(script_args.reward_funcs, training_args.reward_kwargs)
+        train_dataset = load_prompts(script_args)
         trainer = DanceGRPOTrainer(
             model=load_model(model_args),
             reward_funcs=script_args.reward_funcs,
             args=training_args,
-            train_dataset=load_prompts(script_args),
+            train_dataset=train_dataset,
             peft_config=peft_config,
         )
     except (ValueError, TypeError, OSError) as error:  # bad input is reported before any training starts
-        parser.error(str(error).splitlines()[0])
+        _fail(str(error).splitlines()[0])
     # first in line: the metrics are in the folder when the model card's callback pushes it at the end of train()
-    trainer.callback_handler.callbacks.insert(0, SaveMetricsCallback(trainer))
+    trainer.callback_handler.callbacks.insert(0, save_metrics_callback(trainer))
     trainer.train()
     if not training_args.push_to_hub:  # with push_to_hub, train() has already saved and pushed the result
         trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         print(
-            f"Saved the {'LoRA' if peft_config else 'denoiser'}, metrics.json and reward_curve.png to "
-            f"{os.path.abspath(training_args.output_dir)}"
+            f"Saved the {'LoRA' if peft_config else 'denoiser'}, its model card (README.md), metrics.json, "
+            f"reward_curve.png and samples of the rollouts (_samples/) to {os.path.abspath(training_args.output_dir)}"
         )
     return trainer
 

@@ -5,13 +5,21 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .config_checks import (
+    AGGREGATIONS,
+    SDE_TYPES,
+    WINDOW_SCHEDULES,
+    check_sde_window,
+    check_values,
+    parse_reward_kwargs,
+)
 
-AGGREGATIONS = ("normalize_then_sum", "sum_then_normalize")
-SDE_TYPES = ("dancegrpo", "flow_grpo", "cps")
-WINDOW_SCHEDULES = ("random", "sliding")
+
+__all__ = ["AGGREGATIONS", "SDE_TYPES", "WINDOW_SCHEDULES", "DanceGRPOConfig"]
 
 
-@dataclass
+# `repr=False`: the dataclass-generated `__repr__` would print `hub_token`; TrainingArguments' own masks it.
+@dataclass(repr=False)
 class DanceGRPOConfig(TrainingArguments):
     r"""
     Configuration class for the [`DanceGRPOTrainer`].
@@ -97,6 +105,19 @@ class DanceGRPOConfig(TrainingArguments):
             `per_device_train_batch_size` then counts generated samples: each micro-step trains on
             `per_device_train_batch_size * best_of_n / num_generations` of them, and each process must hold whole
             groups. The kept samples are re-scored once (no gradient) so the ratio starts at exactly 1.
+        reward_kwargs (`dict[str, dict]`, *optional*):
+            Keyword arguments of the rewards given by name in `reward_funcs`, passed to
+            `trl_dancegrpo.rewards.get_reward(name, **kwargs)`, e.g. a local checkpoint offline:
+            `{"hpsv2.1": {"checkpoint_path": "/models/HPS_v2.1_compressed.pt"}}`. On the command line a JSON string
+            (`--reward_kwargs '{"hpsv2.1": {...}}'`), in a YAML recipe a mapping. A name that is not in `reward_funcs`
+            is an error.
+        reward_timeout (`float`, *optional*):
+            Seconds each reward function may take per call (plain, `async` and `overlap_rewards` rewards alike); a
+            reward that does not return in time stops training with an error naming it. `None`: no limit.
+        reward_retries (`int`, *optional*, defaults to `0`):
+            How often a reward call that failed with a transient error (`ConnectionError`, a `TimeoutError` of its
+            own, other `OSError`s such as a dropped connection to a remote reward) is repeated, after 1, 2, 4...
+            seconds; each retry is logged. A call stopped by `reward_timeout` is not retried.
 
         > Parameters that control the loss
 
@@ -124,7 +145,12 @@ class DanceGRPOConfig(TrainingArguments):
         shuffle_dataset (`bool`, *optional*, defaults to `True`):
             Whether to shuffle the prompts.
 
-        > Parameters that control logging
+        > Parameters that control saving and logging
+
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            Start a new run in an `output_dir` that holds checkpoints of an earlier run, deleting those checkpoints
+            first. Without it (and without `resume_from_checkpoint`) such a folder is refused, so that two runs never
+            mix their checkpoints.
 
         log_samples (`bool`, *optional*, defaults to `True`):
             At each logging step, save the first sample of the latest rollout to `output_dir/_samples/` (an
@@ -221,6 +247,19 @@ class DanceGRPOConfig(TrainingArguments):
         default=None,
         metadata={"help": "Train on the best and the worst best_of_n // 2 samples of each group (e.g. 8 of 24)."},
     )
+    reward_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments of rewards named in reward_funcs, as JSON: "
+            '\'{"hpsv2.1": {"checkpoint_path": "/models/HPS_v2.1_compressed.pt"}}\'.'
+        },
+    )
+    reward_timeout: float | None = field(
+        default=None, metadata={"help": "Seconds each reward call may take; None = no limit."}
+    )
+    reward_retries: int = field(
+        default=0, metadata={"help": "Retries of a reward call after a transient error (ConnectionError, OSError)."}
+    )
 
     # Loss
     timestep_fraction: float = field(
@@ -236,65 +275,29 @@ class DanceGRPOConfig(TrainingArguments):
     )
     shuffle_dataset: bool = field(default=True, metadata={"help": "Shuffle the prompts."})
 
-    # Logging
+    # Saving and logging
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start afresh in an output_dir holding another run's checkpoints (they are deleted)."},
+    )
     log_samples: bool = field(
         default=True,
-        metadata={"help": "Save (output_dir/samples) and report a sample of the latest rollout at each logging step."},
+        metadata={
+            "help": "Save (output_dir/_samples/) and report a sample of the latest rollout at each logging step."
+        },
     )
 
     def __post_init__(self):
+        check_values(self)  # first: a wrong value is reported before transformers sets anything up
+        window_range = check_sde_window(self)
+        if window_range is not None:
+            self.sde_window_range = window_range
+        self.reward_kwargs = parse_reward_kwargs(self.reward_kwargs)
         if self.bf16 is None:
             import torch
 
             self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         super().__post_init__()
-
-        if self.num_generations < 2:
-            raise ValueError(
-                f"num_generations must be at least 2 (got {self.num_generations}): group-relative advantages need "
-                "several samples of each prompt."
-            )
-        if not 0 < self.timestep_fraction <= 1:
-            raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}.")
-        if self.num_inference_steps < 2:
-            raise ValueError(
-                f"num_inference_steps must be at least 2, got {self.num_inference_steps}: the last step is "
-                "deterministic (the clean image), so one step leaves nothing to train."
-            )
-        if self.sde_type not in SDE_TYPES:
-            raise ValueError(f"sde_type must be one of {SDE_TYPES}, got {self.sde_type!r}.")
-        if self.eta is not None and self.eta <= 0:
-            raise ValueError(
-                f"eta must be > 0 or None (got {self.eta}): with a deterministic sampler the transitions have no "
-                "log-prob."
-            )
-        if self.sde_type == "cps" and self.eta is not None and self.eta > 1:
-            raise ValueError(
-                f"With sde_type='cps', eta is in (0, 1] (std = sigma_next * sin(eta * pi / 2)), got {self.eta}."
-            )
-        self._check_sde_window()
-        if self.epsilon <= 0:
-            raise ValueError(f"epsilon (the clip range) must be > 0, got {self.epsilon}.")
-        if self.adv_clip_max <= 0:
-            raise ValueError(f"adv_clip_max must be > 0, got {self.adv_clip_max}.")
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}.")
-        if self.shift is not None and self.shift <= 0:
-            raise ValueError(f"shift must be > 0 or None, got {self.shift}.")
-        if self.guidance_scale is not None and self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0 or None, got {self.guidance_scale}.")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and (value <= 0 or value % 16):
-                raise ValueError(f"{name} must be a positive multiple of 16, got {value}.")
-        if self.multi_objective_aggregation not in AGGREGATIONS:
-            raise ValueError(
-                f"multi_objective_aggregation must be one of {AGGREGATIONS}, got {self.multi_objective_aggregation!r}."
-            )
-        if self.num_iterations < 1:
-            raise ValueError(f"num_iterations must be at least 1, got {self.num_iterations}.")
-        if self.rollout_batch_size is not None and self.rollout_batch_size < 1:
-            raise ValueError(f"rollout_batch_size must be a positive integer or None, got {self.rollout_batch_size}.")
 
         _ = self.device  # sets up the distributed state, so that `world_size` counts the launched processes
         if self.steps_per_generation is None:
@@ -309,37 +312,15 @@ class DanceGRPOConfig(TrainingArguments):
                 f"{generation_batch_size} samples) must be a multiple of num_generations ({self.num_generations}). "
                 "Change per_device_train_batch_size or num_generations."
             )
-        if self.num_frames is not None and self.num_frames < 1:
-            raise ValueError(f"num_frames must be a positive integer or None, got {self.num_frames}.")
+        if self.device.type == "cpu" and self.dataloader_pin_memory:
+            self.dataloader_pin_memory = False  # nothing to pin on a CPU (and torch warns about it on every run)
+        if self.fp16 and self.device.type == "cpu":
+            raise ValueError(
+                "fp16=True needs a GPU: float16 mixed precision is not supported on the CPU. Leave fp16 off (or use "
+                "bf16=True where the CPU supports it)."
+            )
         if self.best_of_n is not None:
             self._check_best_of_n()
-
-    def _check_sde_window(self) -> None:
-        trainable = self.num_inference_steps - 1  # the last step is deterministic
-        if self.sde_window_schedule not in WINDOW_SCHEDULES:
-            raise ValueError(
-                f"sde_window_schedule must be one of {WINDOW_SCHEDULES}, got {self.sde_window_schedule!r}."
-            )
-        if self.sde_window_interval < 1:
-            raise ValueError(f"sde_window_interval must be at least 1, got {self.sde_window_interval}.")
-        if self.sde_window_size is None:
-            if self.sde_window_range is not None:
-                raise ValueError("sde_window_range is set but sde_window_size is not: set the window's size too.")
-            return
-        start, end = self.sde_window_range if self.sde_window_range is not None else (0, trainable)
-        if self.sde_window_range is not None and (
-            len(self.sde_window_range) != 2 or not 0 <= start < end <= trainable
-        ):
-            raise ValueError(
-                f"sde_window_range must be [start, end) with 0 <= start < end <= num_inference_steps - 1 = {trainable} "
-                f"(the last step is never stochastic), got {self.sde_window_range}."
-            )
-        if not 1 <= self.sde_window_size <= end - start:
-            raise ValueError(
-                f"sde_window_size must be from 1 to the size of sde_window_range [{start}, {end}) = {end - start}, got "
-                f"{self.sde_window_size}; lower it or widen the range (num_inference_steps {self.num_inference_steps})."
-            )
-        self.sde_window_range = [start, end]
 
     def _check_best_of_n(self) -> None:
         group, keep = self.num_generations, self.best_of_n

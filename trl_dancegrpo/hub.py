@@ -102,6 +102,12 @@ def hub_base_model(pipeline) -> str | None:
     return name
 
 
+def local_base_model(pipeline) -> str | None:
+    """The local folder the pipeline was loaded from (shown in the card, never as Hub metadata), or `None`."""
+    name = getattr(pipeline, "name_or_path", None) or getattr(getattr(pipeline, "config", None), "_name_or_path", None)
+    return os.path.abspath(name) if isinstance(name, str) and name and os.path.exists(name) else None
+
+
 def family_tag(pipeline) -> str | None:
     name = type(pipeline).__name__.lower()
     return next((tag for part, tag in FAMILY_TAGS if part in name), None)
@@ -318,14 +324,16 @@ class ModelCardCallback(TrainerCallback):
 
 
 # -- the card ---------------------------------------------------------------------------------------------------------
-def write_model_card(trainer, model_name=None, dataset_name=None, tags=None, license=None) -> str:
-    """Write `README.md` and `images/` into `args.output_dir`; returns the card's path. Main process only."""
+def write_model_card(trainer, model_name=None, dataset_name=None, tags=None, license=None, output_dir=None) -> str:
+    """Write `README.md` and `images/` into `output_dir` (default `args.output_dir`); returns the card's path.
+
+    Main process only."""
     from huggingface_hub import ModelCard, ModelCardData
 
     from .plotting import plot_reward_curve
 
     args, pipeline = trainer.args, trainer.pipeline
-    output_dir = args.output_dir
+    output_dir = output_dir if output_dir is not None else args.output_dir
     os.makedirs(os.path.join(output_dir, IMAGES_DIR), exist_ok=True)
     samples = trainer.model_card_callback.take()
 
@@ -370,6 +378,7 @@ def write_model_card(trainer, model_name=None, dataset_name=None, tags=None, lic
         template_path=str(template),
         model_name=model_name,
         base_model=base_model,
+        base_model_path=None if base_model else local_base_model(pipeline),
         hub_model_id=hub_model_id or f"<your-username>/{model_name}",
         dataset_name=dataset_name,
         is_lora=trainer.is_lora,

@@ -1,10 +1,10 @@
 """DanceGRPOTrainer: GRPO for diffusers pipelines (rollout -> rewards -> group-relative advantages -> clipped loss)."""
 
-import asyncio
 import contextlib
-import inspect
+import json
 import math
 import os
+import pickle
 import shutil
 import time
 from collections import defaultdict
@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from accelerate.utils import gather
+from diffusers.configuration_utils import FrozenDict
 from transformers import Trainer, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
@@ -20,9 +21,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 from trl.trainer.utils import RepeatSampler
 
+from . import checkpoints
 from .adapters import PipelineAdapter, get_adapter_class
 from .config import DanceGRPOConfig
 from .hub import ModelCardCallback
+from .rewards.scoring import RewardScorer, resolve_reward_funcs
 from .rollout import Sampler, denoise, index_conditioning, mix_seed, sample_slices
 from .sharding import save_denoiser_state_dict
 from .video import image_key, load_image, log_sample_to_integrations, save_sample
@@ -116,8 +119,26 @@ def _first_null(column) -> int:
     return pc.index(pc.is_null(column), True).as_py()
 
 
-def _reward_name(func) -> str:
-    return getattr(func, "__name__", None) or type(func).__name__
+def cast_module(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """`module.to(dtype=dtype)`, without diffusers' warning about float32 modules when the model has none to keep."""
+    if getattr(module, "_keep_in_fp32_modules", None):
+        module.to(dtype=dtype)
+    else:
+        torch.nn.Module.to(module, dtype=dtype)
+
+
+class TrackerConfig(FrozenDict):
+    """A diffusers model config that transformers' reporting callbacks can serialise.
+
+    TensorBoard's, MLflow's and Trackio's callbacks call `model.config.to_json_string()` / `to_dict()`, which
+    transformers configs have and diffusers' `FrozenDict` lacks (an AttributeError at the first step otherwise).
+    """
+
+    def to_dict(self) -> dict:
+        return dict(self)
+
+    def to_json_string(self) -> str:
+        return json.dumps(dict(self), indent=2, sort_keys=True, default=str)
 
 
 class DanceGRPOTrainer(Trainer):
@@ -181,7 +202,11 @@ class DanceGRPOTrainer(Trainer):
             args = DanceGRPOConfig(output_dir="dancegrpo-output")
         elif not isinstance(args, DanceGRPOConfig):
             raise TypeError(f"args must be a DanceGRPOConfig, got {type(args).__name__}.")
-        self.reward_funcs, self.reward_func_names = self._prepare_reward_funcs(reward_funcs)
+        # rewards first: a misspelt name or missing reward weights must not wait for the pipeline to load
+        self.reward_funcs, self.reward_func_names = resolve_reward_funcs(reward_funcs, args.reward_kwargs)
+        self.reward_scorer = RewardScorer(
+            self.reward_funcs, self.reward_func_names, args.reward_timeout, args.reward_retries
+        )
         if args.reward_weights is None:
             self.reward_weights = torch.ones(len(self.reward_funcs))
         elif len(args.reward_weights) != len(self.reward_funcs):
@@ -229,7 +254,7 @@ class DanceGRPOTrainer(Trainer):
         for module in self.adapter.frozen_modules().values():
             module.to(self.accelerator.device)
             if self.weight_dtype != torch.float32:
-                module.to(dtype=self.weight_dtype)
+                cast_module(module, self.weight_dtype)
         for func in self.reward_funcs:
             if hasattr(func, "set_device"):
                 func.set_device(self.accelerator.device, self.weight_dtype)
@@ -243,6 +268,10 @@ class DanceGRPOTrainer(Trainer):
         self._buffered_inputs = None
         self._negative_cond = None
         self._latest_sample = None  # (prompt, sample) of the latest rollout, for `log_samples`
+        denoiser_config = getattr(self.denoiser, "_internal_dict", None)
+        if isinstance(denoiser_config, FrozenDict) and not isinstance(denoiser_config, TrackerConfig):
+            self.denoiser._internal_dict = TrackerConfig(denoiser_config)
+        self._resumed_rollout = None  # the rollout buffer of the checkpoint resumed from, if it holds one
         self.model_card_callback = ModelCardCallback(self)  # the card's samples; with push_to_hub, pushes at the end
         self.add_callback(self.model_card_callback)
 
@@ -257,31 +286,14 @@ class DanceGRPOTrainer(Trainer):
 
     # -- construction helpers -----------------------------------------------------------------------------------------
     @staticmethod
-    def _prepare_reward_funcs(reward_funcs):
-        from .rewards import get_reward
-
-        if not isinstance(reward_funcs, (list, tuple)):
-            reward_funcs = [reward_funcs]
-        if not reward_funcs:
-            raise ValueError("reward_funcs is empty: pass at least one reward function or registry name.")
-        funcs, names = [], []
-        for func in reward_funcs:
-            if isinstance(func, str):
-                funcs.append(get_reward(func))
-                names.append(func)
-            elif callable(func):
-                funcs.append(func)
-                names.append(_reward_name(func))
-            else:
-                raise TypeError(
-                    f"Each reward function must be a callable or a registry name, got {type(func).__name__}."
-                )
-        return funcs, names
-
-    @staticmethod
     def _check_dataset(dataset, name: str, args: DanceGRPOConfig) -> None:
         if dataset is None:
             return
+        if isinstance(dataset, dict) and all(hasattr(split, "column_names") for split in dataset.values()):
+            raise TypeError(
+                f"{name} is a DatasetDict with the splits {sorted(dataset)}: pick a split, e.g. "
+                f"dataset[{next(iter(dataset), 'train')!r}] (load_dataset(..., split='train'))."
+            )
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "column_names"):
             raise TypeError(f"{name} must be a datasets.Dataset with a 'prompt' column, got {type(dataset).__name__}.")
         if len(dataset) == 0:
@@ -291,6 +303,7 @@ class DanceGRPOTrainer(Trainer):
                 f"{name} has no 'prompt' column (columns: {dataset.column_names}); rename the prompt column to "
                 "'prompt', e.g. dataset.rename_column('caption', 'prompt')."
             )
+        DanceGRPOTrainer._check_prompts(dataset, name)
         needed = args.generation_batch_size // args.num_generations
         if name == "train_dataset" and len(dataset) < needed:
             raise ValueError(
@@ -298,6 +311,26 @@ class DanceGRPOTrainer(Trainer):
                 f"(generation batch {args.generation_batch_size} / num_generations {args.num_generations}); add "
                 "prompts or lower per_device_train_batch_size."
             )
+
+    @staticmethod
+    def _check_prompts(dataset, name: str) -> None:
+        """Every prompt a string: a None or a number found now, with its row, not when that row is sampled hours in."""
+        if hasattr(dataset, "with_format"):
+            import pyarrow as pa
+
+            column = dataset.with_format("arrow")["prompt"]  # Arrow data: the column's type settles most cases
+            if column.null_count:
+                raise ValueError(f"Row {_first_null(column)} of {name} has no prompt (its 'prompt' is None).")
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                return
+            prompts = column.to_pylist()
+        else:
+            prompts = [row["prompt"] for row in dataset]
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise ValueError(
+                    f"Row {i} of {name} has the prompt {prompt!r} ({type(prompt).__name__}); prompts must be strings."
+                )
 
     @staticmethod
     def _make_adapter(pipeline, args: DanceGRPOConfig) -> PipelineAdapter:
@@ -359,9 +392,9 @@ class DanceGRPOTrainer(Trainer):
     @staticmethod
     def _load_pipeline(model):
         if isinstance(model, str):
-            from diffusers import DiffusionPipeline
+            from .loading import load_pipeline
 
-            return DiffusionPipeline.from_pretrained(model)
+            return load_pipeline(model)
         if not hasattr(model, "components"):
             raise TypeError(
                 f"model must be a diffusers pipeline or a Hub id / local path, got {type(model).__name__}. "
@@ -376,7 +409,7 @@ class DanceGRPOTrainer(Trainer):
         if self.is_lora:
             weight_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
             denoiser.requires_grad_(False)
-            denoiser.to(dtype=weight_dtype)
+            cast_module(denoiser, weight_dtype)
             if peft_config.target_modules is None:
                 peft_config.target_modules = list(self.adapter.default_lora_target_modules)
             if getattr(denoiser, "peft_config", None):
@@ -494,67 +527,7 @@ class DanceGRPOTrainer(Trainer):
     def _score(self, prompts: list[str], images: torch.Tensor, inputs: list[dict]):
         """Rewards `[N, K]` on this process (NaN for `None` and for NaN scores) and the mask of the `None`s."""
         columns = {key: [row[key] for row in inputs] for key in inputs[0] if key != "prompt"}
-        results, pending = [None] * len(self.reward_funcs), {}
-        for k, (func, name) in enumerate(zip(self.reward_funcs, self.reward_func_names)):
-            try:
-                result = func(prompts, images, **columns)
-            except Exception as error:
-                raise RuntimeError(f"The reward function {name!r} raised {type(error).__name__}: {error}") from error
-            if inspect.isawaitable(result):
-                pending[k] = result
-            else:
-                results[k] = result
-        if pending:
-
-            async def _gather():
-                return await asyncio.gather(*pending.values(), return_exceptions=True)
-
-            for k, result in zip(pending, asyncio.run(_gather())):
-                if isinstance(result, BaseException):
-                    name = self.reward_func_names[k]
-                    raise RuntimeError(f"The reward function {name!r} raised {type(result).__name__}: {result}")
-                results[k] = result
-        rewards = torch.full((len(prompts), len(self.reward_funcs)), float("nan"))
-        not_applicable = torch.zeros_like(rewards, dtype=torch.bool)
-        for k, result in enumerate(results):
-            rewards[:, k], not_applicable[:, k] = self._validate_reward_output(
-                self.reward_func_names[k], result, prompts
-            )
-        return rewards, not_applicable
-
-    @staticmethod
-    def _validate_reward_output(name: str, result, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(result, torch.Tensor):
-            result = result.detach().float().cpu().flatten().tolist()
-        try:
-            result = list(result)
-        except TypeError:
-            raise TypeError(
-                f"The reward function {name!r} must return a list of floats (or None), got {type(result).__name__}."
-            ) from None
-        if len(result) != len(prompts):
-            raise ValueError(
-                f"The reward function {name!r} returned {len(result)} values for {len(prompts)} samples; it must "
-                "return one value (or None) per sample."
-            )
-        values, none = [], [value is None for value in result]
-        for i, value in enumerate(result):
-            if value is None:
-                values.append(float("nan"))
-                continue
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise TypeError(
-                    f"The reward function {name!r} returned {value!r} for sample {i}; expected a number or None."
-                ) from None
-            if math.isinf(value):
-                raise ValueError(
-                    f"The reward function {name!r} returned {value} for sample {i} (prompt {prompts[i]!r}); rewards "
-                    "must be finite. Return None for samples the reward does not apply to."
-                )
-            values.append(value)
-        return torch.tensor(values, dtype=torch.float32), torch.tensor(none, dtype=torch.bool)
+        return self.reward_scorer(prompts, images, columns)
 
     def _generate_and_score(self, inputs: list[dict]) -> dict:
         args, device = self.args, self.accelerator.device
@@ -647,7 +620,9 @@ class DanceGRPOTrainer(Trainer):
             if len(column):
                 metrics[f"rewards/{name}/mean"].append(column.mean().item())
                 metrics[f"rewards/{name}/std"].append(column.std().item() if len(column) > 1 else 0.0)
-        weighted = (torch.nan_to_num(rewards) * self.reward_weights).sum(dim=1)[~failed]
+        # a sample that no reward applies to (all None) has no reward: it is not logged as 0
+        scored = ~failed & ~torch.isnan(rewards).all(dim=1)
+        weighted = (torch.nan_to_num(rewards) * self.reward_weights).sum(dim=1)[scored]
         if len(weighted):
             metrics["reward"].append(weighted.mean().item())
             grouped_std = torch.nan_to_num(rewards).mul(self.reward_weights).sum(1).view(-1, self.args.num_generations)
@@ -665,6 +640,9 @@ class DanceGRPOTrainer(Trainer):
         # the first micro-step, so a resumed run draws the same noise as one that never stopped.
         self._step = None
         self._buffered_inputs = None
+        self._resumed_rollout = None
+        checkpoints.check_output_dir(self.args, resume_from_checkpoint, self.is_world_process_zero())
+        self.accelerator.wait_for_everyone()  # overwrite_output_dir: deleted before any process writes
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint,
             trial=trial,
@@ -676,6 +654,7 @@ class DanceGRPOTrainer(Trainer):
         args = self.args
         if self._step is None:
             self._step = self.state.global_step * args.gradient_accumulation_steps
+            self._restore_rollout()
         if self._step % (args.steps_per_generation * args.num_iterations) == 0 or self._buffered_inputs is None:
             batch = self._generate_and_score(inputs)
             self._buffered_inputs = self._split(batch, args.steps_per_generation)
@@ -688,6 +667,29 @@ class DanceGRPOTrainer(Trainer):
         loss = self._policy_step(model, chunk)
         self._metrics["train"]["timing/train"].append(time.perf_counter() - start)
         return loss
+
+    def _restore_rollout(self) -> None:
+        """Continue on the rollout saved with the checkpoint when the resumed step is inside its reuse."""
+        saved, self._resumed_rollout = self._resumed_rollout, None
+        args = self.args
+        if saved is None or self._step % (args.steps_per_generation * args.num_iterations) == 0:
+            return
+        if saved["step"] != self._step:
+            raise ValueError(
+                f"The checkpoint's rollout buffer belongs to micro-step {saved['step']}, the resumed run is at "
+                f"{self._step}: were gradient_accumulation_steps or steps_per_generation changed? Resume with the "
+                "settings of the original run."
+            )
+        self._buffered_inputs = saved["chunks"]
+
+    def _rollout_buffer_to_save(self) -> list[dict] | None:
+        """The buffered rollout if later optimizer steps still train on it (a checkpoint inside its reuse)."""
+        args = self.args
+        if self._buffered_inputs is None or self._step is None:
+            return None
+        if self._step % (args.steps_per_generation * args.num_iterations) == 0:
+            return None
+        return self._buffered_inputs
 
     @staticmethod
     def _split(batch: dict, num_chunks: int) -> list[dict]:
@@ -802,6 +804,10 @@ class DanceGRPOTrainer(Trainer):
         if mode == "eval":
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
         logs = {**logs, **metrics}
+        if "reward" in logs:  # the progress bar shows the latest mean reward
+            for callback in self.callback_handler.callbacks:
+                if getattr(callback, "training_bar", None) is not None:
+                    callback.training_bar.set_postfix(reward=f"{logs['reward']:.4g}", refresh=False)
         super().log(logs, start_time)
         self._metrics[mode].clear()
         if "loss" in logs and self._latest_sample is not None:
@@ -902,10 +908,22 @@ class DanceGRPOTrainer(Trainer):
         the folder always holds weights that `load_lora_weights` / `from_pretrained` load.
         """
         if not self.is_fsdp_enabled:
-            return super().save_model(output_dir, _internal_call)
-        self._save(output_dir, state_dict=self._gather_trainable_state_dict())
-        if self.args.push_to_hub and not _internal_call:
-            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+            super().save_model(output_dir, _internal_call)
+        else:
+            self._save(output_dir, state_dict=self._gather_trainable_state_dict())
+            if self.args.push_to_hub and not _internal_call:
+                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+        if not _internal_call and not self.args.push_to_hub:  # a push writes the card itself
+            self._write_model_card(output_dir if output_dir is not None else self.args.output_dir)
+
+    def _write_model_card(self, output_dir: str) -> None:
+        """The model card (`README.md`, samples before and after, reward curve) next to saved weights, as TRL does."""
+        from .hub import write_model_card
+
+        self.model_card_callback.prepare()  # on every process: sampling a sharded model needs all of them
+        if self.is_world_process_zero():
+            write_model_card(self, output_dir=output_dir)
+        self.model_card_callback.prepared = None
 
     def _gather_trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The complete trainable weights (LoRA: only the adapter's) on the saving process, gathered from FSDP shards.
@@ -962,10 +980,17 @@ class DanceGRPOTrainer(Trainer):
         if self.hp_search_backend is None and trial is None:
             self.store_flos()
         self.save_model(staging, _internal_call=True)
+        if self.args.should_save:
+            checkpoints.write_checkpoint_info(self, staging)
         if not self.args.save_only_model:
             self._save_optimizer_and_scheduler(staging)
             self._save_scaler(staging)
             self._save_rng_state(staging)
+            rollout = self._rollout_buffer_to_save()
+            if rollout is not None:  # every process its own part of the rollout
+                os.makedirs(staging, exist_ok=True)
+                suffix = f"_{self.accelerator.process_index}" if self.accelerator.num_processes > 1 else ""
+                checkpoints.save_rollout_buffer(staging, self._step, rollout, suffix)
         if self.args.should_save:
             for callback in [*self.callback_handler.callbacks, self.control]:
                 if isinstance(callback, ExportableState):
@@ -978,7 +1003,9 @@ class DanceGRPOTrainer(Trainer):
             os.replace(staging, final_dir)  # atomic on one file system
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
-            self._push_from_checkpoint(final_dir)
+            self._push_from_checkpoint(final_dir)  # refreshes the card in output_dir, then uploads
+        else:
+            self._write_model_card(self.args.output_dir)  # as TRL: output_dir always has the current card
         if self.args.should_save:
             rotate_checkpoints(
                 output_dir=run_dir,
@@ -990,13 +1017,22 @@ class DanceGRPOTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Load the trainable weights written by `_save`: the LoRA (diffusers format) or the full denoiser.
 
-        Under FSDP, transformers' loader restores the sharded model from the FSDP checkpoint (`pytorch_model_fsdp*`)
-        that every checkpoint also holds next to the optimizer.
+        First the checkpoint is checked against this run (model family, LoRA rank, alpha and targets, trainable
+        parameters); afterwards the loaded weights must be complete and finite. Under FSDP, transformers' loader
+        restores the sharded model from the FSDP checkpoint (`pytorch_model_fsdp*`) that every checkpoint also holds
+        next to the optimizer.
         """
-        if self.is_fsdp_enabled:
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        checkpoints.check_compatible(self, resume_from_checkpoint)
+        if not self.args.save_only_model:
+            checkpoints.warn_missing_state_files(resume_from_checkpoint)
+        suffix = f"_{self.accelerator.process_index}" if self.accelerator.num_processes > 1 else ""
+        self._resumed_rollout = checkpoints.load_rollout_buffer(
+            resume_from_checkpoint, self.accelerator.device, suffix
+        )
         denoiser = self.accelerator.unwrap_model(model if model is not None else self.model)
-        if self.is_lora:
+        if self.is_fsdp_enabled:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        elif self.is_lora:
             from diffusers.utils import convert_unet_state_dict_to_peft
             from peft.utils import set_peft_model_state_dict
             from safetensors.torch import load_file
@@ -1004,14 +1040,36 @@ class DanceGRPOTrainer(Trainer):
             path = os.path.join(resume_from_checkpoint, "pytorch_lora_weights.safetensors")
             if not os.path.isfile(path):
                 raise ValueError(f"{resume_from_checkpoint} holds no LoRA weights ({os.path.basename(path)}).")
+            try:
+                saved = load_file(path)
+            except Exception as error:  # safetensors' own error type for a truncated header or body
+                raise checkpoints.unreadable_file_error(path, resume_from_checkpoint, error) from None
             prefix = f"{self.adapter.denoiser_name}."
-            state_dict = {k.removeprefix(prefix): v for k, v in load_file(path).items() if k.startswith(prefix)}
+            state_dict = {k.removeprefix(prefix): v for k, v in saved.items() if k.startswith(prefix)}
             result = set_peft_model_state_dict(denoiser, convert_unet_state_dict_to_peft(state_dict))
-            if getattr(result, "unexpected_keys", None):
-                raise ValueError(
-                    f"The LoRA in {resume_from_checkpoint} does not match the model's adapter (unexpected keys such "
-                    f"as {result.unexpected_keys[:3]}); resume with the same peft_config."
-                )
+            checkpoints.check_loaded_keys(
+                resume_from_checkpoint, getattr(result, "missing_keys", None), getattr(result, "unexpected_keys", None)
+            )
         else:
-            saved = type(denoiser).from_pretrained(resume_from_checkpoint)
-            denoiser.load_state_dict(saved.state_dict())
+            try:
+                saved = type(denoiser).from_pretrained(resume_from_checkpoint)
+            except (OSError, ValueError, RuntimeError) as error:
+                weights = sorted(name for name in os.listdir(resume_from_checkpoint) if name.endswith(".safetensors"))
+                path = os.path.join(resume_from_checkpoint, weights[0] if weights else "config.json")
+                raise checkpoints.unreadable_file_error(path, resume_from_checkpoint, error) from None
+            result = denoiser.load_state_dict(saved.state_dict(), strict=False)
+            if result.missing_keys or result.unexpected_keys:
+                raise ValueError(
+                    f"The denoiser in {resume_from_checkpoint} does not match this run's (missing keys such as "
+                    f"{result.missing_keys[:3]}, unexpected keys such as {result.unexpected_keys[:3]}); resume with the "
+                    "same model."
+                )
+        if not self.is_fsdp_enabled:
+            checkpoints.check_finite_weights(denoiser, resume_from_checkpoint)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError) as error:
+            path = os.path.join(checkpoint or "", "optimizer.pt")
+            raise checkpoints.unreadable_file_error(path, checkpoint, error) from None

@@ -105,8 +105,6 @@ def log_sample_to_integrations(callbacks, path: str, sample: torch.Tensor, capti
     The integrations are found among the Trainer's callbacks (what `report_to` set up), so a sample goes exactly where
     the scalars go. Integrations without media support are skipped.
     """
-    import numpy as np
-
     is_video = sample.ndim == 4
     for callback in callbacks:
         name = type(callback).__name__
@@ -117,17 +115,10 @@ def log_sample_to_integrations(callbacks, path: str, sample: torch.Tensor, capti
             media = wandb.Video(path, caption=caption) if is_video else wandb.Image(path, caption=caption)
             wandb.log({"samples": media, "train/global_step": step})
         elif name == "TensorBoardCallback" and getattr(callback, "tb_writer", None) is not None:
-            frames = np.stack(to_uint8_frames(sample))  # (F, H, W, 3)
             if is_video:
-                # (N, T, C, H, W); TensorBoard encodes it as an animated GIF itself (needs moviepy)
-                try:
-                    callback.tb_writer.add_video("samples", frames.transpose(0, 3, 1, 2)[None], step, fps=fps)
-                except ImportError:  # no moviepy: the frames side by side
-                    callback.tb_writer.add_image(
-                        "samples", np.concatenate(list(frames), axis=1), step, dataformats="HWC"
-                    )
+                _add_tensorboard_gif(callback.tb_writer, "samples", path, sample, step)
             else:
-                callback.tb_writer.add_image("samples", frames[0], step, dataformats="HWC")
+                callback.tb_writer.add_image("samples", to_uint8_frames(sample)[0], step, dataformats="HWC")
         elif name == "MLflowCallback" and getattr(callback, "_initialized", False):
             callback._ml_flow.log_artifact(path, artifact_path="samples")
         elif name == "TrackioCallback" and getattr(callback, "_initialized", False):
@@ -135,3 +126,17 @@ def log_sample_to_integrations(callbacks, path: str, sample: torch.Tensor, capti
             media_class = getattr(trackio, "Video" if is_video else "Image", None)
             if media_class is not None:
                 trackio.log({"samples": media_class(path, caption=caption)}, step=step)
+
+
+def _add_tensorboard_gif(writer, tag: str, gif_path: str, sample: torch.Tensor, step: int) -> None:
+    """Write the saved GIF as a TensorBoard image summary: TensorBoard shows it animated.
+
+    `SummaryWriter.add_video` does the same but needs moviepy (and its 1.x API) to encode the GIF; it is encoded already.
+    """
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    with open(gif_path, "rb") as handle:
+        gif = handle.read()
+    height, width = sample.shape[-2:]
+    image = Summary.Image(height=int(height), width=int(width), colorspace=3, encoded_image_string=gif)
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)

@@ -1,7 +1,7 @@
 """Train a tiny pipeline, then dump this process's first advantages, the weights and an evaluation (for test_distributed).
 
     train_and_dump.py PIPELINE OUT_DIR PER_DEVICE [--lora] [--max_steps N] [--save_steps N] [--resume CKPT]
-        [--num_frames F] [--cpu_fsdp] [--sde_window START]
+        [--num_frames F] [--steps_per_generation N] [--cpu_fsdp] [--sde_window START]
 
 Writes `OUT_DIR/rank{r}.pt` per process and the saved model (`trainer.save_model`) into `OUT_DIR/final`.
 """
@@ -18,6 +18,7 @@ parser.add_argument("--max_steps", type=int, default=1)
 parser.add_argument("--save_steps", type=int, default=0)
 parser.add_argument("--resume", default=None)
 parser.add_argument("--num_frames", type=int, default=None, help="for video pipelines")
+parser.add_argument("--steps_per_generation", type=int, default=None, help="reuse each rollout for N micro-steps")
 parser.add_argument("--cpu_fsdp", action="store_true", help="FSDP in CPU processes (see cpu_fsdp.py)")
 parser.add_argument("--sde_window", type=int, default=None, help="a one-step SDE window at this step")
 cli = parser.parse_args()
@@ -51,6 +52,7 @@ args = DanceGRPOConfig(
     disable_tqdm=True,
     **({"num_frames": cli.num_frames} if cli.num_frames else {}),
     **({"sde_window_size": 1, "sde_window_range": [cli.sde_window, cli.sde_window + 1]} if cli.sde_window else {}),
+    **({"steps_per_generation": cli.steps_per_generation} if cli.steps_per_generation else {}),
 )
 peft_config = None
 if cli.lora:

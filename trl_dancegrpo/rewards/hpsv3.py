@@ -150,6 +150,10 @@ class HPSv3Reward(ModelReward):
     def _cache_key(self) -> tuple:
         return (source_key(self.checkpoint_path), source_key(self.base_model_name_or_path))
 
+    def check_weights(self) -> None:
+        """Find (or download) the checkpoint now: the trainer calls this before it loads the pipeline."""
+        local_or_hub_file(self.checkpoint_path, HPSV3_REPO_ID, "HPSv3.safetensors", argument="checkpoint_path")
+
     def _load(self, device: torch.device, dtype: torch.dtype) -> _LoadedHPSv3:
         from transformers import AutoConfig, AutoProcessor, Qwen2VLModel
 

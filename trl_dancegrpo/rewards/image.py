@@ -66,6 +66,10 @@ class _OpenCLIPReward(ModelReward):
         """Local path of the weights, and the open_clip pretrained config (quick_gelu, mean, std...) if any."""
         raise NotImplementedError
 
+    def check_weights(self) -> None:
+        """Find (or download) the checkpoint now: the trainer calls this before it loads the pipeline."""
+        self._checkpoint()
+
     def _load_weights(self, model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
         if "logit_scale" in state_dict and state_dict["logit_scale"].ndim != model.logit_scale.ndim:
             state_dict["logit_scale"] = state_dict["logit_scale"].reshape(model.logit_scale.shape)
@@ -371,6 +375,11 @@ class PickScoreReward(_TransformersCLIPReward):
     def _cache_key(self) -> tuple:
         return (source_key(self.model_name_or_path), source_key(self.processor_name_or_path))
 
+    def check_weights(self) -> None:
+        """Find (or download) the model and processor files now: the trainer calls this before it loads the pipeline."""
+        _clip_model_dir(self.model_name_or_path, "model_name_or_path")
+        local_or_hub_dir(self.processor_name_or_path, ["*.json", "*.txt"], argument="processor_name_or_path")
+
     def _load(self, device: torch.device, dtype: torch.dtype) -> _LoadedCLIP:
         model_dir = _clip_model_dir(self.model_name_or_path, "model_name_or_path")
         processor_dir = local_or_hub_dir(
@@ -447,6 +456,11 @@ class AestheticReward(_TransformersCLIPReward):
     def _cache_key(self) -> tuple:
         source = source_key(self.checkpoint_path) or f"{AESTHETIC_REPO_ID}/{AESTHETIC_CHECKPOINT}"
         return (source_key(self.clip_model_name_or_path), source)
+
+    def check_weights(self) -> None:
+        """Find (or download) the predictor and its CLIP now: the trainer calls this before it loads the pipeline."""
+        local_or_hub_file(self.checkpoint_path, AESTHETIC_REPO_ID, AESTHETIC_CHECKPOINT, argument="checkpoint_path")
+        _clip_model_dir(self.clip_model_name_or_path, "clip_model_name_or_path")
 
     def _load(self, device: torch.device, dtype: torch.dtype) -> _LoadedCLIP:
         path = local_or_hub_file(

@@ -195,6 +195,10 @@ class ImageReward(ModelReward):
     def _cache_key(self) -> tuple:
         return (source_key(self.checkpoint_path), source_key(self.med_config_path), self.tokenizer_name_or_path)
 
+    def check_weights(self) -> None:
+        """Find (or download) the checkpoint now: the trainer calls this before it loads the pipeline."""
+        local_or_hub_file(self.checkpoint_path, IMAGEREWARD_REPO_ID, "ImageReward.pt", argument="checkpoint_path")
+
     def _load(self, device: torch.device, dtype: torch.dtype) -> _LoadedImageReward:
         from transformers import BertTokenizer, BlipTextModel, BlipVisionModel
 

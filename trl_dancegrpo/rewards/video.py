@@ -313,6 +313,12 @@ class VideoAlignReward(ModelReward):
                 return candidate
         return _BASE_MODEL_ALIASES.get(os.path.basename(name.rstrip("/")), name)
 
+    def check_weights(self) -> None:
+        """Find (or download) the reward checkpoint now: the trainer calls this before it loads the pipeline."""
+        local_or_hub_dir(
+            self.model_name_or_path, ["model_config.json", "checkpoint-*/model.pth"], argument="model_name_or_path"
+        )
+
     def _load(self, device: torch.device, dtype: torch.dtype) -> _LoadedVideoAlign:
         from transformers import AutoConfig, AutoProcessor, Qwen2VLModel
 

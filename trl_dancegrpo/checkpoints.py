@@ -1,0 +1,244 @@
+"""Safe checkpoints: one run per output_dir, compatibility checked before a resume, clear errors for broken files.
+
+- [`check_output_dir`]: a new run refuses an `output_dir` holding another run's checkpoints (unless it resumes, or
+  `overwrite_output_dir` deletes them first), so two runs never mix their checkpoints and `save_total_limit` never
+  deletes a checkpoint of an earlier run;
+- [`write_checkpoint_info`] / [`check_compatible`]: each checkpoint records the model family, the LoRA settings and
+  the trainable parameters; a resume with different ones is an error naming the checkpoint and the setting;
+- [`unreadable_file_error`], [`warn_missing_state_files`], [`check_finite_weights`]: a truncated or corrupted file is
+  named with its checkpoint and the previous one is suggested; missing optimizer/scheduler/RNG files are a warning;
+- [`save_rollout_buffer`] / [`load_rollout_buffer`]: the rollout that later optimizer steps still train on (with
+  `steps_per_generation > gradient_accumulation_steps` or `num_iterations > 1`) is saved with the checkpoint, so a
+  resume continues exactly.
+"""
+
+import glob
+import json
+import os
+import re
+import shutil
+
+import torch
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+CHECKPOINT_INFO_NAME = "dancegrpo_checkpoint.json"
+ROLLOUT_BUFFER_NAME = "rollout_buffer.pt"
+STATE_FILES = {"optimizer": "optimizer.pt", "scheduler": "scheduler.pt", "RNG state": "rng_state*.pth"}
+
+
+def _step_of(path: str) -> int:
+    match = re.search(r"checkpoint-(\d+)$", os.path.basename(os.path.normpath(path)))
+    return int(match.group(1)) if match else -1
+
+
+def list_checkpoints(folder: str) -> list[str]:
+    """The complete `checkpoint-N` folders of `folder`, by step (a half-written `tmp-checkpoint-N` is not one)."""
+    if not os.path.isdir(folder):
+        return []
+    found = [os.path.join(folder, name) for name in os.listdir(folder) if re.fullmatch(r"checkpoint-\d+", name)]
+    return sorted((path for path in found if os.path.isdir(path)), key=_step_of)
+
+
+def previous_checkpoint(checkpoint: str) -> str | None:
+    earlier = [
+        path
+        for path in list_checkpoints(os.path.dirname(os.path.normpath(checkpoint)))
+        if _step_of(path) < _step_of(checkpoint)
+    ]
+    return earlier[-1] if earlier else None
+
+
+def _suggest_previous(checkpoint: str) -> str:
+    previous = previous_checkpoint(checkpoint)
+    if previous is None:
+        return "There is no earlier checkpoint in that folder: start afresh."
+    return f"Resume from the previous checkpoint instead: resume_from_checkpoint={previous!r}."
+
+
+# -- one run per output_dir -------------------------------------------------------------------------------------------
+def check_output_dir(args, resume_from_checkpoint, is_main_process: bool) -> None:
+    """Refuse to start a new run where another run left checkpoints, or delete them with `overwrite_output_dir`."""
+    if resume_from_checkpoint not in (None, False):
+        return
+    existing = list_checkpoints(args.output_dir)
+    if not existing:
+        return
+    names = ", ".join(os.path.basename(path) for path in existing)
+    if not args.overwrite_output_dir:
+        raise ValueError(
+            f"output_dir {args.output_dir!r} already holds checkpoints of an earlier run ({names}). Resume that run "
+            "with resume_from_checkpoint=True (--resume_from_checkpoint true), start afresh and delete them with "
+            "overwrite_output_dir=True (--overwrite_output_dir), or choose another output_dir."
+        )
+    if is_main_process:
+        logger.warning(f"overwrite_output_dir: deleting the earlier run's checkpoints in {args.output_dir}: {names}.")
+        for path in existing:
+            shutil.rmtree(path)
+
+
+# -- what a checkpoint was trained with -------------------------------------------------------------------------------
+def _plain_name(name: str) -> str:
+    """A parameter's name without the wrappers FSDP and activation checkpointing insert."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name
+
+
+def checkpoint_info(trainer) -> dict:
+    denoiser = trainer.accelerator.unwrap_model(trainer.model)
+    info = {
+        "pipeline": type(trainer.pipeline).__name__,
+        "denoiser": type(denoiser).__name__,
+        "lora": None,
+        "trainable_parameters": sorted(
+            _plain_name(name) for name, p in denoiser.named_parameters() if p.requires_grad
+        ),
+    }
+    if trainer.is_lora:
+        lora = denoiser.peft_config["default"]
+        targets = lora.target_modules
+        info["lora"] = {
+            "r": lora.r,
+            "lora_alpha": lora.lora_alpha,
+            "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets,
+        }
+    return info
+
+
+def write_checkpoint_info(trainer, folder: str) -> None:
+    with open(os.path.join(folder, CHECKPOINT_INFO_NAME), "w", encoding="utf-8") as handle:
+        json.dump(checkpoint_info(trainer), handle, indent=1)
+
+
+def _saved_lora_metadata(checkpoint: str) -> dict | None:
+    """LoRA rank, alpha and targets from the adapter metadata diffusers stores in the safetensors header."""
+    from safetensors import safe_open
+
+    path = os.path.join(checkpoint, "pytorch_lora_weights.safetensors")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as error:
+        raise unreadable_file_error(path, checkpoint, error) from None
+    for key, value in metadata.items():
+        if key.endswith("lora_adapter_metadata"):
+            # diffusers prefixes each entry with the component: {"transformer.r": 4, ...}
+            saved = {name.split(".", 1)[-1]: item for name, item in json.loads(value).items()}
+            targets = saved.get("target_modules")
+            targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+            return {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"), "target_modules": targets}
+    return None
+
+
+def check_compatible(trainer, checkpoint: str) -> None:
+    """Raise a `ValueError` naming the checkpoint and the setting if it was trained with another model or LoRA."""
+    current = checkpoint_info(trainer)
+    path = os.path.join(checkpoint, CHECKPOINT_INFO_NAME)
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                saved = json.load(handle)
+        except (OSError, ValueError) as error:
+            raise unreadable_file_error(path, checkpoint, error) from None
+    else:  # written before this file existed: what the LoRA's own metadata tells
+        saved = {"lora": _saved_lora_metadata(checkpoint)} if trainer.is_lora else {}
+    fix = "resume with the settings it was trained with, or start afresh in another output_dir"
+    for key in ("pipeline", "denoiser"):
+        if key in saved and saved[key] != current[key]:
+            raise ValueError(
+                f"Cannot resume from {checkpoint}: it was trained on a {saved[key]} ({key}), this run trains a "
+                f"{current[key]}; {fix}."
+            )
+    if "lora" in saved and (saved["lora"] is None) != (current["lora"] is None):
+        kind = "a LoRA" if saved["lora"] is not None else "the full denoiser"
+        raise ValueError(f"Cannot resume from {checkpoint}: it holds {kind}, this run trains otherwise; {fix}.")
+    if saved.get("lora") and current["lora"]:
+        for setting in ("r", "lora_alpha", "target_modules"):
+            if saved["lora"].get(setting) is not None and saved["lora"][setting] != current["lora"][setting]:
+                raise ValueError(
+                    f"Cannot resume from {checkpoint}: its LoRA has {setting}={saved['lora'][setting]!r}, this run's "
+                    f"peft_config has {setting}={current['lora'][setting]!r}; {fix}."
+                )
+    if "trainable_parameters" in saved and saved["trainable_parameters"] != current["trainable_parameters"]:
+        saved_names, names = set(saved["trainable_parameters"]), set(current["trainable_parameters"])
+        missing, extra = sorted(names - saved_names), sorted(saved_names - names)
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: it trained another set of parameters ({len(missing)} of this run's "
+            f"trainable parameters are not in it, e.g. {missing[:2]}; {len(extra)} of its are not trained here, e.g. "
+            f"{extra[:2]}); {fix}."
+        )
+
+
+def check_loaded_keys(checkpoint: str, missing_keys, unexpected_keys) -> None:
+    """After loading a LoRA: every adapter weight must have come from the checkpoint, and nothing else."""
+    missing = [key for key in missing_keys or [] if "lora_" in key]
+    if missing or unexpected_keys:
+        raise ValueError(
+            f"The LoRA in {checkpoint} does not match this run's adapter (missing keys such as {missing[:3]}, "
+            f"unexpected keys such as {list(unexpected_keys or [])[:3]}); resume with the same model and peft_config."
+        )
+
+
+# -- broken or incomplete checkpoints ---------------------------------------------------------------------------------
+def unreadable_file_error(path: str, checkpoint: str, error: BaseException) -> ValueError:
+    return ValueError(
+        f"Cannot read {os.path.basename(path)} of the checkpoint {checkpoint} (truncated or corrupted? "
+        f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}). "
+        f"{_suggest_previous(checkpoint)}"
+    )
+
+
+def warn_missing_state_files(checkpoint: str) -> None:
+    missing = [what for what, pattern in STATE_FILES.items() if not glob.glob(os.path.join(checkpoint, pattern))]
+    if missing:
+        logger.warning(
+            f"The checkpoint {checkpoint} has no {', no '.join(missing)} file: training resumes with a fresh "
+            f"{' and '.join(missing)} (saved with save_only_model=True, or copied incompletely?), so it will not "
+            "continue exactly as the original run would have."
+        )
+
+
+def check_finite_weights(module: torch.nn.Module, checkpoint: str) -> None:
+    """NaN or infinite trainable weights right after a resume: the checkpoint's fault, not the rewards'."""
+    for name, param in module.named_parameters():
+        if param.requires_grad and not torch.isfinite(param.detach()).all():
+            raise ValueError(
+                f"The weights loaded from {checkpoint} are not finite (NaN or inf in {name}): training had diverged "
+                f"before that checkpoint was saved. {_suggest_previous(checkpoint)}"
+            )
+
+
+# -- the rollout several optimizer steps train on ---------------------------------------------------------------------
+def _buffer_path(folder: str, suffix: str) -> str:
+    return os.path.join(folder, ROLLOUT_BUFFER_NAME.replace(".pt", f"{suffix}.pt"))
+
+
+def save_rollout_buffer(folder: str, step: int, chunks: list[dict], suffix: str = "") -> None:
+    """Save this process's buffered rollout (dicts of tensors) and the micro-step counter it belongs to."""
+    torch.save({"step": step, "chunks": chunks}, _buffer_path(folder, suffix))
+
+
+def load_rollout_buffer(checkpoint: str, device, suffix: str = "") -> dict | None:
+    path = _buffer_path(checkpoint, suffix)
+    if not os.path.isfile(path):
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise unreadable_file_error(path, checkpoint, error) from None
+    return _to_device(saved, device)
+
+
+def _to_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(item, device) for item in value)
+    return value

@@ -1,0 +1,137 @@
+"""Checks of single [`DanceGRPOConfig`] values that need neither torch nor transformers.
+
+`DanceGRPOConfig.__post_init__` runs them first, and the command line runs them on the parsed options before it
+imports anything heavy, so a wrong value is reported in a fraction of a second (see `cli_checks.py`). Checks that
+need the number of processes or the device stay in `DanceGRPOConfig.__post_init__`.
+"""
+
+import json
+import math
+import warnings
+
+
+AGGREGATIONS = ("normalize_then_sum", "sum_then_normalize")
+SDE_TYPES = ("dancegrpo", "flow_grpo", "cps")
+WINDOW_SCHEDULES = ("random", "sliding")
+
+
+def parse_reward_kwargs(value) -> dict[str, dict] | None:
+    """`reward_kwargs` as a dict of dicts: a mapping (Python, YAML) or its JSON text (command line)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"reward_kwargs must be a JSON object mapping reward names to keyword arguments, e.g. "
+                f'\'{{"hpsv2.1": {{"checkpoint_path": "/models/HPS_v2.1_compressed.pt"}}}}\'; got {value!r} ({error}).'
+            ) from None
+    if not isinstance(value, dict) or not all(isinstance(kwargs, dict) for kwargs in value.values()):
+        raise ValueError(
+            "reward_kwargs must map each reward name (as given in reward_funcs) to a dict of keyword arguments, e.g. "
+            f'{{"hpsv2.1": {{"checkpoint_path": "/models/HPS_v2.1_compressed.pt"}}}}; got {value!r}.'
+        )
+    return {str(name): dict(kwargs) for name, kwargs in value.items()}
+
+
+def check_values(args) -> None:
+    """Raise a `ValueError` naming the first option (attribute of `args`) whose value is out of range."""
+    if args.num_generations < 2:
+        raise ValueError(
+            f"num_generations must be at least 2 (got {args.num_generations}): group-relative advantages need "
+            "several samples of each prompt."
+        )
+    if args.per_device_train_batch_size is not None and args.per_device_train_batch_size < 1:
+        raise ValueError(
+            f"per_device_train_batch_size must be at least 1 (got {args.per_device_train_batch_size}); it counts the "
+            "samples (not prompts) of one micro-step on each device."
+        )
+    if not 0 < args.timestep_fraction <= 1:
+        raise ValueError(f"timestep_fraction must be in (0, 1], got {args.timestep_fraction}.")
+    if args.num_inference_steps < 2:
+        raise ValueError(
+            f"num_inference_steps must be at least 2, got {args.num_inference_steps}: the last step is "
+            "deterministic (the clean image), so one step leaves nothing to train."
+        )
+    if args.sde_type not in SDE_TYPES:
+        raise ValueError(f"sde_type must be one of {SDE_TYPES}, got {args.sde_type!r}.")
+    if args.eta is not None and args.eta <= 0:
+        raise ValueError(
+            f"eta must be > 0 or None (got {args.eta}): with a deterministic sampler the transitions have no log-prob."
+        )
+    if args.sde_type == "cps" and args.eta is not None and args.eta > 1:
+        raise ValueError(
+            f"With sde_type='cps', eta is in (0, 1] (std = sigma_next * sin(eta * pi / 2)), got {args.eta}."
+        )
+    if args.epsilon <= 0:
+        raise ValueError(f"epsilon (the clip range) must be > 0, got {args.epsilon}.")
+    if args.adv_clip_max <= 0:
+        raise ValueError(f"adv_clip_max must be > 0, got {args.adv_clip_max}.")
+    if args.beta < 0:
+        raise ValueError(f"beta must be >= 0, got {args.beta}.")
+    if args.shift is not None and args.shift <= 0:
+        raise ValueError(f"shift must be > 0 or None, got {args.shift}.")
+    if args.guidance_scale is not None and args.guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0 or None, got {args.guidance_scale}.")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and (value <= 0 or value % 16):
+            raise ValueError(f"{name} must be a positive multiple of 16, got {value}.")
+    if args.multi_objective_aggregation not in AGGREGATIONS:
+        raise ValueError(
+            f"multi_objective_aggregation must be one of {AGGREGATIONS}, got {args.multi_objective_aggregation!r}."
+        )
+    if args.num_iterations < 1:
+        raise ValueError(f"num_iterations must be at least 1, got {args.num_iterations}.")
+    if args.rollout_batch_size is not None and args.rollout_batch_size < 1:
+        raise ValueError(f"rollout_batch_size must be a positive integer or None, got {args.rollout_batch_size}.")
+    if args.num_frames is not None and args.num_frames < 1:
+        raise ValueError(f"num_frames must be a positive integer or None, got {args.num_frames}.")
+    check_reward_values(args)
+
+
+def check_sde_window(args) -> list[int] | None:
+    """Check the SDE window settings; returns the window's range `[start, end)` when a window is set, else `None`."""
+    trainable = args.num_inference_steps - 1  # the last step is deterministic
+    if args.sde_window_schedule not in WINDOW_SCHEDULES:
+        raise ValueError(f"sde_window_schedule must be one of {WINDOW_SCHEDULES}, got {args.sde_window_schedule!r}.")
+    if args.sde_window_interval < 1:
+        raise ValueError(f"sde_window_interval must be at least 1, got {args.sde_window_interval}.")
+    if args.sde_window_size is None:
+        if args.sde_window_range is not None:
+            raise ValueError("sde_window_range is set but sde_window_size is not: set the window's size too.")
+        return None
+    start, end = args.sde_window_range if args.sde_window_range is not None else (0, trainable)
+    if args.sde_window_range is not None and (len(args.sde_window_range) != 2 or not 0 <= start < end <= trainable):
+        raise ValueError(
+            f"sde_window_range must be [start, end) with 0 <= start < end <= num_inference_steps - 1 = {trainable} "
+            f"(the last step is never stochastic), got {args.sde_window_range}."
+        )
+    if not 1 <= args.sde_window_size <= end - start:
+        raise ValueError(
+            f"sde_window_size must be from 1 to the size of sde_window_range [{start}, {end}) = {end - start}, got "
+            f"{args.sde_window_size}; lower it or widen the range (num_inference_steps {args.num_inference_steps})."
+        )
+    return [start, end]
+
+
+def check_reward_values(args) -> None:
+    if args.reward_weights is not None:
+        for i, weight in enumerate(args.reward_weights):
+            if not math.isfinite(weight):
+                raise ValueError(
+                    f"reward_weights[{i}] is {weight}; every reward weight must be a finite number (an infinite weight "
+                    "pins every advantage to +-adv_clip_max)."
+                )
+        zero = [i for i, weight in enumerate(args.reward_weights) if weight == 0]
+        if zero:
+            warnings.warn(
+                f"reward_weights{zero} is 0: that reward is computed and logged but does not affect training.",
+                stacklevel=3,
+            )
+    if args.reward_timeout is not None and not args.reward_timeout > 0:
+        raise ValueError(f"reward_timeout must be a number of seconds > 0 or None, got {args.reward_timeout}.")
+    if args.reward_retries < 0:
+        raise ValueError(f"reward_retries must be >= 0, got {args.reward_retries}.")
+    parse_reward_kwargs(args.reward_kwargs)
