@@ -96,7 +96,9 @@ def test_loss_batches_mix_experts_and_keep_ratio_one(tiny_pipeline_path, tmp_pat
 
 def test_lora_round_trip_through_diffusers_two_expert_loader(tiny_pipeline_path, tmp_path):
     path = tiny_pipeline_path("tiny-wan22")
-    trainer = make_video_trainer("tiny-wan22", tiny_pipeline_path, tmp_path, peft_config=lora_config())
+    trainer = make_video_trainer(
+        "tiny-wan22", tiny_pipeline_path, tmp_path, peft_config=lora_config(), learning_rate=1e-2
+    )
     trainer.train()
     folder = tmp_path / "lora"
     trainer.save_model(str(folder))

@@ -423,25 +423,12 @@ TINY_PIPELINES.update(
 
 
 # -- Wan 2.2 (two experts; TI2V-5B), Z-Image, FLUX.2 [klein] -------------------------------------------------------------
-def tiny_wan22_pipeline(seed: int = 0):
-    """A `WanPipeline` in its Wan 2.2 A14B form: two experts, `transformer` (high noise, steps with t >= 875) and
-    `transformer_2` (low noise), as diffusers' own Wan 2.2 tests build it."""
-    from diffusers import WanPipeline, WanTransformer3DModel
+def _wan22_vae(seed: int):
+    """The Wan 2.2 VAE (48 channels, 16x spatial compression, residual blocks), at diffusers' test sizes."""
+    from diffusers import AutoencoderKLWan
 
-    components = _wan_components(in_channels=16, seed=seed)
-    torch.manual_seed(seed + 1)  # the experts differ, as the real ones do
-    transformer_2 = WanTransformer3DModel(**components["transformer"].config)
-    return WanPipeline(**components, transformer_2=transformer_2, boundary_ratio=0.875)
-
-
-def tiny_wan22_ti2v_pipeline(seed: int = 0):
-    """A `WanPipeline` in its Wan 2.2 TI2V-5B form: one transformer with per-token timesteps (`expand_timesteps`) and
-    the Wan 2.2 VAE (48 channels, 16x spatial compression)."""
-    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
-
-    components = _wan_components(in_channels=48, seed=seed)
     torch.manual_seed(seed)
-    components["vae"] = AutoencoderKLWan(
+    return AutoencoderKLWan(
         base_dim=3,
         z_dim=48,
         in_channels=12,
@@ -456,8 +443,53 @@ def tiny_wan22_ti2v_pipeline(seed: int = 0):
         scale_factor_temporal=4,
         temperal_downsample=[False, True, True],
     )
+
+
+def _wan22_transformer(seed: int):
+    from diffusers import WanTransformer3DModel
+
     torch.manual_seed(seed)
-    components["transformer"] = WanTransformer3DModel(**{**components["transformer"].config, "out_channels": 48})
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=48,
+        out_channels=48,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+
+
+def tiny_wan22_pipeline(seed: int = 0):
+    """A `WanPipeline` in its Wan 2.2 A14B form: two experts, `transformer` (high noise, steps with t >= 875) and
+    `transformer_2` (low noise), for 32-64 px and 1 + 4k frames.
+
+    It decodes with the Wan 2.2 VAE (A14B uses Wan 2.1's): the tiny random Wan 2.1 decoder hardly lets the latents
+    move the mean brightness (a unit shift of any latent channel moves it by under 0.001; Wan 2.2's: up to 0.015), so
+    a brightness reward could not be learned in the two-sided learning test.
+    """
+    from diffusers import WanPipeline
+
+    components = _wan_components(in_channels=48, seed=seed)
+    components["vae"] = _wan22_vae(seed)
+    components["transformer"] = _wan22_transformer(seed)
+    transformer_2 = _wan22_transformer(seed + 1)  # the experts differ, as the real ones do
+    return WanPipeline(**components, transformer_2=transformer_2, boundary_ratio=0.875)
+
+
+def tiny_wan22_ti2v_pipeline(seed: int = 0):
+    """A `WanPipeline` in its Wan 2.2 TI2V-5B form: one transformer with per-token timesteps (`expand_timesteps`) and
+    the Wan 2.2 VAE, as diffusers' own tests build it."""
+    from diffusers import WanPipeline
+
+    components = _wan_components(in_channels=48, seed=seed)
+    components["vae"] = _wan22_vae(seed)
+    components["transformer"] = _wan22_transformer(seed)
     return WanPipeline(**components, expand_timesteps=True)
 
 
