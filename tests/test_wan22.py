@@ -188,3 +188,31 @@ def test_clear_errors(tiny_pipeline_path, tmp_path):
     pipeline.register_to_config(boundary_ratio=None)
     with pytest.raises(ValueError, match="no `boundary_ratio`"):
         make_video_trainer("tiny-wan22", lambda name: pipeline, tmp_path)
+
+
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+def test_model_card_loads_both_experts(use_lora, tiny_pipeline_path, tmp_path):
+    from huggingface_hub import ModelCard
+
+    trainer = make_video_trainer(
+        "tiny-wan22",
+        tiny_pipeline_path,
+        tmp_path,
+        peft_config=lora_config() if use_lora else None,
+        max_steps=1,
+        hub_model_id="user/wan22-dancegrpo",
+    )
+    trainer.train()
+    trainer.create_model_card()
+    card = ModelCard.load(os.path.join(trainer.args.output_dir, "README.md")).text
+    if use_lora:
+        assert 'pipe.load_lora_weights("user/wan22-dancegrpo")\n' in card
+        assert (
+            'pipe.load_lora_weights("user/wan22-dancegrpo", weight_name="pytorch_lora_weights_transformer_2.safetensors"'
+            ", load_into_transformer_2=True)\n" in card
+        )
+    else:
+        for name in EXPERTS:
+            assert f'{name} = WanTransformer3DModel.from_pretrained("user/wan22-dancegrpo", subfolder="{name}"' in card
+        assert "transformer=transformer, transformer_2=transformer_2, torch_dtype" in card
+    assert "guidance_scale=4," in card

@@ -175,6 +175,10 @@ class PipelineAdapter:
                 f"{result.unexpected_keys[:3]}); resume with the same peft_config."
             )
 
+    def trained_components(self) -> list[str]:
+        """The pipeline components the trainer updates (the model card's loading example)."""
+        return [self.denoiser_name]
+
     def lora_load_arguments(self) -> list[str]:
         """The arguments after the repository id of each `pipe.load_lora_weights(...)` call that restores the LoRA."""
         return [""]

@@ -174,6 +174,9 @@ class Wan22Adapter(WanAdapter):
                     f"{result.unexpected_keys[:3]}); resume with the same peft_config and train_experts."
                 )
 
+    def trained_components(self) -> list[str]:
+        return list(self.experts.trained)
+
     def lora_load_arguments(self) -> list[str]:
         arguments = {
             "transformer": "",
