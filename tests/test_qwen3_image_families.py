@@ -58,7 +58,7 @@ def test_rollout_is_the_pipelines_sampler(name, tiny_pipeline_path, tmp_path):
     trainer = make_trainer(tiny_pipeline_path(name), tmp_path, num_inference_steps=3, guidance_scale=3.0)
     adapter = trainer.adapter
     images, _ = trainer.generate(["a blue house"], seed=0)
-    noise = trainer._initial_noise(1, 0, 0, 1)
+    noise = trainer.sampler.initial_noise(0, 1, 0, 1, "cpu")
     if name == "tiny-flux2-klein":  # the pipeline takes the noise before packing: (1, C, h, w)
         noise = noise.transpose(1, 2)
     latents = noise.reshape(1, *adapter.latent_shape)

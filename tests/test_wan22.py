@@ -81,8 +81,15 @@ def test_each_step_uses_the_pipelines_expert(tiny_pipeline_path, tmp_path):
 def test_loss_batches_mix_experts_and_keep_ratio_one(tiny_pipeline_path, tmp_path):
     # the loss re-scores random steps per sample: a batch holds rows of both experts, each sent to its own
     trainer = make_video_trainer(
-        "tiny-wan22", tiny_pipeline_path, tmp_path, max_steps=1, rollout_batch_size=4, learning_rate=1.0
+        "tiny-wan22",
+        tiny_pipeline_path,
+        tmp_path,
+        max_steps=1,
+        rollout_batch_size=4,
+        learning_rate=1.0,
+        timestep_fraction=1.0,  # the first T - 1 = 3 steps: 2 high-noise, 1 low-noise
     )
+    assert trainer.adapter.expert_of_step.tolist() == [0, 0, 1, 1]
     seen = []
     record_experts(trainer.pipeline, seen)
     trainer.train()
@@ -216,3 +223,19 @@ def test_model_card_loads_both_experts(use_lora, tiny_pipeline_path, tmp_path):
             assert f'{name} = WanTransformer3DModel.from_pretrained("user/wan22-dancegrpo", subfolder="{name}"' in card
         assert "transformer=transformer, transformer_2=transformer_2, torch_dtype" in card
     assert "guidance_scale=4," in card
+
+
+def test_sde_window_and_clean_last_step(tiny_pipeline_path, tmp_path):
+    # a window of 2 SDE steps of 4 (ODE elsewhere, the last step clean); the trained steps lie in the window, both
+    # experts' steps can be in it, and the loss re-scores them on policy
+    trainer = make_video_trainer(
+        "tiny-wan22", tiny_pipeline_path, tmp_path, max_steps=1, sde_window_size=2, learning_rate=1.0
+    )
+    rows = [{"prompt": p} for p in ["a cat"] * 4 + ["a dog"] * 4]
+    batch = trainer._generate_and_score(rows)
+    window = trainer.sampler.window(trainer.args.seed, 0)
+    stochastic = (batch["log_probs"] != 0).all(dim=0).tolist()
+    assert stochastic == [i in window for i in range(4)] and not stochastic[-1]
+    assert set(batch["train_steps"].flatten().tolist()) <= set(window)
+    trainer.train()
+    assert_first_step_on_policy(trainer)

@@ -12,6 +12,7 @@ class Flux2KleinAdapter(FlowMatchAdapter):
     """FLUX.2 [klein] text-to-image (its reference-image editing is not used)."""
 
     pipeline_class_names = ("Flux2KleinPipeline",)
+    default_eta = 0.3  # DanceGRPO's FLUX recipe (no public recipe of its own)
     max_sequence_length = 512  # Qwen3 tokens, as Flux2KleinPipeline
     text_encoder_out_layers = (9, 18, 27)  # the pipeline's default
     # both streams' attention and feed-forward projections, and the single blocks' fused QKV + MLP input projection

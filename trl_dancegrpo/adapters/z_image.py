@@ -12,6 +12,7 @@ class ZImageAdapter(FlowMatchAdapter):
     pipeline's own `guidance_scale` counts from 0 (`cond + g * (cond - uncond)`), so it is ours minus 1."""
 
     pipeline_class_names = ("ZImagePipeline",)
+    default_eta = 0.3  # DanceGRPO's FLUX recipe (no public recipe of its own)
     default_guidance_scale = 1.0  # Z-Image-Turbo samples without CFG (its pipeline's guidance_scale=0)
     max_sequence_length = 512  # Qwen3 tokens, as ZImagePipeline
     # the attention and SwiGLU feed-forward projections of every block (the main layers and both refiners)
