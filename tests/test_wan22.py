@@ -239,3 +239,18 @@ def test_sde_window_and_clean_last_step(tiny_pipeline_path, tmp_path):
     assert set(batch["train_steps"].flatten().tolist()) <= set(window)
     trainer.train()
     assert_first_step_on_policy(trainer)
+
+
+def test_two_experts_refuse_fsdp(tiny_pipeline_path, tmp_path, monkeypatch):
+    from trl_dancegrpo import DanceGRPOTrainer
+
+    create = DanceGRPOTrainer.create_accelerator_and_postprocess
+
+    def as_if_fsdp(self):  # what `accelerate launch --use_fsdp` makes the Trainer see
+        create(self)
+        self.is_fsdp_enabled = True
+
+    monkeypatch.setattr(DanceGRPOTrainer, "create_accelerator_and_postprocess", as_if_fsdp)
+    with pytest.raises(ValueError, match="two experts, which train under DDP"):
+        make_video_trainer("tiny-wan22", tiny_pipeline_path, tmp_path)
+    make_video_trainer("tiny-wan22-ti2v", tiny_pipeline_path, tmp_path)  # one transformer: FSDP is fine
