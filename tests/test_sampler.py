@@ -24,7 +24,7 @@ def record_predictions(trainer) -> list[tuple[list[int], bool]]:
     return calls
 
 
-@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd"])
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd", "tiny-z-image", "tiny-flux2-klein"])
 def test_rewards_see_the_clean_image_of_the_last_step(name, tiny_pipeline_path, tmp_path):
     seen = []
 
@@ -40,7 +40,7 @@ def test_rewards_see_the_clean_image_of_the_last_step(name, tiny_pipeline_path, 
     step_index = torch.full((len(ROWS),), 3)
     with torch.no_grad():
         output = denoise(adapter, trainer.denoiser, x, step_index, batch["cond"], batch["negative_cond"])
-        if name == "tiny-flux":  # the x0 estimate of the last step, x - sigma * v
+        if name != "tiny-sd":  # the x0 estimate of the last step, x - sigma * v
             clean = x - adapter.sigmas[3] * output
         else:  # DDIM's deterministic last step
             clean = adapter.step(output, x, step_index, 0.0).prev_sample
@@ -114,7 +114,7 @@ def test_only_window_steps_carry_noise(tiny_pipeline_path, tmp_path):
     assert set(batch["train_steps"].flatten().tolist()) <= set(window)
 
 
-@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd"])
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd", "tiny-z-image", "tiny-flux2-klein"])
 def test_shared_prefix_gives_the_same_trajectories(name, tiny_pipeline_path, tmp_path):
     trainer = make_trainer(tiny_pipeline_path(name), tmp_path, num_inference_steps=6, sde_window_size=2)
     prompts = [row["prompt"] for row in ROWS]

@@ -74,6 +74,10 @@ class DanceGRPOConfig(TrainingArguments):
             Frames per video, for video pipelines (`1 + 4k` for the supported video VAEs). `None` uses the family's
             default: 53 for HunyuanVideo (DanceGRPO's recipe), 97 for SkyReels, 81 for Wan. Image pipelines refuse
             other values than `None` and `1`.
+        train_experts (`list[str]`, *optional*):
+            For two-expert models (Wan 2.2 A14B): the experts to train, `"transformer"` (high-noise steps) and/or
+            `"transformer_2"` (low-noise steps); the other one samples its steps unchanged. `None` trains both. Other
+            models refuse it.
         init_same_noise (`bool`, *optional*, defaults to `True`):
             Whether all samples of a group start from the same initial noise (the paper's guard against reward
             hacking). The SDE noise of later steps always differs per sample.
@@ -218,6 +222,12 @@ class DanceGRPOConfig(TrainingArguments):
     width: int | None = field(default=None, metadata={"help": "Image width; None = the pipeline's default."})
     num_frames: int | None = field(
         default=None, metadata={"help": "Frames per video (video pipelines, 1 + 4k); None = the family's default."}
+    )
+    train_experts: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Two-expert models (Wan 2.2): experts to train, transformer and/or transformer_2; None = both."
+        },
     )
     init_same_noise: bool = field(
         default=True, metadata={"help": "All samples of a group start from the same initial noise."}

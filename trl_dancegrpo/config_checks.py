@@ -88,6 +88,12 @@ def check_values(args) -> None:
         raise ValueError(f"rollout_batch_size must be a positive integer or None, got {args.rollout_batch_size}.")
     if args.num_frames is not None and args.num_frames < 1:
         raise ValueError(f"num_frames must be a positive integer or None, got {args.num_frames}.")
+    experts = getattr(args, "train_experts", None)
+    if experts is not None and (not experts or set(experts) - {"transformer", "transformer_2"}):
+        raise ValueError(
+            f"train_experts={experts}: give one or both of 'transformer' (high noise) and 'transformer_2' (low "
+            "noise), or None for both."
+        )
     check_reward_values(args)
 
 

@@ -148,7 +148,7 @@ def training_settings(trainer) -> list[tuple[str, str]]:
         targets = sorted(lora.target_modules) if isinstance(lora.target_modules, (set, list)) else lora.target_modules
         rows.append(("fine-tuning", f"LoRA (r={lora.r}, alpha={lora.lora_alpha}, target modules {targets})"))
     else:
-        rows.append(("fine-tuning", f"full ({adapter.denoiser_name})"))
+        rows.append(("fine-tuning", f"full ({', '.join(adapter.trained_components())})"))
     rows += [
         ("optimizer steps", str(trainer.state.global_step)),
         ("processes", str(args.world_size)),
@@ -386,7 +386,14 @@ def write_model_card(trainer, model_name=None, dataset_name=None, tags=None, lic
         needs_image=task == "image-to-video",
         pipeline_class=type(pipeline).__name__,
         denoiser_name=adapter.denoiser_name,
-        denoiser_class=plain_class(trainer.accelerator.unwrap_model(trainer.model)).__name__,
+        denoiser_class=plain_class(
+            getattr(pipeline, adapter.trained_components()[0])
+            if adapter.has_experts  # the trained model holds the experts: the class of each is the pipeline's
+            else trainer.accelerator.unwrap_model(trainer.model)
+        ).__name__,
+        trained_components=adapter.trained_components(),
+        component_subfolders=adapter.has_experts,  # saved in the pipeline's layout, one folder per expert
+        lora_load_arguments=adapter.lora_load_arguments(),
         prompts=prompts,
         example_prompt=json.dumps(prompts[0] if prompts else "a photo of a cat", ensure_ascii=False),
         sample_grid=grid,
@@ -396,7 +403,7 @@ def write_model_card(trainer, model_name=None, dataset_name=None, tags=None, lic
         has_eval=any(reward["eval"] for reward in rewards),
         settings=training_settings(trainer),
         num_inference_steps=args.num_inference_steps,
-        guidance_scale=f"{adapter.guidance_scale:g}",
+        guidance_scale=f"{adapter.pipeline_guidance_scale():g}",
         height=adapter.height,
         width=adapter.width,
         num_frames=getattr(adapter, "num_frames", None),

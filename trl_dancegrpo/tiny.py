@@ -420,3 +420,219 @@ TINY_PIPELINES.update(
         "tiny-sd3": tiny_sd3_pipeline,
     }
 )
+
+
+# -- Wan 2.2 (two experts; TI2V-5B), Z-Image, FLUX.2 [klein] -------------------------------------------------------------
+def _wan22_vae(seed: int):
+    """The Wan 2.2 VAE (48 channels, 16x spatial compression, residual blocks), at diffusers' test sizes."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(
+        base_dim=3,
+        z_dim=48,
+        in_channels=12,
+        out_channels=12,
+        is_residual=True,
+        patch_size=2,
+        latents_mean=[0.0] * 48,
+        latents_std=[1.0] * 48,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        scale_factor_spatial=16,
+        scale_factor_temporal=4,
+        temperal_downsample=[False, True, True],
+    )
+
+
+def _wan22_transformer(seed: int):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=48,
+        out_channels=48,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+
+
+def tiny_wan22_pipeline(seed: int = 0):
+    """A `WanPipeline` in its Wan 2.2 A14B form: two experts, `transformer` (high noise, steps with t >= 875) and
+    `transformer_2` (low noise), for 32-64 px and 1 + 4k frames.
+
+    It decodes with the Wan 2.2 VAE (A14B uses Wan 2.1's): the tiny random Wan 2.1 decoder hardly lets the latents
+    move the mean brightness (a unit shift of any latent channel moves it by under 0.001; Wan 2.2's: up to 0.015), so
+    a brightness reward could not be learned in the two-sided learning test.
+    """
+    from diffusers import WanPipeline
+
+    components = _wan_components(in_channels=48, seed=seed)
+    components["vae"] = _wan22_vae(seed)
+    components["transformer"] = _wan22_transformer(seed)
+    transformer_2 = _wan22_transformer(seed + 1)  # the experts differ, as the real ones do
+    return WanPipeline(**components, transformer_2=transformer_2, boundary_ratio=0.875)
+
+
+def tiny_wan22_ti2v_pipeline(seed: int = 0):
+    """A `WanPipeline` in its Wan 2.2 TI2V-5B form: one transformer with per-token timesteps (`expand_timesteps`) and
+    the Wan 2.2 VAE, as diffusers' own tests build it."""
+    from diffusers import WanPipeline
+
+    components = _wan_components(in_channels=48, seed=seed)
+    components["vae"] = _wan22_vae(seed)
+    components["transformer"] = _wan22_transformer(seed)
+    return WanPipeline(**components, expand_timesteps=True)
+
+
+def _qwen_tokenizer(max_length: int = 48):
+    """A byte-level BPE tokenizer without merges (one token per byte) and the Qwen chat template's tags."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    for char in bytes_to_unicode().values():
+        vocab.setdefault(char, len(vocab))
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return tokenizer
+
+
+def _qwen3_config(num_layers: int):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=260,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+
+
+def tiny_z_image_pipeline(seed: int = 0):
+    """A `ZImagePipeline` (Z-Image) with a two-layer transformer and a two-layer Qwen3 text encoder (diffusers' test
+    sizes), for 32x32 to 64x64 images."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Model
+
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=16,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        norm_eps=1e-5,
+        qk_norm=True,
+        cap_feat_dim=16,
+        rope_theta=256.0,
+        t_scale=1000.0,
+        axes_dims=[8, 4, 4],
+        axes_lens=[256, 32, 32],
+    )
+    with torch.no_grad():  # created with torch.empty: fixed values, as diffusers' tests do
+        transformer.x_pad_token.copy_(torch.ones_like(transformer.x_pad_token))
+        transformer.cap_pad_token.copy_(torch.ones_like(transformer.cap_pad_token))
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        sample_size=32,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+    )
+    torch.manual_seed(seed)
+    text_encoder = Qwen3Model(_qwen3_config(num_layers=2))
+    return ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_qwen_tokenizer(),
+        transformer=transformer,
+    )
+
+
+def tiny_flux2_klein_pipeline(seed: int = 0, is_distilled: bool = False):
+    """A `Flux2KleinPipeline` (FLUX.2 [klein], base form: CFG) with a two-block transformer and a 28-layer Qwen3 text
+    encoder of width 16 (the pipeline stacks layers 9, 18 and 27)."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=48,  # three Qwen3 layers of width 16, side by side
+        timestep_guidance_channels=256,
+        axes_dims_rope=[4, 4, 4, 4],
+        guidance_embeds=False,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=4,  # patchified 2x2: the transformer sees 16 channels
+        norm_num_groups=4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    torch.manual_seed(seed)
+    text_encoder = Qwen3ForCausalLM(_qwen3_config(num_layers=28))
+    return Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_qwen_tokenizer(),
+        transformer=transformer,
+        is_distilled=is_distilled,
+    )
+
+
+TINY_PIPELINES.update(
+    {
+        "tiny-wan22": tiny_wan22_pipeline,
+        "tiny-wan22-ti2v": tiny_wan22_ti2v_pipeline,
+        "tiny-z-image": tiny_z_image_pipeline,
+        "tiny-flux2-klein": tiny_flux2_klein_pipeline,
+    }
+)

@@ -250,6 +250,13 @@ class DanceGRPOTrainer(Trainer):
             # here: diffusers' `from_pretrained` has already loaded the full model on every process
             fsdp_plugin.cpu_ram_efficient_loading = False
             logger.info("FSDP: fsdp_cpu_ram_efficient_loading is turned off (diffusers loads on every process).")
+        if self.is_fsdp_enabled and self.adapter.has_experts:
+            # the loss re-scores random steps per sample, so processes would call different experts at once, and FSDP
+            # gathers each expert's shards collectively: the processes would wait on each other forever
+            raise ValueError(
+                f"{type(self.pipeline).__name__} has two experts, which train under DDP (or on one GPU), not FSDP: "
+                "launch with a DDP accelerate config (examples/accelerate/ddp.yaml)."
+            )
         self.weight_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
         for module in self.adapter.frozen_modules().values():
             module.to(self.accelerator.device)
@@ -342,6 +349,13 @@ class DanceGRPOTrainer(Trainer):
             raise ValueError(
                 f"num_frames={args.num_frames} but {type(pipeline).__name__} generates images; leave num_frames unset."
             )
+        if args.train_experts is not None:
+            if not adapter_class.has_experts:
+                raise ValueError(
+                    f"train_experts is for two-expert models (Wan 2.2 A14B); {type(pipeline).__name__} has one "
+                    "denoiser: leave train_experts unset."
+                )
+            kwargs["train_experts"] = args.train_experts
         adapter = adapter_class(
             pipeline,
             args.num_inference_steps,
@@ -1032,39 +1046,8 @@ class DanceGRPOTrainer(Trainer):
         denoiser = self.accelerator.unwrap_model(model if model is not None else self.model)
         if self.is_fsdp_enabled:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
-        elif self.is_lora:
-            from diffusers.utils import convert_unet_state_dict_to_peft
-            from peft.utils import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            path = os.path.join(resume_from_checkpoint, "pytorch_lora_weights.safetensors")
-            if not os.path.isfile(path):
-                raise ValueError(f"{resume_from_checkpoint} holds no LoRA weights ({os.path.basename(path)}).")
-            try:
-                saved = load_file(path)
-            except Exception as error:  # safetensors' own error type for a truncated header or body
-                raise checkpoints.unreadable_file_error(path, resume_from_checkpoint, error) from None
-            prefix = f"{self.adapter.denoiser_name}."
-            state_dict = {k.removeprefix(prefix): v for k, v in saved.items() if k.startswith(prefix)}
-            result = set_peft_model_state_dict(denoiser, convert_unet_state_dict_to_peft(state_dict))
-            checkpoints.check_loaded_keys(
-                resume_from_checkpoint, getattr(result, "missing_keys", None), getattr(result, "unexpected_keys", None)
-            )
         else:
-            try:
-                saved = type(denoiser).from_pretrained(resume_from_checkpoint)
-            except (OSError, ValueError, RuntimeError) as error:
-                weights = sorted(name for name in os.listdir(resume_from_checkpoint) if name.endswith(".safetensors"))
-                path = os.path.join(resume_from_checkpoint, weights[0] if weights else "config.json")
-                raise checkpoints.unreadable_file_error(path, resume_from_checkpoint, error) from None
-            result = denoiser.load_state_dict(saved.state_dict(), strict=False)
-            if result.missing_keys or result.unexpected_keys:
-                raise ValueError(
-                    f"The denoiser in {resume_from_checkpoint} does not match this run's (missing keys such as "
-                    f"{result.missing_keys[:3]}, unexpected keys such as {result.unexpected_keys[:3]}); resume with the "
-                    "same model."
-                )
-        if not self.is_fsdp_enabled:
+            self.adapter.load_trained_weights(denoiser, resume_from_checkpoint, self.is_lora)
             checkpoints.check_finite_weights(denoiser, resume_from_checkpoint)
 
     def _load_optimizer_and_scheduler(self, checkpoint):

@@ -2,11 +2,14 @@
 
 from .base import DDIMAdapter, FlowMatchAdapter, PipelineAdapter
 from .flux import FluxAdapter
+from .flux2 import Flux2KleinAdapter
 from .hunyuan_video import HunyuanVideoAdapter, SkyReelsImageToVideoAdapter
 from .sd3 import StableDiffusion3Adapter
 from .stable_diffusion import StableDiffusionAdapter
 from .video_base import VideoAdapter
 from .wan import WanAdapter, WanImageToVideoAdapter
+from .wan22 import Wan22Adapter
+from .z_image import ZImageAdapter
 
 
 ADAPTERS: list[type[PipelineAdapter]] = [
@@ -16,19 +19,22 @@ ADAPTERS: list[type[PipelineAdapter]] = [
     HunyuanVideoAdapter,
     SkyReelsImageToVideoAdapter,
     WanAdapter,
+    Wan22Adapter,
     WanImageToVideoAdapter,
+    ZImageAdapter,
+    Flux2KleinAdapter,
 ]
 
 
 def supported_pipelines() -> list[str]:
-    return [name for adapter in ADAPTERS for name in adapter.pipeline_class_names]
+    return list(dict.fromkeys(name for adapter in ADAPTERS for name in adapter.pipeline_class_names))
 
 
 def get_adapter_class(pipeline) -> type[PipelineAdapter]:
     """The adapter for `pipeline`'s class; a clear error listing the supported pipelines otherwise."""
     name = type(pipeline).__name__
     for adapter in ADAPTERS:
-        if name in adapter.pipeline_class_names:
+        if name in adapter.pipeline_class_names and adapter.accepts(pipeline):
             return adapter
     raise ValueError(
         f"{name} is not supported by DanceGRPOTrainer. Supported pipelines: {', '.join(supported_pipelines())}. "
@@ -48,8 +54,11 @@ __all__ = [
     "StableDiffusion3Adapter",
     "StableDiffusionAdapter",
     "VideoAdapter",
+    "Flux2KleinAdapter",
+    "Wan22Adapter",
     "WanAdapter",
     "WanImageToVideoAdapter",
+    "ZImageAdapter",
     "get_adapter_class",
     "supported_pipelines",
 ]

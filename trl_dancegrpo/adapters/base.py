@@ -6,6 +6,7 @@ and the default LoRA target modules. Classifier-free guidance, the SDE step, tra
 model-agnostic and live in `rollout.py` and `trainer.py`.
 """
 
+import os
 from typing import ClassVar
 
 import torch
@@ -54,6 +55,13 @@ class PipelineAdapter:
     requires_image: ClassVar[bool] = False  # image-to-video: each row carries a conditioning image
     default_eta: ClassVar[float] = 0.3  # the family's recipe noise level for `sde_type="dancegrpo"` (DanceGRPO's FLUX)
     sde_types: ClassVar[tuple[str, ...]] = ("dancegrpo",)  # the `sde_type`s `step` implements
+    has_experts: ClassVar[bool] = False  # several denoisers, one per range of steps (Wan 2.2): takes `train_experts`
+
+    @classmethod
+    def accepts(cls, pipeline) -> bool:
+        """Whether this adapter serves `pipeline`, one of a class it names: families that share a pipeline class (Wan 2.1
+        and Wan 2.2's two experts) tell their checkpoints apart here."""
+        return True
 
     def __init__(self, pipeline, num_inference_steps: int, height=None, width=None, guidance_scale=None):
         self.pipeline = pipeline
@@ -145,6 +153,58 @@ class PipelineAdapter:
             kwargs[f"{self.denoiser_name}_lora_adapter_metadata"] = lora_metadata
         type(self.pipeline).save_lora_weights(save_directory, **kwargs)
 
+    def load_trained_weights(self, denoiser: torch.nn.Module, folder: str, is_lora: bool) -> None:
+        """Load what the trainer saved into `folder` back into `denoiser` (resuming a run): the LoRA that
+        `save_lora_weights` wrote, or the full weights of `denoiser.save_pretrained`. An unreadable file is named with
+        its checkpoint; missing or unexpected keys are an error."""
+        from .. import checkpoints
+
+        if not is_lora:
+            try:
+                saved = type(denoiser).from_pretrained(folder)
+            except (OSError, ValueError, RuntimeError) as error:
+                weights = sorted(name for name in os.listdir(folder) if name.endswith(".safetensors"))
+                path = os.path.join(folder, weights[0] if weights else "config.json")
+                raise checkpoints.unreadable_file_error(path, folder, error) from None
+            result = denoiser.load_state_dict(saved.state_dict(), strict=False)
+            if result.missing_keys or result.unexpected_keys:
+                raise ValueError(
+                    f"The denoiser in {folder} does not match this run's (missing keys such as "
+                    f"{result.missing_keys[:3]}, unexpected keys such as {result.unexpected_keys[:3]}); resume with the "
+                    "same model."
+                )
+            return
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        path = os.path.join(folder, "pytorch_lora_weights.safetensors")
+        if not os.path.isfile(path):
+            raise ValueError(f"{folder} holds no LoRA weights ({os.path.basename(path)}).")
+        try:
+            saved = load_file(path)
+        except Exception as error:  # safetensors' own error type for a truncated header or body
+            raise checkpoints.unreadable_file_error(path, folder, error) from None
+        prefix = f"{self.denoiser_name}."
+        state_dict = {k.removeprefix(prefix): v for k, v in saved.items() if k.startswith(prefix)}
+        result = set_peft_model_state_dict(denoiser, convert_unet_state_dict_to_peft(state_dict))
+        checkpoints.check_loaded_keys(
+            folder, getattr(result, "missing_keys", None), getattr(result, "unexpected_keys", None)
+        )
+
+    def trained_components(self) -> list[str]:
+        """The pipeline components the trainer updates (the model card's loading example)."""
+        return [self.denoiser_name]
+
+    def lora_load_arguments(self) -> list[str]:
+        """The arguments after the repository id of each `pipe.load_lora_weights(...)` call that restores the LoRA."""
+        return [""]
+
+    def pipeline_guidance_scale(self) -> float:
+        """`guidance_scale` as the pipeline's `__call__` takes it (the model card's example); here CFG is always
+        `uncond + scale * (cond - uncond)`."""
+        return self.guidance_scale
+
     # -- shared helpers ----------------------------------------------------------------------------------------------
     def _decode_vae(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.pipeline.vae
@@ -178,6 +238,14 @@ class FlowMatchAdapter(PipelineAdapter):
         """The pipeline scheduler's own sigmas for this resolution; families override to pass their arguments."""
         scheduler = self.pipeline.scheduler
         scheduler.set_timesteps(self.num_inference_steps)
+        return scheduler.sigmas.double().cpu()
+
+    def scheduler_sigmas_from(self, sigmas, mu: float) -> torch.Tensor:
+        """The scheduler's sigmas for a given grid and resolution shift `mu`, as the pipelines' own
+        `retrieve_timesteps(scheduler, sigmas=..., mu=mu)` (Z-Image, FLUX.2): schedulers without dynamic shifting
+        ignore `mu` and apply their fixed shift."""
+        scheduler = self.pipeline.scheduler
+        scheduler.set_timesteps(self.num_inference_steps if sigmas is None else None, sigmas=sigmas, mu=mu)
         return scheduler.sigmas.double().cpu()
 
     def initial_noise(self, num_samples, generator, device, dtype) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""Wan 2.1 text-to-video (`WanPipeline`) and image-to-video (`WanImageToVideoPipeline`): UMT5 prompts, unpacked 5-D
-latents normalised per channel, classifier-free guidance."""
+"""Wan 2.1 and Wan 2.2 TI2V-5B text-to-video (`WanPipeline`) and Wan 2.1 image-to-video (`WanImageToVideoPipeline`):
+UMT5 prompts, unpacked 5-D latents normalised per channel, classifier-free guidance. Wan 2.2's two-expert checkpoints
+are served by `wan22.py`."""
 
 import torch
 
@@ -8,7 +9,8 @@ from .video_base import VideoAdapter
 
 
 class WanAdapter(VideoAdapter):
-    """Wan 2.1 text-to-video, trained with CFG (the model has no guidance embedding)."""
+    """Wan text-to-video with one transformer (Wan 2.1; Wan 2.2 TI2V-5B, whose `expand_timesteps` gives every latent
+    token its own timestep), trained with CFG (the model has no guidance embedding)."""
 
     pipeline_class_names = ("WanPipeline",)
     default_guidance_scale = 5.0  # diffusers' WanPipeline default
@@ -30,13 +32,14 @@ class WanAdapter(VideoAdapter):
         "ffn.net.2",
     ]
 
+    @classmethod
+    def accepts(cls, pipeline) -> bool:
+        return getattr(pipeline, "transformer_2", None) is None  # two experts: Wan22Adapter
+
     def __init__(self, pipeline, *args, **kwargs):
-        config = pipeline.config
-        if getattr(pipeline, "transformer_2", None) is not None or config.get("expand_timesteps", False):
-            raise ValueError(
-                "Wan 2.2 pipelines (two-stage `transformer_2`, or `expand_timesteps`) are not supported; use a Wan 2.1 "
-                "checkpoint (one transformer)."
-            )
+        if getattr(pipeline, "transformer", None) is None:
+            raise ValueError(f"This {type(pipeline).__name__} has no `transformer`: load the checkpoint with it.")
+        self.expand_timesteps = bool(pipeline.config.get("expand_timesteps", False))
         super().__init__(pipeline, *args, **kwargs)
 
     @property
@@ -57,10 +60,20 @@ class WanAdapter(VideoAdapter):
         )
         return {"prompt_embeds": prompt_embeds}
 
+    def model_timestep(self, step_index: torch.Tensor, device) -> torch.Tensor:
+        """Wan takes t = sigma * 1000; with `expand_timesteps` (TI2V-5B) one per latent token, as `WanPipeline`."""
+        timestep = self.timestep(step_index, device)
+        if not self.expand_timesteps:
+            return timestep
+        _, frames, height, width = self.latent_shape
+        patch = self.pipeline.transformer.config.patch_size
+        num_tokens = (frames // patch[0]) * (height // patch[1]) * (width // patch[2])
+        return timestep[:, None].expand(-1, num_tokens)
+
     def predict(self, denoiser, latents, step_index, cond) -> torch.Tensor:
         return denoiser(
             hidden_states=self.model_input(latents, cond),
-            timestep=self.timestep(step_index, latents.device),  # Wan takes t = sigma * 1000
+            timestep=self.model_timestep(step_index, latents.device),
             encoder_hidden_states=cond["prompt_embeds"],
             encoder_hidden_states_image=cond.get("image_embeds"),
             return_dict=False,
@@ -85,6 +98,18 @@ class WanImageToVideoAdapter(WanAdapter):
 
     pipeline_class_names = ("WanImageToVideoPipeline",)
     requires_image = True
+
+    @classmethod
+    def accepts(cls, pipeline) -> bool:
+        return True  # Wan 2.2 image-to-video checkpoints get the constructor's explanation
+
+    def __init__(self, pipeline, *args, **kwargs):
+        if getattr(pipeline, "transformer_2", None) is not None or pipeline.config.get("expand_timesteps", False):
+            raise ValueError(
+                "Wan 2.2 image-to-video (two experts, or TI2V-5B's `expand_timesteps`) is not supported; use a Wan 2.1 "
+                "image-to-video checkpoint, or Wan 2.2 text-to-video (WanPipeline)."
+            )
+        super().__init__(pipeline, *args, **kwargs)
 
     def encode_images(self, images: list) -> Conditioning:
         pipeline = self.pipeline
