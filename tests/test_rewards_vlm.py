@@ -329,3 +329,19 @@ def test_a_question_field_without_a_column_is_named():
     missing_reference = VLMJudge("http://localhost:1/v1", "m", reference_image_column="source")
     with pytest.raises(ValueError, match="reference_image_column='source' is not a dataset column"):
         asyncio.run(missing_reference(["a cat"], uint8_images(1)))
+
+
+def test_reference_images_from_files_paths_pil_and_tensors_agree(tmp_path):
+    import numpy
+    from PIL import Image
+
+    from trl_dancegrpo.rewards.vlm import _reference_image_url
+
+    image = Image.effect_mandelbrot((24, 16), (-2, -1.2, 0.8, 1.2), 40).convert("RGB")
+    image.save(tmp_path / "source.png")
+    tensor = torch.from_numpy(numpy.asarray(image).copy()).permute(2, 0, 1) / 255
+    from_file = _reference_image_url(str(tmp_path / "source.png"), "image")
+    assert from_file.startswith("data:image/png;base64,")
+    assert from_file == _reference_image_url(image, "image") == _reference_image_url(tensor, "image")
+    with pytest.raises(ValueError, match="must hold images"):
+        _reference_image_url(str(tmp_path / "missing.png"), "image")

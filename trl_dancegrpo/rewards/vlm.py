@@ -19,6 +19,7 @@ import base64
 import io
 import logging
 import math
+import os
 import random
 import re
 import string
@@ -86,6 +87,11 @@ def _reference_image_url(value, column: str) -> str:
     """A dataset column's image (PIL image, float tensor (3, H, W) in [0, 1], URL or data URL) as an image URL."""
     if isinstance(value, str) and value.startswith(("http://", "https://", "data:")):
         return value
+    if isinstance(value, str) and os.path.isfile(value):  # a path, as an image column of an editing dataset holds
+        from PIL import Image
+
+        with Image.open(value) as image:
+            value = image.convert("RGB")
     if isinstance(value, torch.Tensor) and value.ndim == 3 and value.shape[0] == 3 and value.is_floating_point():
         return image_to_data_url(value)
     if hasattr(value, "convert") and hasattr(value, "size"):  # a PIL image
@@ -93,7 +99,7 @@ def _reference_image_url(value, column: str) -> str:
 
         return image_to_data_url(torch.from_numpy(np.asarray(value.convert("RGB")).copy()).permute(2, 0, 1) / 255)
     raise ValueError(
-        f"The column {column!r} must hold images (PIL images, float tensors (3, H, W) in [0, 1], or image URLs), got "
+        f"The column {column!r} must hold images (PIL images, float tensors (3, H, W) in [0, 1], image files or URLs), got "
         f"{type(value).__name__}."
     )
 
