@@ -20,6 +20,7 @@ import torch
 from transformers import TrainerCallback
 
 from .sharding import plain_class
+from .video import image_to_tensor
 
 
 NUM_CARD_PROMPTS = 4
@@ -114,10 +115,8 @@ def family_tag(pipeline) -> str | None:
 
 
 def pipeline_task(adapter) -> str:
-    """The Hub `pipeline_tag`: `text-to-image`, `text-to-video` or `image-to-video`."""
-    if getattr(adapter, "requires_image", False):
-        return "image-to-video"
-    return "text-to-video" if getattr(adapter, "is_video", False) else "text-to-image"
+    """The Hub `pipeline_tag`: `text-to-image`, `image-to-image` (editing), `text-to-video` or `image-to-video`."""
+    return adapter.task
 
 
 def card_tags(trainer, extra_tags=None) -> list[str]:
@@ -345,6 +344,9 @@ def write_model_card(trainer, model_name=None, dataset_name=None, tags=None, lic
         if samples["before"] is not None:
             before_images, before_scores = samples["before"]
             grid_rows.insert(0, before_images)
+        if trainer.adapter.task == "image-to-image":  # editing: the source images on top
+            height, width = after_images.shape[-2:]
+            grid_rows.insert(0, torch.stack([image_to_tensor(row["image"], height, width) for row in samples["rows"]]))
         make_image_grid(grid_rows).save(os.path.join(output_dir, SAMPLE_GRID_NAME))
         grid = SAMPLE_GRID_NAME
         for i, (prompt, image) in enumerate(zip(prompts, first_frames(after_images))):
@@ -382,7 +384,8 @@ def write_model_card(trainer, model_name=None, dataset_name=None, tags=None, lic
         hub_model_id=hub_model_id or f"<your-username>/{model_name}",
         dataset_name=dataset_name,
         is_lora=trainer.is_lora,
-        is_video=task != "text-to-image",
+        is_video=task.endswith("-to-video"),
+        is_edit=task == "image-to-image",
         needs_image=task == "image-to-video",
         pipeline_class=type(pipeline).__name__,
         denoiser_name=adapter.denoiser_name,
@@ -403,7 +406,10 @@ def write_model_card(trainer, model_name=None, dataset_name=None, tags=None, lic
         has_eval=any(reward["eval"] for reward in rewards),
         settings=training_settings(trainer),
         num_inference_steps=args.num_inference_steps,
-        guidance_scale=f"{adapter.pipeline_guidance_scale():g}",
+        guidance_arguments=", ".join(
+            f"{name}={value:g}" if isinstance(value, float) else f"{name}={json.dumps(value)}"
+            for name, value in adapter.pipeline_guidance_arguments().items()
+        ),
         height=adapter.height,
         width=adapter.width,
         num_frames=getattr(adapter, "num_frames", None),

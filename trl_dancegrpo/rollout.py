@@ -82,20 +82,16 @@ def denoise(
 ) -> torch.Tensor:
     """The model output for a batch, with classifier-free guidance when `negative_cond` is given.
 
-    With CFG both branches go through the denoiser in one batched forward (unconditional rows first), so the
-    log-prob computed from the output is that of the guided step. Keys missing from `negative_cond` (the conditioning
-    image of image-to-video) are the same in both branches.
+    With CFG both branches go through the denoiser in one batched forward (unconditional rows first, as the adapter's
+    `guidance_batch` builds them), so the log-prob computed from the output is that of the guided step; the adapter's
+    `combine_guidance` combines them (plain CFG, or a family's variant such as Qwen-Image's norm rescale).
     """
     if negative_cond is None:
         return adapter.predict(denoiser, latents, step_index, cond)
-    batch = latents.shape[0]
-    both = {}
-    for key, value in cond.items():
-        negative = negative_cond[key].expand(batch, *negative_cond[key].shape[1:]) if key in negative_cond else value
-        both[key] = torch.cat([negative, value])
+    both = adapter.guidance_batch(cond, negative_cond)
     output = adapter.predict(denoiser, torch.cat([latents, latents]), torch.cat([step_index, step_index]), both)
     uncond, text = output.float().chunk(2)
-    return uncond + adapter.guidance_scale * (text - uncond)
+    return adapter.combine_guidance(uncond, text)
 
 
 class Sampler:

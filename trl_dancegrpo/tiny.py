@@ -97,9 +97,8 @@ def _flow_vae(seed: int):
     )
 
 
-def tiny_flux_pipeline(seed: int = 0):
-    """A `FluxPipeline` with a two-block transformer (about 100k parameters), for 16x16 to 64x64 images."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+def _flux_components(seed: int) -> dict:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
@@ -118,7 +117,7 @@ def tiny_flux_pipeline(seed: int = 0):
     text_encoder_2 = _t5_encoder(seed)
     vae = _flow_vae(seed)
     scheduler = FlowMatchEulerDiscreteScheduler()
-    return FluxPipeline(
+    return dict(
         scheduler=scheduler,
         vae=vae,
         text_encoder=text_encoder,
@@ -127,6 +126,13 @@ def tiny_flux_pipeline(seed: int = 0):
         tokenizer_2=_t5_tokenizer(),
         transformer=transformer,
     )
+
+
+def tiny_flux_pipeline(seed: int = 0):
+    """A `FluxPipeline` with a two-block transformer (about 100k parameters), for 16x16 to 64x64 images."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline(**_flux_components(seed))
 
 
 def tiny_sd_pipeline(seed: int = 0):
@@ -628,11 +634,169 @@ def tiny_flux2_klein_pipeline(seed: int = 0, is_distilled: bool = False):
     )
 
 
+# -- Qwen-Image, Qwen-Image-Edit(-Plus), FLUX.1 Kontext -----------------------------------------------------------------
+_QWEN_SPECIAL_TOKENS = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+
+def _qwen_image_tokenizer():
+    """A byte-level BPE `Qwen2Tokenizer` whose vocabulary holds every word of the Qwen-Image prompt templates whole.
+
+    The pipelines drop a hard-coded number of template tokens from the encoder's hidden states (34 for Qwen-Image, 64
+    for Qwen-Image-Edit: everything up to the user's turn, counted with the real tokenizer, which has all these
+    words). With the words whole, this tokenizer counts the same, so the tiny pipelines crop exactly the template;
+    other text falls back to bytes. Merges build each word left to right, words with a leading space first, so no
+    merge fires inside another word.
+    """
+    import inspect
+
+    import regex
+    from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImagePipeline
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    byte_to_char = bytes_to_unicode()
+    special = regex.compile("|".join(regex.escape(token) for token in _QWEN_SPECIAL_TOKENS))
+    texts = ["Picture 1: "]  # the label QwenImageEditPlusPipeline puts before each image
+    for pipeline_class in (QwenImagePipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline):
+        # the pipelines set their templates in __init__, which accepts missing components
+        components = [None] * (len(inspect.signature(pipeline_class.__init__).parameters) - 1)
+        texts.append(pipeline_class(*components).prompt_template_encode)
+    words = set()
+    for text in texts:
+        for part in special.split(text):
+            for piece in regex.findall(PRETOKENIZE_REGEX, part):
+                words.add("".join(byte_to_char[b] for b in piece.encode()))
+    vocab = {char: i for i, char in enumerate(sorted(byte_to_char.values()))}
+    merges = []
+    for word in sorted(words, key=lambda word: (not word.startswith("\u0120"), word)):  # "\u0120": a leading space
+        for end in range(2, len(word) + 1):
+            if word[:end] not in vocab:
+                vocab[word[:end]] = len(vocab)
+                merges.append((word[: end - 1], word[end - 1]))
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(_QWEN_SPECIAL_TOKENS)})
+    return tokenizer
+
+
+def _qwen_image_components(seed: int, with_processor: bool) -> dict:
+    """Qwen-Image's components at the sizes of diffusers' tests: a two-block transformer, a 4-channel video VAE (4x
+    downsampling), a two-layer Qwen2.5-VL (with a two-block vision tower, which the editing pipelines use)."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = _qwen_image_tokenizer()
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in _QWEN_SPECIAL_TOKENS}
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=3,
+        joint_attention_dim=16,
+        guidance_embeds=False,
+        axes_dims_rope=(8, 4, 4),
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.1, -0.2, 0.0, 0.3],  # not the identity, so the tests see the normalisation
+        latents_std=[1.5, 0.8, 1.0, 1.2],
+    )
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            "rope_theta": 1000000.0,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 1024,
+            "bos_token_id": None,
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        hidden_size=16,
+        vocab_size=len(tokenizer),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    components = dict(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=Qwen2_5_VLForConditionalGeneration(config),
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    if with_processor:
+        from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+        # every image becomes 56x56 pixels for the vision tower: 4x4 patches, 4 tokens after the 2x2 merge
+        size = {"shortest_edge": 56 * 56, "longest_edge": 56 * 56}
+        components["processor"] = Qwen2VLProcessor(
+            image_processor=Qwen2VLImageProcessor(size=size),
+            tokenizer=tokenizer,
+            video_processor=Qwen2VLVideoProcessor(size=size),
+        )
+    return components
+
+
+def tiny_qwen_image_pipeline(seed: int = 0):
+    """A `QwenImagePipeline` with a two-block transformer, for 16-64 px (multiples of 8)."""
+    from diffusers import QwenImagePipeline
+
+    return QwenImagePipeline(**_qwen_image_components(seed, with_processor=False))
+
+
+def tiny_qwen_image_edit_pipeline(seed: int = 0):
+    """A `QwenImageEditPipeline` (editing; the prompt encoder sees the source image)."""
+    from diffusers import QwenImageEditPipeline
+
+    return QwenImageEditPipeline(**_qwen_image_components(seed, with_processor=True))
+
+
+def tiny_qwen_image_edit_plus_pipeline(seed: int = 0):
+    """A `QwenImageEditPlusPipeline` (Qwen-Image-Edit-2509: the source image behind a "Picture 1:" label)."""
+    from diffusers import QwenImageEditPlusPipeline
+
+    return QwenImageEditPlusPipeline(**_qwen_image_components(seed, with_processor=True))
+
+
+def tiny_flux_kontext_pipeline(seed: int = 0):
+    """A `FluxKontextPipeline` (FLUX.1 Kontext editing) with the tiny FLUX components."""
+    from diffusers import FluxKontextPipeline
+
+    return FluxKontextPipeline(**_flux_components(seed))
+
+
 TINY_PIPELINES.update(
     {
         "tiny-wan22": tiny_wan22_pipeline,
         "tiny-wan22-ti2v": tiny_wan22_ti2v_pipeline,
         "tiny-z-image": tiny_z_image_pipeline,
         "tiny-flux2-klein": tiny_flux2_klein_pipeline,
+        "tiny-qwen-image": tiny_qwen_image_pipeline,
+        "tiny-qwen-image-edit": tiny_qwen_image_edit_pipeline,
+        "tiny-qwen-image-edit-plus": tiny_qwen_image_edit_plus_pipeline,
+        "tiny-flux-kontext": tiny_flux_kontext_pipeline,
     }
 )

@@ -28,7 +28,7 @@ from .hub import ModelCardCallback
 from .rewards.scoring import RewardScorer, resolve_reward_funcs
 from .rollout import Sampler, denoise, index_conditioning, mix_seed, sample_slices
 from .sharding import save_denoiser_state_dict
-from .video import image_key, load_image, log_sample_to_integrations, save_sample
+from .video import image_key, load_image, log_sample_to_integrations, save_sample, side_by_side
 
 
 RewardFunc = Callable[..., list]
@@ -383,13 +383,14 @@ class DanceGRPOTrainer(Trainer):
         return adapter
 
     def _check_image_column(self, dataset, name: str) -> None:
-        """Image-to-video rows need an `image` (PIL image, path or tensor): the column, no empty entry, no missing file."""
+        """Image-to-video and editing rows need an `image` (PIL image, path or tensor): the column, no empty entry, no
+        missing file."""
         if dataset is None or not self.adapter.requires_image:
             return
         if "image" not in dataset.column_names:
             raise ValueError(
-                f"{type(self.pipeline).__name__} is image-to-video: {name} needs an 'image' column (PIL images, paths "
-                f"or tensors) next to 'prompt'; its columns are {dataset.column_names}."
+                f"{type(self.pipeline).__name__} is {self.adapter.task}: {name} needs an 'image' column (PIL images, "
+                f"paths or tensors) next to 'prompt'; its columns are {dataset.column_names}."
             )
         if not hasattr(dataset, "with_format"):
             return
@@ -486,13 +487,13 @@ class DanceGRPOTrainer(Trainer):
     def _conditioning(self, prompts: list[str], images: list | None = None):
         """Conditioning of each sample, encoded once per distinct row and indexed per sample.
 
-        A row is its prompt, and for image-to-video also its conditioning image (compared by content: the samples of
-        a group arrive as separately decoded copies). `images` is ignored by text-conditioned models.
+        A row is its prompt, and for image-to-video and editing also its conditioning image (compared by content: the
+        samples of a group arrive as separately decoded copies). `images` is ignored by text-conditioned models.
         """
         if self.adapter.requires_image:
             if images is None or len(images) != len(prompts):
                 raise ValueError(
-                    f"{type(self.pipeline).__name__} is image-to-video: it needs one conditioning image per prompt "
+                    f"{type(self.pipeline).__name__} is {self.adapter.task}: it needs one conditioning image per prompt "
                     f"(got {'none' if images is None else len(images)} for {len(prompts)} prompts)."
                 )
             images = [
@@ -559,7 +560,7 @@ class DanceGRPOTrainer(Trainer):
 
         def on_part(part: slice, part_images: torch.Tensor) -> None:
             if part.start == 0 and args.log_samples:  # kept for the sample logged at the next logging step
-                self._latest_sample = (prompts[0], part_images[0].detach().cpu())
+                self._latest_sample = (prompts[0], self._sample_to_log(part_images[0], inputs[0]))
             if executor is not None:
                 scores.append(executor.submit(self._score, prompts[part], part_images, inputs[part]))
             else:
@@ -827,17 +828,26 @@ class DanceGRPOTrainer(Trainer):
         if "loss" in logs and self._latest_sample is not None:
             self._log_sample()
 
-    def _log_sample(self) -> None:
-        """Save the first sample of the latest rollout (GIF or PNG) in `output_dir/_samples/` and report it.
+    def _sample_to_log(self, sample: torch.Tensor, row: dict) -> torch.Tensor:
+        """A sample as logged: as it is, or for editing, the source image and the result side by side."""
+        sample = sample.detach().cpu()
+        if self.adapter.task == "image-to-image":
+            sample = side_by_side(load_image(row["image"], "The logged sample"), sample)
+        return sample
+
+    def _log_sample(self, sample=None, name: str = "step") -> None:
+        """Save a sample (default: the first of the latest rollout) as `output_dir/_samples/{name}-NNNNNN` (GIF or
+        PNG) and report it.
 
         The leading underscore keeps the folder out of `push_to_hub`'s upload of `output_dir` (transformers skips `_*`).
         """
-        prompt, sample = self._latest_sample
-        self._latest_sample = None  # each rollout is logged once
+        if sample is None:
+            sample, self._latest_sample = self._latest_sample, None  # each rollout is logged once
+        prompt, sample = sample
         if not self.is_world_process_zero():
             return
         step = self.state.global_step
-        path = save_sample(sample, os.path.join(self.args.output_dir, "_samples", f"step-{step:06d}"))
+        path = save_sample(sample, os.path.join(self.args.output_dir, "_samples", f"{name}-{step:06d}"))
         log_sample_to_integrations(self.callback_handler.callbacks, path, sample, prompt, step)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -864,6 +874,8 @@ class DanceGRPOTrainer(Trainer):
             if len(column):
                 metrics[f"{metric_key_prefix}_rewards/{name}/mean"] = column.mean().item()
         self.log(metrics)
+        if self.args.log_samples:  # the first evaluation sample, as `_samples/eval-NNNNNN` (editing: with its source)
+            self._log_sample((prompts[0], self._sample_to_log(images[0], local_rows[0])), name=metric_key_prefix)
         return metrics
 
     # -- sharing ------------------------------------------------------------------------------------------------------

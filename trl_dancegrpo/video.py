@@ -1,10 +1,12 @@
-"""Helpers for video and image-to-video training: conditioning images, a weight-free motion reward, sample files.
+"""Helpers for video, image-to-video and editing training: conditioning images, a weight-free motion reward, sample
+files.
 
-- [`load_image`]: the `image` column of an image-to-video dataset (PIL image, path, array, tensor, or the dict
-  `datasets` stores undecoded images as) to an RGB PIL image, with an error that names the row when it cannot;
+- [`load_image`]: the `image` column of an image-to-video or editing dataset (PIL image, path, array, tensor, or the
+  dict `datasets` stores undecoded images as) to an RGB PIL image, with an error that names the row when it cannot;
 - [`frame_difference`]: a weight-free motion reward (mean absolute change between consecutive frames);
 - [`save_sample`] and [`log_sample_to_integrations`]: the trainer's sample logging (a GIF per logged step for videos,
-  a PNG for images, in `output_dir/_samples/` and through the `report_to` integrations that take media).
+  a PNG for images, in `output_dir/_samples/` and through the `report_to` integrations that take media);
+  [`side_by_side`] puts an edit's source image next to its result.
 """
 
 import io
@@ -24,7 +26,7 @@ def load_image(value, row: str = "the row"):
 
     if value is None:
         raise ValueError(
-            f"{row} has no image (the 'image' column is None); image-to-video needs a conditioning image per row."
+            f"{row} has no image (the 'image' column is None); image-to-video and editing need an image per row."
         )
     if isinstance(value, Image.Image):
         return value.convert("RGB")
@@ -76,6 +78,23 @@ def frame_difference(prompts, images, **kwargs) -> list[float]:
             f"frame_difference scores videos (N, F, 3, H, W) with F >= 2, got shape {tuple(images.shape)}."
         )
     return (images[:, 1:].float() - images[:, :-1].float()).abs().flatten(1).mean(dim=1).tolist()
+
+
+def image_to_tensor(image, height: int, width: int) -> torch.Tensor:
+    """A PIL image (or anything [`load_image`] takes) as a `(3, height, width)` float tensor in [0, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    image = load_image(image).resize((width, height), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
+
+
+def side_by_side(source, result: torch.Tensor, gap: int = 4) -> torch.Tensor:
+    """An edit for display: the source image (resized to the result's size) left of the result `(3, H, W)`, a white
+    gap between them; `(3, H, 2 W + gap)` in [0, 1]."""
+    height, width = result.shape[-2:]
+    source = image_to_tensor(source, height, width)
+    return torch.cat([source, torch.ones(3, height, gap), result.detach().float().cpu().clamp(0, 1)], dim=2)
 
 
 def to_uint8_frames(sample: torch.Tensor) -> list:

@@ -3,7 +3,10 @@
 from .base import DDIMAdapter, FlowMatchAdapter, PipelineAdapter
 from .flux import FluxAdapter
 from .flux2 import Flux2KleinAdapter
+from .flux_kontext import FluxKontextAdapter
 from .hunyuan_video import HunyuanVideoAdapter, SkyReelsImageToVideoAdapter
+from .image_base import PackedLatentAdapter, ReferenceImageMixin
+from .qwen_image import QwenImageAdapter, QwenImageEditAdapter, QwenImageEditPlusAdapter
 from .sd3 import StableDiffusion3Adapter
 from .stable_diffusion import StableDiffusionAdapter
 from .video_base import VideoAdapter
@@ -23,6 +26,10 @@ ADAPTERS: list[type[PipelineAdapter]] = [
     WanImageToVideoAdapter,
     ZImageAdapter,
     Flux2KleinAdapter,
+    QwenImageAdapter,
+    QwenImageEditAdapter,
+    QwenImageEditPlusAdapter,
+    FluxKontextAdapter,
 ]
 
 
@@ -48,8 +55,14 @@ __all__ = [
     "DDIMAdapter",
     "FlowMatchAdapter",
     "FluxAdapter",
+    "FluxKontextAdapter",
     "HunyuanVideoAdapter",
+    "PackedLatentAdapter",
     "PipelineAdapter",
+    "QwenImageAdapter",
+    "QwenImageEditAdapter",
+    "QwenImageEditPlusAdapter",
+    "ReferenceImageMixin",
     "SkyReelsImageToVideoAdapter",
     "StableDiffusion3Adapter",
     "StableDiffusionAdapter",

@@ -52,7 +52,7 @@ class PipelineAdapter:
     default_guidance_scale: ClassVar[float] = 1.0
     default_lora_target_modules: ClassVar[list[str]] = []
     is_video: ClassVar[bool] = False  # decode returns videos (N, F, 3, H, W); the adapter takes `num_frames`
-    requires_image: ClassVar[bool] = False  # image-to-video: each row carries a conditioning image
+    requires_image: ClassVar[bool] = False  # image-to-video and editing: each row carries a conditioning image
     default_eta: ClassVar[float] = 0.3  # the family's recipe noise level for `sde_type="dancegrpo"` (DanceGRPO's FLUX)
     sde_types: ClassVar[tuple[str, ...]] = ("dancegrpo",)  # the `sde_type`s `step` implements
     has_experts: ClassVar[bool] = False  # several denoisers, one per range of steps (Wan 2.2): takes `train_experts`
@@ -78,9 +78,18 @@ class PipelineAdapter:
         return getattr(self.pipeline, self.denoiser_name)
 
     @property
+    def task(self) -> str:
+        """`text-to-image`, `image-to-image` (editing), `text-to-video` or `image-to-video` (the Hub's task names)."""
+        return f"{'image' if self.requires_image else 'text'}-to-{'video' if self.is_video else 'image'}"
+
+    @property
     def use_cfg(self) -> bool:
         """Classifier-free guidance is on for models without embedded guidance when the scale is above 1."""
         return not self.embedded_guidance and self.guidance_scale > 1
+
+    def pipeline_guidance_arguments(self) -> dict:
+        """The guidance arguments of the pipeline's own call that sample as training did (for the model card)."""
+        return {"guidance_scale": float(self.pipeline_guidance_scale())}
 
     def default_resolution(self) -> tuple[int, int]:
         size = self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
@@ -116,16 +125,45 @@ class PipelineAdapter:
         raise NotImplementedError
 
     def encode_conditioning(self, prompts: list[str], images: list | None = None) -> Conditioning:
-        """Conditioning of rows: the prompts' embeddings, plus the conditioning images' for image-to-video adapters.
+        """Conditioning of rows: the prompts' embeddings, plus the images' (`encode_images`) for adapters that take a
+        conditioning image (`requires_image`: image-to-video, editing).
 
         Keys that the unconditional branch of CFG (`negative_conditioning`) lacks, such as image latents, are shared
         by both branches.
         """
-        return self.encode_prompts(prompts)
+        cond = self.encode_prompts(prompts)
+        if self.requires_image:
+            if images is None or len(images) != len(prompts):
+                raise ValueError(f"{type(self.pipeline).__name__} needs one conditioning image per prompt.")
+            cond.update(self.encode_images(images))
+        return cond
+
+    def encode_images(self, images: list) -> Conditioning:
+        """Conditioning of RGB PIL images (adapters with `requires_image` only), one row per image."""
+        raise NotImplementedError
 
     def negative_conditioning(self) -> Conditioning:
         """The unconditional branch of CFG: the empty prompt, one row."""
         return self.encode_prompts([""])
+
+    def guidance_batch(self, cond: Conditioning, negative_cond: Conditioning) -> Conditioning:
+        """CFG's two branches as one batch, unconditional rows first.
+
+        Keys missing from `negative_cond` (the conditioning image of image-to-video) are the same in both branches.
+        Families whose conditioning varies in length (Qwen-Image's masked prompt tokens) pad here.
+        """
+        batch = next(iter(cond.values())).shape[0]
+        both = {}
+        for key, value in cond.items():
+            negative = (
+                negative_cond[key].expand(batch, *negative_cond[key].shape[1:]) if key in negative_cond else value
+            )
+            both[key] = torch.cat([negative, value])
+        return both
+
+    def combine_guidance(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The guided model output from the two branches' (float32): plain classifier-free guidance."""
+        return uncond + self.guidance_scale * (cond - uncond)
 
     def initial_noise(self, num_samples: int, generator: torch.Generator | None, device, dtype) -> torch.Tensor:
         raise NotImplementedError

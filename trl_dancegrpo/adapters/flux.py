@@ -2,10 +2,11 @@
 
 import torch
 
-from .base import JOINT_ATTENTION_LORA_TARGETS, Conditioning, FlowMatchAdapter
+from .base import JOINT_ATTENTION_LORA_TARGETS, Conditioning
+from .image_base import PackedLatentAdapter
 
 
-class FluxAdapter(FlowMatchAdapter):
+class FluxAdapter(PackedLatentAdapter):
     pipeline_class_names = ("FluxPipeline",)
     denoiser_name = "transformer"
     default_guidance_scale = 3.5  # FLUX.1-dev's embedded guidance, as in DanceGRPO's recipe
@@ -25,40 +26,8 @@ class FluxAdapter(FlowMatchAdapter):
 
     def __init__(self, pipeline, *args, **kwargs):
         super().__init__(pipeline, *args, **kwargs)
-        vae_scale = pipeline.vae_scale_factor
-        # packing 2x2 latent patches needs latent sides divisible by 2
-        if self.height % (vae_scale * 2) or self.width % (vae_scale * 2):
-            raise ValueError(
-                f"FLUX needs height and width divisible by {vae_scale * 2}, got {self.height}x{self.width}."
-            )
-        latent_h, latent_w = self.height // vae_scale, self.width // vae_scale
-        channels = pipeline.transformer.config.in_channels // 4
-        self.latent_shape = (channels, latent_h, latent_w)
-        self._image_ids = pipeline._prepare_latent_image_ids(1, latent_h // 2, latent_w // 2, "cpu", torch.float32)
-
-    def scheduler_sigmas(self) -> torch.Tensor:
-        # exactly what FluxPipeline.__call__ does: its sigma grid, shifted by `mu` for this image size
-        import numpy as np
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        scheduler, steps = self.pipeline.scheduler, self.num_inference_steps
-        sigmas = np.linspace(1.0, 1 / steps, steps)
-        latent_h, latent_w = (
-            self.height // self.pipeline.vae_scale_factor,
-            self.width // self.pipeline.vae_scale_factor,
-        )
-        mu = calculate_shift(
-            (latent_h // 2) * (latent_w // 2),
-            scheduler.config.get("base_image_seq_len", 256),
-            scheduler.config.get("max_image_seq_len", 4096),
-            scheduler.config.get("base_shift", 0.5),
-            scheduler.config.get("max_shift", 1.15),
-        )
-        if scheduler.config.get("use_dynamic_shifting", False):
-            scheduler.set_timesteps(sigmas=sigmas, mu=mu)
-        else:
-            scheduler.set_timesteps(sigmas=sigmas)
-        return scheduler.sigmas.double().cpu()
+        # the RoPE positions of the tokens in `model_input` (editing appends the source image's)
+        self.token_ids = pipeline._prepare_latent_image_ids(1, *self.token_grid, "cpu", torch.float32)
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         # FLUX.1 was trained with 512 T5 tokens; small tokenizers (the tiny test models) cap it lower
@@ -69,27 +38,23 @@ class FluxAdapter(FlowMatchAdapter):
         )
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
 
-    def initial_noise(self, num_samples, generator, device, dtype) -> torch.Tensor:
-        noise = super().initial_noise(num_samples, generator, device, dtype)
-        return self.pipeline._pack_latents(noise, num_samples, *self.latent_shape)
-
     def predict(self, denoiser, latents, step_index, cond) -> torch.Tensor:
         sigma = self.sigmas.to(latents.device)[step_index]
         guidance = None
         if self.embedded_guidance:
             guidance = torch.full((latents.shape[0],), self.guidance_scale, device=latents.device, dtype=torch.float32)
         text_ids = torch.zeros(cond["prompt_embeds"].shape[1], 3, device=latents.device, dtype=latents.dtype)
-        return denoiser(
-            hidden_states=latents,
+        output = denoiser(
+            hidden_states=self.model_input(latents, cond),
             timestep=sigma.to(latents.dtype),  # FLUX takes t / 1000 = sigma
             guidance=guidance,
             pooled_projections=cond["pooled_prompt_embeds"],
             encoder_hidden_states=cond["prompt_embeds"],
             txt_ids=text_ids,
-            img_ids=self._image_ids.to(device=latents.device, dtype=latents.dtype),
+            img_ids=self.token_ids.to(device=latents.device, dtype=latents.dtype),
             return_dict=False,
         )[0]
+        return output[:, : latents.shape[1]]  # the noisy tokens' prediction
 
     def decode(self, latents) -> torch.Tensor:
-        latents = self.pipeline._unpack_latents(latents, self.height, self.width, self.pipeline.vae_scale_factor)
-        return self._decode_vae(latents)
+        return self._decode_vae(self.unpack(latents))

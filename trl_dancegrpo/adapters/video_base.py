@@ -59,21 +59,9 @@ class VideoAdapter(FlowMatchAdapter):
         """Undo the family's latent normalisation before `vae.decode`."""
         raise NotImplementedError
 
-    def encode_images(self, images: list) -> Conditioning:
-        """Conditioning of RGB PIL images (image-to-video only), one row per image."""
-        raise NotImplementedError
-
     # -- shared ------------------------------------------------------------------------------------------------------
     def default_resolution(self) -> tuple[int, int]:
         return self.default_size
-
-    def encode_conditioning(self, prompts: list[str], images: list | None = None) -> Conditioning:
-        cond = self.encode_prompts(prompts)
-        if self.requires_image:
-            if images is None or len(images) != len(prompts):
-                raise ValueError(f"{type(self.pipeline).__name__} needs one conditioning image per prompt.")
-            cond.update(self.encode_images(images))
-        return cond
 
     def model_input(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """What the denoiser takes as `hidden_states`: the latents (image-to-video adds the image latents)."""
