@@ -33,12 +33,13 @@ def held_out_brightness(trainer) -> float:
 # +0.024..+0.027 / -0.093..-0.100 on seeds 42 and 1.
 # Z-Image (no CFG, Turbo's default), 20 steps: +0.0157..+0.0160 / -0.0144..-0.0257 on seeds 1 and 2; FLUX.2 [klein]
 # (CFG 4, the base models' default), 20 steps: +0.0166..+0.0220 / -0.0789..-0.0800 on seeds 1 and 2.
-# Qwen-Image, 20 steps at lr 2e-2: QWEN_MEASURED (at lr 1e-2 the upward moves were small on some seeds).
+# Qwen-Image, 20 steps at lr 2e-2: +0.038..+0.044 / -0.027..-0.032 on seeds 42, 1, 2 (with the clean last step; at lr
+# 1e-2, before it, the upward moves were small on some seeds: +0.0025).
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name, steps, margin, sampler",
     [
-        pytest.param("tiny-qwen-image", 20, 0.015, {"learning_rate": 2e-2}, marks=pytest.mark.slow),
+        ("tiny-qwen-image", 20, 0.015, {"learning_rate": 2e-2}),
         ("tiny-flux", 30, 0.015, {}),
         ("tiny-flux", 30, 0.005, {"sde_window_size": 2, "timestep_fraction": 1.0}),
         ("tiny-flux", 30, 0.012, {"sde_type": "cps"}),
@@ -71,8 +72,7 @@ def test_brightness_reward_moves_held_out_samples_both_ways(
     assert shifts["down"] < -margin, shifts
 
 
-# FLUX.1 Kontext, 20 steps: +0.037..+0.038 / -0.104..-0.110 over training seeds 42 and 1 (30 steps, seeds 42 and 0:
-# +0.036..+0.037 / -0.108..-0.111).
+# FLUX.1 Kontext, 30 steps: +0.019..+0.032 / -0.101..-0.111 over training seeds 42, 1, 2 (20 steps: +0.019..+0.030).
 @pytest.mark.slow
 def test_editing_moves_held_out_edits_both_ways(tiny_pipeline_path, tmp_path):
     from datasets import Dataset
@@ -102,11 +102,11 @@ def test_editing_moves_held_out_edits_both_ways(tiny_pipeline_path, tmp_path):
             dataset=dataset,
             per_device_train_batch_size=16,
             num_inference_steps=4,
-            max_steps=20,
+            max_steps=30,
             learning_rate=1e-2,
         )
         before = held_out(trainer)
         trainer.train()
         shifts[direction] = held_out(trainer) - before
-    assert shifts["up"] > 0.015, shifts
-    assert shifts["down"] < -0.015, shifts
+    assert shifts["up"] > 0.01, shifts
+    assert shifts["down"] < -0.01, shifts

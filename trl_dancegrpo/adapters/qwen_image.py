@@ -29,6 +29,7 @@ class QwenImageAdapter(PackedLatentAdapter):
 
     pipeline_class_names = ("QwenImagePipeline",)
     default_guidance_scale = 1.0
+    default_eta = 0.3  # the DanceGRPO code's Qwen-Image and Qwen-Image-Edit recipes
     negative_prompt = " "  # what diffusers' Qwen-Image examples pass to turn true CFG on
     max_sequence_length = 512  # prompt tokens after the template, QwenImagePipeline's default
     default_lora_target_modules = [
