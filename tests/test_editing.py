@@ -204,6 +204,11 @@ def test_missing_image_column_is_refused_at_construction(tiny_pipeline_path, tmp
     images[1] = None
     with pytest.raises(ValueError, match="Row 1 of train_dataset has no image"):
         make_edit_trainer("tiny-flux-kontext", tiny_pipeline_path, tmp_path, dataset=edit_dataset(images=images))
+    several = edit_dataset(images=[[source(i), source(i + 1)] for i in range(4)])  # Qwen-Image-Edit-Plus's inference
+    with pytest.raises(ValueError, match="holds several images per row; QwenImageEditPlusPipeline takes one"):
+        make_edit_trainer("tiny-qwen-image-edit-plus", tiny_pipeline_path, tmp_path, dataset=several)
+    tensors = [torch.rand(3, 32, 32) for _ in range(4)]  # one (3, H, W) tensor per row is one image
+    make_edit_trainer("tiny-flux-kontext", tiny_pipeline_path, tmp_path, dataset=edit_dataset(images=tensors))
 
 
 def test_logged_and_evaluation_samples_show_source_and_result(tiny_pipeline_path, tmp_path):

@@ -399,6 +399,13 @@ class DanceGRPOTrainer(Trainer):
         column = dataset.with_format("arrow")["image"]  # Arrow data: no image is decoded for these checks
         if column.null_count:
             raise ValueError(f"Row {_first_null(column)} of {name} has no image (its 'image' is None).")
+        kind = column.type
+        if (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and not pa.types.is_list(kind.value_type):
+            # lists of images (or of paths); a list of lists is an image tensor or array
+            raise ValueError(
+                f"The 'image' column of {name} holds several images per row; {type(self.pipeline).__name__} takes one "
+                "conditioning image per row."
+            )
         if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
             for i, path in enumerate(column.to_pylist()):
                 if not os.path.isfile(path):
