@@ -66,7 +66,7 @@ def make_trainer(pipeline, args, num_samples: int, variant: dict, **overrides):
     from trl_dancegrpo import DanceGRPOConfig, DanceGRPOTrainer
     from trl_dancegrpo.rewards import brightness
 
-    config = DanceGRPOConfig(
+    settings = dict(
         output_dir=tempfile.mkdtemp(prefix="bench-sampler-"),
         num_generations=args.G,
         num_inference_steps=args.T,
@@ -82,8 +82,8 @@ def make_trainer(pipeline, args, num_samples: int, variant: dict, **overrides):
         bf16=args.bf16,
         use_cpu=args.device == "cpu",
         activation_checkpointing=args.gradient_checkpointing,
-        **{**variant, **overrides},
     )
+    config = DanceGRPOConfig(**{**settings, **variant, **overrides})
     prompts = Dataset.from_dict({"prompt": [f"prompt number {i}" for i in range(4)]})
     peft = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank) if args.lora_rank else None
     trainer = DanceGRPOTrainer(pipeline, brightness, args=config, train_dataset=prompts, peft_config=peft)
