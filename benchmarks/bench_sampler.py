@@ -174,6 +174,7 @@ def main():
     parser.add_argument("--T", type=int, default=16, help="sampler steps")
     parser.add_argument("--size", type=int, default=None, help="image size; default: the preset's")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip_cost", action="store_true")
     parser.add_argument("--skip_learning", action="store_true")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
     parser.add_argument("--learning_T", type=int, default=8)
@@ -185,7 +186,8 @@ def main():
     if args.device.startswith("cuda"):
         results["gpu"] = torch.cuda.get_device_name()
     results["cost"], results["learning"] = {}, {}
-    measure_cost(args, results)
+    if not args.skip_cost:
+        measure_cost(args, results)
     if not args.skip_learning:
         measure_learning(args, results)
     with open(args.json, "w") as handle:
