@@ -1,12 +1,10 @@
 """What video brought to the shared core: best-of-n selection, the CFG update rule, gradient checkpointing, VAE
 tiling/slicing, and sample logging (GIF files and the reporting integrations)."""
 
-import types
 
 import pytest
 import torch
 from PIL import Image
-from transformers import TrainerCallback
 
 from trl_dancegrpo import DanceGRPOConfig
 from trl_dancegrpo.trainer import best_of_n_indices, compute_advantages
@@ -126,39 +124,14 @@ def test_vae_tiling_and_slicing(tiny_pipeline_path, tmp_path):
 
 
 # -- sample logging -------------------------------------------------------------------------------------------------
-class WandbCallback(TrainerCallback):  # what report_to="wandb" installs, with a stand-in for the wandb module
-    def __init__(self):
-        self.logged = []
-        self._wandb = types.SimpleNamespace(
-            run=object(),
-            Video=lambda path, caption: ("video", path, caption),
-            Image=lambda path, caption: ("image", path, caption),
-            log=lambda data: self.logged.append(data),
-        )
-
-
-class TensorBoardCallback(TrainerCallback):
-    def __init__(self):
-        self.videos = []
-        self.tb_writer = types.SimpleNamespace(
-            add_video=lambda tag, video, step, fps: self.videos.append((tag, video.shape, step))
-        )
-
-
-def test_video_samples_are_saved_and_reported(tiny_pipeline_path, tmp_path):
+def test_video_samples_are_saved(tiny_pipeline_path, tmp_path):
+    # what each tracker receives is tested with the real packages in tests/test_trackers.py
     trainer = make_video_trainer("tiny-hunyuan-video", tiny_pipeline_path, tmp_path)
-    wandb, tensorboard = WandbCallback(), TensorBoardCallback()
-    trainer.add_callback(wandb)
-    trainer.add_callback(tensorboard)
     trainer.train()
     samples = tmp_path / "out" / "_samples"
     assert sorted(p.name for p in samples.iterdir()) == ["step-000001.gif", "step-000002.gif"]
     with Image.open(samples / "step-000002.gif") as gif:
         assert gif.n_frames == 5 and gif.size == (32, 32)
-    assert [entry["train/global_step"] for entry in wandb.logged] == [1, 2]
-    kind, path, caption = wandb.logged[0]["samples"]
-    assert kind == "video" and path.endswith("step-000001.gif") and caption in ("a cat", "a dog", "a car", "a tree")
-    assert tensorboard.videos == [("samples", (1, 5, 3, 32, 32), 1), ("samples", (1, 5, 3, 32, 32), 2)]
 
 
 def test_sample_logging_can_be_turned_off(tiny_pipeline_path, tmp_path):
