@@ -176,6 +176,9 @@ def test_tiny_estimate_exact_bytes(tiny_pipeline_path):
     assert parts["trajectory_buffer"] == 4 * ((latent * 4) * 5 + 4 * 4)
     # FSDP over 4 processes divides what it shards, and adds two gathered blocks
     sharded = estimate.with_options(num_processes=4).breakdown
+    # autocast's cached bf16 copies of the float32 weights: at most every weight once; FSDP's policy has none
+    assert 0 < parts["autocast_weight_casts"] <= params * 2
+    assert sharded["activations"] == parts["activations"] - parts["autocast_weight_casts"]
     assert sharded["gradients"] == params * 4 // 4
     assert sharded["optimizer_states"] == parts["optimizer_states"] // 4
     # the savers remove what they offload from the resident set

@@ -62,14 +62,17 @@ class MemoryEstimate:
         p, o = self.parts, self.options
         shards = o["num_processes"]
         # FSDP shards the denoiser's parameters, gradients and optimizer states; each forward gathers one block at a
-        # time (counted as two of the largest blocks: the one in use and the next one, prefetched)
-        gathered = 2 * p["largest_block"] if shards > 1 else 0
+        # time (counted as two of the largest blocks, the one in use and the next one prefetched, in the compute
+        # dtype). Its mixed-precision policy gathers them already cast, so autocast's cache of float32 weights cast
+        # for the forward (held until the forward ends) does not exist there.
+        gathered = 2 * p["largest_block_compute"] if shards > 1 else 0
+        activations = p["activations"] - (p["autocast_weight_casts"] if shards > 1 else 0)
         return {
             "denoiser_weights": p["frozen_denoiser"] // shards + gathered,
             "trainable_weights": p["trainable"] // shards,
             "gradients": p["trainable"] // shards,
             "optimizer_states": p["optimizer_states"] // shards,
-            "activations": p["activations"],
+            "activations": activations,
             "frozen_modules": (0 if o["offload_text_encoders"] else p["encoders"]) + p["other_frozen"],
             "reward_models": 0 if o["offload_reward_models"] else p["rewards"],
             "rollout_forward": p["rollout_forward"],
@@ -278,8 +281,10 @@ class _Run:
         tracker.reset_peak()
         start = tracker.live
         with flops.section("train_forward_backward"):
+            tracker.weight_casts = 0
             with self.autocast():
                 output = denoise(self.adapter, self.denoiser, x_t, step_index, part, negative)
+            self.weight_casts = tracker.weight_casts  # freed when the autocast region ends, after the forward
             _check_output(output, x_t, self.model_args.model_name_or_path)
             step = self.adapter.step(output, x_t, step_index, self.eta, prev_sample=x_next)
             loss = _training_loss(step, torch.zeros(size), torch.ones(size), self.args.epsilon)
@@ -405,10 +410,12 @@ def estimate_memory(script_args, args, model_args, num_processes: int = 1) -> Me
     parts = {
         "frozen_denoiser": frozen_denoiser,
         "trainable": trainable,
-        "largest_block": max((module_bytes(block) for block in _blocks(denoiser)), default=0),
+        "largest_block_compute": max((sum(p.numel() for p in b.parameters()) for b in _blocks(denoiser)), default=0)
+        * torch.tensor([], dtype=run.weight_dtype).element_size(),
         "optimizer_states": optimizer_states,
         "optimizer_temporaries": max(optimizer_temporaries, 0),
         "activations": activations,
+        "autocast_weight_casts": run.weight_casts,
         "encoders": encoders,
         "other_frozen": others,
         "rewards": rewards,

@@ -205,6 +205,7 @@ class LiveMemory(TorchDispatchMode):
         self.flops = 0
         self.live = 0
         self.peak = 0
+        self.weight_casts = 0  # bytes of copies of trainable parameters (autocast's cached casts of float32 weights)
         self._tracked = WeakIdKeyDictionary()
         self._external = WeakIdKeyDictionary()
 
@@ -232,6 +233,12 @@ class LiveMemory(TorchDispatchMode):
         tree_map_only(torch.Tensor, self._see_input, (args, kwargs))
         out = func(*args, **(kwargs or {}))
         tree_map_only(torch.Tensor, self._track_output, out)
+        if (
+            func is torch.ops.aten._to_copy.default
+            and isinstance(args[0], torch.nn.Parameter)
+            and args[0].requires_grad
+        ):
+            self.weight_casts += out.numel() * out.element_size()
         formula = self._flop_formulas.get(func._overloadpacket)
         if formula is not None:
             self.flops += formula(*args, **(kwargs or {}), out_val=out)
