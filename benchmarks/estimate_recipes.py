@@ -61,7 +61,7 @@ def main() -> None:
         print(
             f"| {label} | {gib(estimate.peak)} | {estimate.peak_phase} | {gib(text.peak)} | {gib(rewards.peak)} | "
             f"{gib(both.peak)} | {gib(fsdp.peak)} | {gib(estimate.training_step_peak)} | "
-            f"{gib(estimate.breakdown['activations'])} | {s_per_it:.0f} | {seconds:.0f} s |",
+            f"{gib(estimate.breakdown['activations'])} | {s_per_it:.0f} | {seconds:.0f} s ({estimate.cpu_seconds:.0f} s CPU) |",
             flush=True,
         )
 

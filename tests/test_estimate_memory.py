@@ -269,3 +269,22 @@ def test_goal_flux_lora_512_under_40_gb(tmp_path):
     with pytest.raises(SystemExit):
         cli_main([*argv, "--json", str(out), "--output_dir", str(tmp_path / "o")])
     assert json.loads(out.read_text())["peak_gib"] < 40
+
+
+def test_target_lists_only_the_changes_that_fit(tiny_pipeline_path):
+    from trl_dancegrpo.memory import estimate_memory
+    from trl_dancegrpo.memory.report import changes_for_target, format_report, verdict
+
+    path = tiny_pipeline_path("tiny-flux")
+    estimate = estimate_memory(*parse(["--model_name_or_path", path, "--reward_funcs", "hpsv2.1"]))
+    savers = dict(offload_text_encoders=True, offload_reward_models=True)
+    target = (estimate.with_options(num_processes=4, **savers).peak + 1) / GIB
+    changes = dict(changes_for_target(estimate, target))
+    fitting = {label: peak for label, peak in changes.items() if peak is not None}
+    assert fitting and all(peak / GIB <= target for peak in fitting.values())
+    assert any("FSDP over 4" in label for label in fitting) and any("FSDP over 8" in label for label in fitting)
+    assert not any("FSDP over 2" in label for label in fitting)  # does not fit: left out
+    assert any("gradient_checkpointing" in label for label in changes)  # off in this run: advised, to re-run
+    assert f"to fit {target:g} GiB" in format_report(estimate, target_gib=target, gpu="h100")
+    assert verdict(int(10 * GIB), 24).startswith("fits") and verdict(int(23.5 * GIB), 24).startswith("tight")
+    assert verdict(int(30 * GIB), 24).startswith("does not fit")

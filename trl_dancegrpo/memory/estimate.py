@@ -51,6 +51,7 @@ class MemoryEstimate:
     flops_per_iteration: float = 0.0
     flops_parts: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     def with_options(self, **changes) -> "MemoryEstimate":
@@ -207,10 +208,14 @@ class _Run:
 
     @property
     def num_train_steps(self) -> int:
-        args, steps = self.args, self.args.num_inference_steps
-        if getattr(args, "sde_window_size", None):
-            return max(1, math.ceil(round(args.timestep_fraction * args.sde_window_size, 9)))
-        return max(1, int(round(args.timestep_fraction * (steps - 1), 9)))
+        """Trained steps per sample, as the trainer's sampler counts them."""
+        from ..rollout import Sampler
+
+        args = self.args
+        sampler = Sampler(
+            self.adapter, self.eta, window_size=args.sde_window_size, timestep_fraction=args.timestep_fraction
+        )
+        return sampler.num_train_steps
 
     def autocast(self):
         if self.weight_dtype == torch.float32:
@@ -383,7 +388,7 @@ def estimate_memory(script_args, args, model_args, num_processes: int = 1) -> Me
     """Run the fake-tensor estimate of one training process of the recipe given by the three parsed argument sets."""
     from .fake import LiveMemory, cuda_autocast_policy, flash_attention
 
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     args = copy.deepcopy(args)  # the trainer's preparation edits the config (gradient checkpointing)
     run = _Run(script_args, args, model_args, num_processes)
     adapter, denoiser = run.adapter, run.denoiser
@@ -437,6 +442,7 @@ def estimate_memory(script_args, args, model_args, num_processes: int = 1) -> Me
     estimate.flops_parts = flops.parts
     estimate.flops_per_iteration = _flops_per_iteration(run, flops.parts)
     estimate.seconds = time.perf_counter() - started
+    estimate.cpu_seconds = time.process_time() - started_cpu
     return estimate
 
 

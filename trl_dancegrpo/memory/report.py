@@ -103,6 +103,7 @@ def to_json(estimate: MemoryEstimate, gpu: str | None = None) -> dict:
         "settings": estimate.settings,
         "flops_per_iteration": estimate.flops_per_iteration,
         "estimate_seconds": round(estimate.seconds, 1),
+        "estimate_cpu_seconds": round(estimate.cpu_seconds, 1),
         "not_counted": NOT_COUNTED,
         "notes": estimate.notes,
     }
@@ -160,7 +161,9 @@ def format_report(estimate: MemoryEstimate, target_gib: float | None = None, gpu
         )
     lines += ["", "  " + NOT_COUNTED]
     lines += [f"  note: {note}" for note in estimate.notes]
-    lines.append(f"  (estimated in {estimate.seconds:.0f} s on fake tensors)")
+    lines.append(
+        f"  (estimated in {estimate.seconds:.0f} s, {estimate.cpu_seconds:.0f} s of CPU time, on fake tensors)"
+    )
     return "\n".join(lines)
 
 
