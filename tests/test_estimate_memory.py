@@ -179,6 +179,10 @@ def test_tiny_estimate_exact_bytes(tiny_pipeline_path):
     # autocast's cached bf16 copies of the float32 weights: at most every weight once; FSDP's policy has none
     assert 0 < parts["autocast_weight_casts"] <= params * 2
     assert sharded["activations"] == parts["activations"] - parts["autocast_weight_casts"]
+    assert (
+        0 < parts["rollout_autocast_weight_casts"] <= params * 2
+    )  # requires_grad weights are cached without grad too
+    assert sharded["rollout_forward"] == parts["rollout_forward"] - parts["rollout_autocast_weight_casts"]
     assert sharded["gradients"] == params * 4 // 4
     assert sharded["optimizer_states"] == parts["optimizer_states"] // 4
     # the savers remove what they offload from the resident set

@@ -68,6 +68,7 @@ class MemoryEstimate:
         # for the forward (held until the forward ends) does not exist there.
         gathered = 2 * p["largest_block_compute"] if shards > 1 else 0
         activations = p["activations"] - (p["autocast_weight_casts"] if shards > 1 else 0)
+        rollout_forward = p["rollout_forward"] - (p["rollout_autocast_weight_casts"] if shards > 1 else 0)
         return {
             "denoiser_weights": p["frozen_denoiser"] // shards + gathered,
             "trainable_weights": p["trainable"] // shards,
@@ -76,7 +77,7 @@ class MemoryEstimate:
             "activations": activations,
             "frozen_modules": (0 if o["offload_text_encoders"] else p["encoders"]) + p["other_frozen"],
             "reward_models": 0 if o["offload_reward_models"] else p["rewards"],
-            "rollout_forward": p["rollout_forward"],
+            "rollout_forward": rollout_forward,
             "vae_decode": p["vae_decode"],
             "trajectory_buffer": p["trajectory_buffer"],
         }
@@ -90,7 +91,7 @@ class MemoryEstimate:
         buffers = p["trajectory_buffer"] + p["conditioning"]
         return {
             "prompt encoding": resident + (p["encoders"] if o["offload_text_encoders"] else 0) + p["encoding"],
-            "rollout (denoiser forward)": resident + buffers + p["rollout_forward"],
+            "rollout (denoiser forward)": resident + buffers + b["rollout_forward"],
             "rollout (VAE decode)": resident + buffers + p["images"] + p["vae_decode"],
             "reward scoring": resident + buffers + p["images"] + (p["rewards"] if o["offload_reward_models"] else 0),
             "training step (backward)": resident + buffers + b["gradients"] + b["activations"],
@@ -254,6 +255,7 @@ class _Run:
         part = index_conditioning(cond, slice(0, size))
         tracker.reset_peak()
         start = tracker.live
+        tracker.weight_casts = 0
         with torch.no_grad(), flops.section("rollout_forward"):
             with self.autocast():
                 output = denoise(self.adapter, self.denoiser, latents, step_index, part, negative)
@@ -264,6 +266,7 @@ class _Run:
             step = self.adapter.step(output, latents, step_index, self.eta, prev_sample=sampled)
             del output
         forward_peak = tracker.peak - start
+        self.rollout_weight_casts = tracker.weight_casts
         tracker.reset_peak()
         start = tracker.live
         with torch.no_grad(), flops.section("decode"), self.autocast():
@@ -421,6 +424,7 @@ def estimate_memory(script_args, args, model_args, num_processes: int = 1) -> Me
         "optimizer_temporaries": max(optimizer_temporaries, 0),
         "activations": activations,
         "autocast_weight_casts": run.weight_casts,
+        "rollout_autocast_weight_casts": run.rollout_weight_casts,
         "encoders": encoders,
         "other_frozen": others,
         "rewards": rewards,
