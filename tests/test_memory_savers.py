@@ -1,6 +1,7 @@
 """The memory savers of DanceGRPOConfig: results stay identical, and the modules really move (or prompts are really
 encoded once). Devices are checked by recording every `.to()` call: on a CPU-only machine the accelerator is the CPU."""
 
+import pytest
 import torch
 
 from trl_dancegrpo.rewards._base import ModelReward
@@ -128,3 +129,28 @@ def test_training_with_every_saver_gives_the_same_weights(tiny_pipeline_path, tm
     assert results[0].keys() == results[1].keys()
     for key in results[0]:
         torch.testing.assert_close(results[1][key], results[0][key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["hpsv2.1", "pickscore"])
+def test_move_to_moves_every_module_of_a_real_model_reward(name, tmp_path):
+    from trl_dancegrpo.rewards import CLIPScoreReward, HPSReward, PickScoreReward, tiny  # noqa: F401
+    from trl_dancegrpo.rewards._loading import clear_model_cache
+
+    clear_model_cache()
+    if name == "hpsv2.1":
+        checkpoint = tiny.save_tiny_hps_checkpoint(str(tmp_path / "HPS_v2.1_compressed.pt"))
+        make = lambda: HPSReward(checkpoint_path=checkpoint, clip_model=tiny.register_tiny_open_clip_config())  # noqa: E731
+    else:
+        tiny.save_tiny_clip_model(str(tmp_path / "clip"), processor_path=str(tmp_path / "processor"))
+        make = lambda: PickScoreReward(str(tmp_path / "clip"), str(tmp_path / "processor"))  # noqa: E731
+    images = torch.rand(2, 3, 40, 40)
+    reward = make()
+    reward.set_device("cpu", torch.float32)
+    before = reward(["a cat", "a dog"], images)
+    reward.move_to("cpu")
+    assert reward(["a cat", "a dog"], images) == before  # moving keeps the loaded model: same scores
+    reward.move_to("meta")  # a device this machine has, to see everything move
+    modules = [v for v in vars(reward.loaded).values() if isinstance(v, torch.nn.Module)]
+    assert modules and all(p.device.type == "meta" for m in modules for p in m.parameters())
+    assert reward.device.type == "meta"
+    clear_model_cache()

@@ -23,6 +23,7 @@ from .configs import MODEL_CONFIGS_DIR, build_meta_pipeline, load_pipeline_confi
 
 GIB = 2**30
 ENCODER_PREFIXES = ("text_encoder", "image_encoder")
+WEIGHT_FREE_REWARDS = ("brightness", "jpeg_compressibility", "jpeg_incompressibility")
 
 
 def tensor_bytes(tensors) -> int:
@@ -124,8 +125,8 @@ def reward_model_bytes(reward_funcs: list[str], dtype: torch.dtype) -> tuple[int
     for name in reward_funcs:
         if name in table["rewards"]:
             counted[table["shared_weights"].get(name, name)] = table["rewards"][name] * size
-        elif "." in name:
-            notes.append(f"reward {name!r} (a dotted path) is not counted: add its model's size by hand")
+        elif name not in WEIGHT_FREE_REWARDS:
+            notes.append(f"reward {name!r} is not in the size table (model_configs/rewards.json): not counted")
     return sum(counted.values()), notes
 
 
