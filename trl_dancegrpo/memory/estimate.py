@@ -158,6 +158,11 @@ class _Run:
         if hasattr(pipeline, "_get_t5_prompt_embeds") and type(pipeline).__name__.startswith("Wan"):
             pipeline._get_t5_prompt_embeds = _untrimmed_t5_prompt_embeds(pipeline)
         self.adapter = DanceGRPOTrainer._make_adapter(pipeline, args)
+        if self.adapter.has_experts:
+            raise ValueError(
+                f"{type(pipeline).__name__} has several denoisers (experts): estimate-memory counts one denoiser and "
+                "does not support it yet."
+            )
         if hasattr(self.adapter, "preprocess_images"):
             self.adapter.preprocess_images = _outside_fake_mode(self.adapter.preprocess_images)
         self.eta = args.eta if args.eta is not None else self.adapter.eta_for(args.sde_type)
@@ -173,10 +178,12 @@ class _Run:
                 target_modules=model_args.lora_target_modules,
             )
         # the trainer's own preparation (frozen parts, LoRA in float32, gradient checkpointing), on the meta device
+        from ..trainer import cast_module
+
         model_dtype = getattr(torch, model_args.dtype)
         for module in self.adapter.frozen_modules().values():
-            module.to(dtype=model_dtype if self.weight_dtype == torch.float32 else self.weight_dtype)
-        self.adapter.denoiser.to(dtype=model_dtype)
+            cast_module(module, model_dtype if self.weight_dtype == torch.float32 else self.weight_dtype)
+        cast_module(self.adapter.denoiser, model_dtype)
         self.gradient_checkpointing = args.gradient_checkpointing  # the preparation turns the flag off once applied
         trainer_like = SimpleNamespace(adapter=self.adapter)
         self.denoiser = DanceGRPOTrainer._prepare_denoiser(trainer_like, self.adapter.denoiser, peft_config, args)
