@@ -80,7 +80,7 @@ def load_pipeline_config(model_name_or_path: str) -> dict:
 
 
 def _tokenizer(class_name: str, config: dict):
-    from ..tiny import _clip_tokenizer, _llama_tokenizer, _t5_tokenizer
+    from ..tiny import _clip_tokenizer, _llama_tokenizer, _qwen_tokenizer, _t5_tokenizer
 
     # Tokens only decide shapes here: an in-memory vocabulary with the checkpoint's maximum length pads exactly as the
     # real tokenizer does (prompts are padded to max_length by every supported pipeline).
@@ -93,6 +93,8 @@ def _tokenizer(class_name: str, config: dict):
         return _t5_tokenizer(max_length)
     if class_name.startswith(("Llama", "PreTrainedTokenizer")):
         return _llama_tokenizer(max_length)
+    if class_name.startswith("Qwen2Tokenizer"):
+        return _qwen_tokenizer(max_length)
     raise ValueError(f"No stand-in for the tokenizer class {class_name}.")
 
 
