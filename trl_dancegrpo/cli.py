@@ -258,6 +258,11 @@ def save_metrics_callback(trainer):
 
 def main(argv=None) -> None:
     """Entry point of `trl-dancegrpo` and `python -m trl_dancegrpo`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["estimate-memory"]:  # the subcommand: same options as training, see trl_dancegrpo/memory/
+        from .memory.report import main as estimate_memory_main
+
+        sys.exit(estimate_memory_main(argv[1:]))
     trainer = run(argv=argv)
     trainer.accelerator.end_training()  # trackers finish; the process group is torn down before the interpreter exits
 

@@ -94,6 +94,19 @@ class DanceGRPOConfig(TrainingArguments):
         vae_slicing (`bool`, *optional*, defaults to `False`):
             Decode one sample at a time (`vae.enable_slicing()`).
 
+        > Parameters that save GPU memory (see `trl-dancegrpo estimate-memory` and docs/multi_gpu_and_memory.md)
+
+        offload_text_encoders (`bool`, *optional*, defaults to `False`):
+            Keep the text encoders (and the image encoder of image-to-video models) on the CPU and move them to the
+            GPU only while they encode (T5-XXL alone is ~9 GB in bf16). Results are identical; each encoding pays a
+            host-to-device copy, which `cache_prompt_embeddings` avoids for prompts seen before.
+        cache_prompt_embeddings (`bool`, *optional*, defaults to `False`):
+            Encode each distinct prompt (and conditioning image) once and keep its embeddings in CPU memory; later
+            rollouts of the same prompt reuse them. Worth it for small prompt sets; results are identical.
+        offload_reward_models (`bool`, *optional*, defaults to `False`):
+            Keep the model-based rewards (those with `move_to`, such as the built-in ones) on the CPU and move them to
+            the GPU only to score. Scores are identical; each scoring pays two copies of the reward model.
+
         > Parameters that control the rewards
 
         reward_weights (`list[float]`, *optional*):
@@ -244,6 +257,18 @@ class DanceGRPOConfig(TrainingArguments):
     )
     vae_tiling: bool = field(default=False, metadata={"help": "Decode with VAE tiling (flat memory, long videos)."})
     vae_slicing: bool = field(default=False, metadata={"help": "Decode one sample at a time (VAE slicing)."})
+
+    # Memory savers
+    offload_text_encoders: bool = field(
+        default=False,
+        metadata={"help": "Keep text/image encoders on the CPU; move them to the GPU only to encode."},
+    )
+    cache_prompt_embeddings: bool = field(
+        default=False, metadata={"help": "Encode each distinct prompt once; keep its embeddings in CPU memory."}
+    )
+    offload_reward_models: bool = field(
+        default=False, metadata={"help": "Keep reward models on the CPU; move them to the GPU only to score."}
+    )
 
     # Rewards
     reward_weights: list[float] | None = field(

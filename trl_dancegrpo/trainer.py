@@ -6,6 +6,7 @@ import math
 import os
 import pickle
 import shutil
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from .video import image_key, load_image, log_sample_to_integrations, save_sampl
 
 
 RewardFunc = Callable[..., list]
+ENCODER_COMPONENTS = ("text_encoder", "image_encoder")  # pipeline components `offload_text_encoders` keeps on the CPU
 logger = logging.get_logger(__name__)
 TRAINING_ARGS_JSON = "training_args.json"
 
@@ -258,13 +260,18 @@ class DanceGRPOTrainer(Trainer):
                 "launch with a DDP accelerate config (examples/accelerate/ddp.yaml)."
             )
         self.weight_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-        for module in self.adapter.frozen_modules().values():
-            module.to(self.accelerator.device)
+        for name, module in self.adapter.frozen_modules().items():
+            # offloaded encoders wait on the CPU and visit the GPU only to encode (see `_encoders_on_device`)
+            offload = args.offload_text_encoders and name.startswith(ENCODER_COMPONENTS)
+            module.to("cpu" if offload else self.accelerator.device)
             if self.weight_dtype != torch.float32:
                 cast_module(module, self.weight_dtype)
+        self._prompt_cache = {}  # row key -> its conditioning on the CPU, with `cache_prompt_embeddings`
+        self._reward_offload_lock = threading.Lock()
         for func in self.reward_funcs:
             if hasattr(func, "set_device"):
-                func.set_device(self.accelerator.device, self.weight_dtype)
+                offload = args.offload_reward_models and hasattr(func, "move_to")
+                func.set_device("cpu" if offload else self.accelerator.device, self.weight_dtype)
         self.ref_denoiser = None
         if args.beta > 0 and not self.is_lora:
             import copy
@@ -511,15 +518,45 @@ class DanceGRPOTrainer(Trainer):
         else:
             images, keys = None, list(prompts)
         unique = list(dict.fromkeys(keys))
-        rows = [keys.index(key) for key in unique]
-        with torch.no_grad():
-            cond = self.adapter.encode_conditioning(
-                [prompts[r] for r in rows], None if images is None else [images[r] for r in rows]
-            )
+        cache = self._prompt_cache if self.args.cache_prompt_embeddings else {}
+        missing = [key for key in unique if key not in cache]
+        rows = [keys.index(key) for key in missing]
+        encoded = None
+        with torch.no_grad(), self._encoders_on_device():
+            if missing:
+                encoded = self.adapter.encode_conditioning(
+                    [prompts[r] for r in rows], None if images is None else [images[r] for r in rows]
+                )
             if self.adapter.use_cfg and self._negative_cond is None:
-                self._negative_cond = self.adapter.negative_conditioning()
+                self._negative_cond = {
+                    k: v.to(self.accelerator.device) for k, v in self.adapter.negative_conditioning().items()
+                }
+        if self.args.cache_prompt_embeddings:
+            for i, key in enumerate(missing):
+                cache[key] = {name: value[i : i + 1].cpu() for name, value in encoded.items()}
+            cond = {
+                name: torch.cat([cache[key][name] for key in unique]).to(self.accelerator.device)
+                for name in cache[unique[0]]
+            }
+        else:
+            cond = {name: value.to(self.accelerator.device) for name, value in encoded.items()}
         index = torch.tensor([unique.index(key) for key in keys], device=self.accelerator.device)
         return index_conditioning(cond, index), (self._negative_cond if self.adapter.use_cfg else None)
+
+    @contextlib.contextmanager
+    def _encoders_on_device(self):
+        """With `offload_text_encoders`, the text and image encoders are on the accelerator only inside this context."""
+        if not self.args.offload_text_encoders:
+            yield
+            return
+        encoders = [m for n, m in self.adapter.frozen_modules().items() if n.startswith(ENCODER_COMPONENTS)]
+        for module in encoders:
+            module.to(self.accelerator.device)
+        try:
+            yield
+        finally:
+            for module in encoders:
+                module.to("cpu")
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seed: int = 0, eta: float = 0.0, group_size: int = 1, images=None):
@@ -549,7 +586,24 @@ class DanceGRPOTrainer(Trainer):
     def _score(self, prompts: list[str], images: torch.Tensor, inputs: list[dict]):
         """Rewards `[N, K]` on this process (NaN for `None` and for NaN scores) and the mask of the `None`s."""
         columns = {key: [row[key] for row in inputs] for key in inputs[0] if key != "prompt"}
-        return self.reward_scorer(prompts, images, columns)
+        with self._rewards_on_device():
+            return self.reward_scorer(prompts, images, columns)
+
+    @contextlib.contextmanager
+    def _rewards_on_device(self):
+        """With `offload_reward_models`, the model rewards are on the accelerator only inside this context."""
+        rewards = [func for func in self.reward_funcs if hasattr(func, "move_to")]
+        if not self.args.offload_reward_models or not rewards:
+            yield
+            return
+        with self._reward_offload_lock:  # overlapping rewards score from a thread, one part at a time
+            for func in rewards:
+                func.move_to(self.accelerator.device)
+            try:
+                yield
+            finally:
+                for func in rewards:
+                    func.move_to("cpu")
 
     def _generate_and_score(self, inputs: list[dict]) -> dict:
         args, device = self.args, self.accelerator.device

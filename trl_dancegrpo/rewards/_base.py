@@ -95,6 +95,19 @@ class ModelReward:
         self._trainer_dtype = as_dtype(dtype)
         self._loaded = None  # picked up again (from the shared cache) on the next call
 
+    def move_to(self, device: torch.device | str) -> None:
+        """Move the loaded model to `device` without reloading it; later scoring runs there.
+
+        Every torch module and tensor that `_load` returned (directly, or as a field of the object it returned) moves.
+        A device given to the constructor always wins: then nothing moves. The trainer's `offload_reward_models`
+        keeps rewards on the CPU and moves them to the GPU only to score.
+        """
+        if self._device is not None:
+            return
+        device = torch.device(device)
+        _move_loaded(self.loaded, device)
+        self._trainer_device = device
+
     def _cache_key(self) -> tuple:
         raise NotImplementedError
 
@@ -133,3 +146,16 @@ class ModelReward:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.__name__!r}, device={self.device}, dtype={self.dtype})"
+
+
+def _move_loaded(loaded, device: torch.device) -> None:
+    """Move, in place, the modules and tensors of what a reward's `_load` returned (a module or an object holding them)."""
+    if isinstance(loaded, torch.nn.Module):
+        loaded.to(device)
+        return
+    fields = loaded if isinstance(loaded, dict) else getattr(loaded, "__dict__", {})
+    for name, value in list(fields.items()):
+        if isinstance(value, torch.nn.Module):
+            value.to(device)
+        elif isinstance(value, torch.Tensor):
+            fields[name] = value.to(device)
