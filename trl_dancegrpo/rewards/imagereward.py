@@ -28,6 +28,7 @@ import torch.nn as nn
 from ._base import ModelReward
 from ._loading import load_state_dict, local_or_hub_dir, local_or_hub_file, source_key
 from ._preprocessing import preprocess
+from .image import AestheticMLP
 
 
 IMAGEREWARD_REPO_ID = "THUDM/ImageReward"
@@ -49,24 +50,9 @@ _VISION_KEYS = (
 )
 
 
-class ImageRewardMLP(nn.Module):
-    """ImageReward's head: five linear layers without activations (the reference comments its ReLUs out)."""
-
-    def __init__(self, input_size: int = 768):
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(input_size, 1024),
-            nn.Dropout(0.2),
-            nn.Linear(1024, 128),
-            nn.Dropout(0.2),
-            nn.Linear(128, 64),
-            nn.Dropout(0.1),
-            nn.Linear(64, 16),
-            nn.Linear(16, 1),
-        )
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.layers(features)
+# ImageReward's head is the LAION aesthetic predictor's MLP: five linear layers, no activations (both references
+# comment their ReLUs out), the same parameter names
+ImageRewardMLP = AestheticMLP
 
 
 def convert_imagereward_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
