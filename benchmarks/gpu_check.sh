@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One short GPU session (about 10 minutes on one H100/H200): measured peak memory of three recipes with random weights
 # next to their `estimate-memory` figures, the seconds per iteration of the FLUX LoRA recipe at 512x512, and the
-# trainer benchmark at FLUX.1-dev size. Results go to benchmarks/gpu_check.jsonl (one JSON line per run) and
+# trainer and SDE-window benchmarks at FLUX.1-dev size. Results go to benchmarks/gpu_check.jsonl (one JSON line per run) and
 # benchmarks/bench_trainer_flux_dev.json; copy the figures, with the GPU named, into benchmarks/RESULTS.md.
 #   bash benchmarks/gpu_check.sh
 set -euo pipefail
@@ -21,4 +21,7 @@ check --config examples/recipes/sd14.yaml --reward_funcs brightness --max_steps 
 # 4. the trainer benchmark at FLUX.1-dev size (rollout vs pipeline call, batched vs per-sample, loss overhead)
 timeout 300 python benchmarks/bench_trainer.py --preset flux-dev --device cuda --bf16 --lora_rank 128 \
       --gradient_checkpointing --repeats 1 --json benchmarks/bench_trainer_flux_dev.json || echo "bench_trainer FAILED"
+# 5. SDE windows at FLUX.1-dev size: full trajectory vs random 2-step vs sliding 4-step window, s/it side by side
+timeout 300 python benchmarks/bench_sampler.py --preset flux-dev --device cuda --bf16 --lora_rank 128 --size 512 \
+      --G 4 --repeats 1 --skip_learning --json benchmarks/bench_sampler_flux_dev.json || echo "bench_sampler FAILED"
 cat benchmarks/gpu_check.jsonl
