@@ -218,3 +218,19 @@ def test_model_rewards_without_their_weights_fail_when_built(name, tmp_path, mon
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(RewardModelNotFoundError, match=f'--reward_kwargs \'{{"{name}": {{"'):
         resolve_reward_funcs([name])
+
+
+@pytest.mark.parametrize("wrap", ["object", "binary", "per_frame"])
+def test_reward_objects_and_wrapped_rewards_without_weights_fail_when_built(wrap, tmp_path, monkeypatch):
+    """A model reward built in Python, or wrapped, is checked like a registry name: before any pipeline loads."""
+    from huggingface_hub import constants
+
+    from trl_dancegrpo.rewards import BinaryReward, HPSReward, RewardModelNotFoundError, per_frame
+    from trl_dancegrpo.rewards.scoring import resolve_reward_funcs
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    reward = HPSReward(version="v2.1")
+    reward = {"object": reward, "binary": BinaryReward(reward, threshold=0.3), "per_frame": per_frame(reward)}[wrap]
+    with pytest.raises(RewardModelNotFoundError):
+        resolve_reward_funcs([reward])

@@ -1,7 +1,6 @@
 """What video brought to the shared core: best-of-n selection, the CFG update rule, gradient checkpointing, VAE
 tiling/slicing, and sample logging (GIF files and the reporting integrations)."""
 
-
 import pytest
 import torch
 from PIL import Image

@@ -287,6 +287,8 @@ def resolve_reward_funcs(reward_funcs, reward_kwargs: dict | None = None) -> tup
             funcs.append(built)
             names.append(func)
         elif callable(func):
+            if hasattr(func, "check_weights"):  # a reward object built in Python (or a wrapper around one)
+                func.check_weights()
             funcs.append(func)
             names.append(getattr(func, "__name__", None) or type(func).__name__)
         else:

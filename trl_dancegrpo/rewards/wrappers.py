@@ -46,6 +46,16 @@ class _RewardWrapper:
         if hasattr(self.reward, "set_device"):
             self.reward.set_device(device, dtype)
 
+    def check_weights(self) -> None:
+        """Check that the wrapped reward's weights are available (the trainer asks before any model loads)."""
+        if hasattr(self.reward, "check_weights"):
+            self.reward.check_weights()
+
+    def move_to(self, device) -> None:
+        """Move the wrapped reward's loaded model (`offload_reward_models`), if it has one."""
+        if hasattr(self.reward, "move_to"):
+            self.reward.move_to(device)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.reward!r}, name={self.__name__!r})"
 
