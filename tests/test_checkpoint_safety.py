@@ -166,3 +166,17 @@ def test_checkpoints_record_what_they_were_trained_with(earlier_run):
     info = json.loads((earlier_run / "checkpoint-1" / CHECKPOINT_INFO_NAME).read_text())
     assert info["pipeline"] == "FluxPipeline" and info["lora"]["r"] == 4 and info["lora"]["lora_alpha"] == 8
     assert info["trainable_parameters"] and all("lora" in name for name in info["trainable_parameters"])
+
+
+def test_resuming_from_an_earlier_checkpoint_would_not_overwrite_the_later_ones(
+    copy_of_run, tiny_pipeline_path, tmp_path
+):
+    before = sorted(os.listdir(copy_of_run / "checkpoint-2"))
+    with pytest.raises(ValueError, match=r"would overwrite the later checkpoints .*\(checkpoint-2\)"):
+        resume(tiny_pipeline_path, tmp_path, checkpoint=str(copy_of_run / "checkpoint-1"))
+    assert sorted(os.listdir(copy_of_run / "checkpoint-2")) == before
+    # asked for explicitly, the resumed run replaces them
+    trainer = resume(
+        tiny_pipeline_path, tmp_path, checkpoint=str(copy_of_run / "checkpoint-1"), overwrite_output_dir=True
+    )
+    assert trainer.state.global_step == 3

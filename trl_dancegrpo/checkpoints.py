@@ -2,7 +2,7 @@
 
 - [`check_output_dir`]: a new run refuses an `output_dir` holding another run's checkpoints (unless it resumes, or
   `overwrite_output_dir` deletes them first), so two runs never mix their checkpoints and `save_total_limit` never
-  deletes a checkpoint of an earlier run;
+  deletes a checkpoint of an earlier run; resuming from an earlier checkpoint while later ones exist is refused too;
 - [`write_checkpoint_info`] / [`check_compatible`]: each checkpoint records the model family, the LoRA settings and
   the trainable parameters; a resume with different ones is an error naming the checkpoint and the setting;
 - [`unreadable_file_error`], [`warn_missing_state_files`], [`check_finite_weights`]: a truncated or corrupted file is
@@ -61,6 +61,8 @@ def _suggest_previous(checkpoint: str) -> str:
 # -- one run per output_dir -------------------------------------------------------------------------------------------
 def check_output_dir(args, resume_from_checkpoint, is_main_process: bool) -> None:
     """Refuse to start a new run where another run left checkpoints, or delete them with `overwrite_output_dir`."""
+    if isinstance(resume_from_checkpoint, str):
+        _check_no_later_checkpoints(args, resume_from_checkpoint)
     if resume_from_checkpoint not in (None, False):
         return
     existing = list_checkpoints(args.output_dir)
@@ -77,6 +79,20 @@ def check_output_dir(args, resume_from_checkpoint, is_main_process: bool) -> Non
         logger.warning(f"overwrite_output_dir: deleting the earlier run's checkpoints in {args.output_dir}: {names}.")
         for path in existing:
             shutil.rmtree(path)
+
+
+def _check_no_later_checkpoints(args, checkpoint: str) -> None:
+    """Resuming from an earlier checkpoint of output_dir would overwrite (and rotate away) the later ones: refuse."""
+    if os.path.realpath(os.path.dirname(os.path.normpath(checkpoint))) != os.path.realpath(args.output_dir):
+        return
+    later = [path for path in list_checkpoints(args.output_dir) if _step_of(path) > _step_of(checkpoint)]
+    if later and not args.overwrite_output_dir:
+        names = ", ".join(os.path.basename(path) for path in later)
+        raise ValueError(
+            f"Resuming from {checkpoint} would overwrite the later checkpoints of {args.output_dir!r} ({names}) as "
+            "training goes on. Resume from the latest one (resume_from_checkpoint=True), move the later ones away, "
+            "or set overwrite_output_dir=True to let this run replace them."
+        )
 
 
 # -- what a checkpoint was trained with -------------------------------------------------------------------------------
