@@ -204,6 +204,7 @@ def test_tiny_estimate_exact_bytes(tiny_pipeline_path):
         "tiny_hunyuan_video_pipeline",
         "tiny_skyreels_pipeline",
         "tiny_flux2_klein_pipeline",
+        "tiny_flux_kontext_pipeline",
     ],
 )
 def test_tiny_pipelines_of_every_family(builder, tmp_path):
@@ -242,8 +243,6 @@ def recipe_model(recipe: str) -> str:
 # recipes whose checkpoints are not in the built-in table yet (no public config transcribed; Wan 2.2's two experts
 # are not estimated): adding a recipe without its configuration fails the test below
 NOT_IN_TABLE = {
-    "flux2_klein.yaml",
-    "flux_kontext.yaml",
     "qwen_image.yaml",
     "qwen_image_edit.yaml",
     "wan22_t2v.yaml",
@@ -265,6 +264,14 @@ def test_builtin_table_covers_the_recipes_and_counts_public_figures():
     assert sum(p.numel() for p in transformer.parameters()) == 11_901_408_320
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
     assert sum(p.numel() for p in transformer.parameters()) - 11_901_408_320 == 4_669_440
+    # FLUX.1 Kontext [dev]'s DiT is FLUX.1-dev's architecture (12B); FLUX.2 [klein] 4B: a 3.9B DiT and Qwen3-4B (4.0B)
+    kontext = build_meta_pipeline(load_pipeline_config("black-forest-labs/FLUX.1-Kontext-dev"))
+    assert type(kontext).__name__ == "FluxKontextPipeline"
+    assert sum(p.numel() for p in kontext.transformer.parameters()) == 11_901_408_320
+    klein = build_meta_pipeline(load_pipeline_config("black-forest-labs/FLUX.2-klein-4B"))
+    assert klein.config.is_distilled  # a pipeline argument of model_index.json, passed through
+    assert sum(p.numel() for p in klein.transformer.parameters()) == 3_875_544_576
+    assert sum(p.numel() for p in klein.text_encoder.parameters()) == 4_022_468_096
 
 
 # -- every recipe at its real size ------------------------------------------------------------------------------------

@@ -125,7 +125,10 @@ def build_meta_pipeline(config: dict):
 
     model_index, components = config["model_index"], {}
     for name, spec in model_index.items():
-        if name.startswith("_") or not isinstance(spec, list):
+        if name.startswith("_"):
+            continue
+        if not isinstance(spec, list):  # a pipeline argument that is not a component (FLUX.2 klein's is_distilled)
+            components[name] = spec
             continue
         library, class_name = spec
         component_config = config["components"].get(name, {})
