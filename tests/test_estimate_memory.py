@@ -218,6 +218,30 @@ def test_tiny_pipelines_of_every_family(builder, tmp_path):
     assert result["flops_per_iteration"] > 0
 
 
+def test_two_experts_count_both_and_train_what_is_chosen(tmp_path):
+    """Wan 2.2 A14B's form: both experts' weights resident; gradients and optimizer states of the trained ones only."""
+    from trl_dancegrpo import tiny
+    from trl_dancegrpo.memory import estimate_memory
+
+    path = str(tmp_path / "tiny-wan22")
+    pipeline = tiny.tiny_wan22_pipeline()
+    pipeline.save_pretrained(path)
+    base = ["--model_name_or_path", path, "--num_frames", "5", "--use_peft", "--lora_r", "4"]
+    both = estimate_memory(*parse(base))
+    low_noise = estimate_memory(*parse([*base, "--train_experts", "transformer_2"]))
+    experts = [pipeline.transformer.to(torch.bfloat16), pipeline.transformer_2.to(torch.bfloat16)]
+    weights = sum(t.numel() * t.element_size() for e in experts for t in [*e.parameters(), *e.buffers()])
+    for estimate in (both, low_noise):
+        # the bf16 base weights of both experts, whichever is trained
+        assert estimate.breakdown["denoiser_weights"] == weights
+        assert estimate.breakdown["activations"] > 0
+    assert both.breakdown["trainable_weights"] == 2 * low_noise.breakdown["trainable_weights"] > 0
+    assert both.breakdown["optimizer_states"] == 2 * low_noise.breakdown["optimizer_states"]
+    assert low_noise.settings["trained_experts"] == ["transformer_2"]
+    with pytest.raises(ValueError, match="not FSDP"):
+        estimate_memory(*parse(base), num_processes=2)
+
+
 def test_unknown_model_offline_says_what_to_provide(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["estimate-memory", "--model_name_or_path", "someone/unknown-model", "--output_dir", str(tmp_path)])
@@ -245,7 +269,6 @@ def recipe_model(recipe: str) -> str:
 NOT_IN_TABLE = {
     "qwen_image.yaml",
     "qwen_image_edit.yaml",
-    "wan22_t2v.yaml",
     "z_image.yaml",
 }
 

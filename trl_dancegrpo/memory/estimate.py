@@ -159,10 +159,13 @@ class _Run:
             pipeline._get_t5_prompt_embeds = _untrimmed_t5_prompt_embeds(pipeline)
         self.adapter = DanceGRPOTrainer._make_adapter(pipeline, args)
         if self.adapter.has_experts:
-            raise ValueError(
-                f"{type(pipeline).__name__} has several denoisers (experts): estimate-memory counts one denoiser and "
-                "does not support it yet."
-            )
+            if num_processes > 1:
+                raise ValueError(
+                    f"--num_processes {num_processes}: {type(pipeline).__name__} has two experts, which the trainer "
+                    "trains under DDP (or on one GPU), not FSDP: estimate with --num_processes 1 (DDP processes each "
+                    "hold what one process holds)."
+                )
+            _measure_one_expert(self.adapter.experts)
         if hasattr(self.adapter, "preprocess_images"):
             self.adapter.preprocess_images = _outside_fake_mode(self.adapter.preprocess_images)
         self.eta = args.eta if args.eta is not None else self.adapter.eta_for(args.sde_type)
@@ -346,6 +349,22 @@ def _outside_fake_mode(function):
     return wrapped
 
 
+def _measure_one_expert(experts) -> None:
+    """Every forward of the estimate through the first trained expert of a two-expert model (Wan 2.2 A14B).
+
+    `WanExperts` picks each row's expert from a tensor's values, which fake tensors do not hold. The measured slices
+    are one step each, which one expert computes; the first trained one is the expert whose activations a training
+    slice keeps (both experts of A14B have the same architecture, so either gives the same figures). Weights,
+    gradients and optimizer states are still counted over both experts (the module holds both).
+    """
+    measured = getattr(experts, experts.trained[0])
+
+    def forward(hidden_states, timestep, expert=None, **kwargs):
+        return measured(hidden_states=hidden_states, timestep=timestep, **kwargs)[0]
+
+    experts.forward = forward
+
+
 def _untrimmed_t5_prompt_embeds(pipeline):
     """WanPipeline's prompt encoding without its trim: it cuts each prompt's embeddings to its token count and pads them
     back with zeros to `max_sequence_length`, the same shape, from token counts that fake tensors do not hold."""
@@ -444,6 +463,7 @@ def estimate_memory(script_args, args, model_args, num_processes: int = 1) -> Me
         "images": image_bytes,
     }
     options = {
+        "fsdp": not adapter.has_experts,  # two experts train under DDP only (the trainer refuses FSDP for them)
         "num_processes": num_processes,
         "offload_text_encoders": args.offload_text_encoders,
         "offload_reward_models": args.offload_reward_models,
@@ -487,6 +507,8 @@ def _settings(run: _Run) -> dict:
     }
     if adapter.is_video:
         settings["num_frames"] = adapter.num_frames
+    if adapter.has_experts:
+        settings["trained_experts"] = list(adapter.experts.trained)
     return settings
 
 

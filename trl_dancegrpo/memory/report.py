@@ -66,7 +66,7 @@ def changes_for_target(estimate: MemoryEstimate, target_gib: float) -> list[tupl
         candidates.append((labels[name], estimate.with_options(**{name: True}).peak))
     if len(savers) > 1:
         candidates.append((" + ".join(labels.values()), estimate.with_options(**savers).peak))
-    for processes in (2, 4, 8):
+    for processes in (2, 4, 8) if options.get("fsdp", True) else ():  # two experts: DDP only
         if processes > options["num_processes"]:
             sharded = estimate.with_options(num_processes=processes, **savers)
             label = f"FSDP over {processes} processes (accelerate launch --config_file examples/accelerate/fsdp.yaml)"
@@ -133,6 +133,13 @@ def format_report(estimate: MemoryEstimate, target_gib: float | None = None, gpu
         f"{s['num_inference_steps']} steps ({s['trained_steps_per_sample']} trained per sample)",
         f"  per process{f', denoiser sharded by FSDP over {processes} processes' if processes > 1 else ''}; "
         f"rewards: {', '.join(s['reward_funcs'])}",
+    ]
+    if "trained_experts" in s:
+        lines.append(
+            f"  two experts: both counted in the weights; trained: {', '.join(s['trained_experts'])} (gradients and "
+            "optimizer states of each); activations of one expert's training slice (one step, one expert)"
+        )
+    lines += [
         "",
     ]
     lines += [f"  {LABELS[key]:<40} {gib(value):>8.2f} GiB" for key, value in b.items()]
