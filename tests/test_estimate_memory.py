@@ -205,6 +205,7 @@ def test_tiny_estimate_exact_bytes(tiny_pipeline_path):
         "tiny_skyreels_pipeline",
         "tiny_flux2_klein_pipeline",
         "tiny_flux_kontext_pipeline",
+        "tiny_qwen_image_pipeline",
     ],
 )
 def test_tiny_pipelines_of_every_family(builder, tmp_path):
@@ -242,6 +243,23 @@ def test_two_experts_count_both_and_train_what_is_chosen(tmp_path):
         estimate_memory(*parse(base), num_processes=2)
 
 
+def test_prompt_length_from_values_is_assumed_maximal_or_refused(tmp_path):
+    from trl_dancegrpo import tiny
+    from trl_dancegrpo.adapters.qwen_image import QwenImageAdapter
+    from trl_dancegrpo.memory import estimate_memory
+
+    path = str(tmp_path / "tiny-qwen-image")
+    tiny.tiny_qwen_image_pipeline().save_pretrained(path)
+    estimate = estimate_memory(*parse(["--model_name_or_path", path]))
+    assert any("upper bound" in note for note in estimate.notes)
+    # the conditioning of the rollout's 4 samples: max_sequence_length tokens each, of width 16 (bf16), and the mask
+    assert estimate.parts["conditioning"] == 4 * QwenImageAdapter.max_sequence_length * (16 * 2 + 8)
+    path = str(tmp_path / "tiny-z-image")
+    tiny.tiny_z_image_pipeline().save_pretrained(path)
+    with pytest.raises(ValueError, match="does not support ZImagePipeline yet: its prompt encoding keeps"):
+        estimate_memory(*parse(["--model_name_or_path", path]))
+
+
 def test_unknown_model_offline_says_what_to_provide(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["estimate-memory", "--model_name_or_path", "someone/unknown-model", "--output_dir", str(tmp_path)])
@@ -267,7 +285,6 @@ def recipe_model(recipe: str) -> str:
 # recipes whose checkpoints are not in the built-in table yet (no public config transcribed; Wan 2.2's two experts
 # are not estimated): adding a recipe without its configuration fails the test below
 NOT_IN_TABLE = {
-    "qwen_image.yaml",
     "qwen_image_edit.yaml",
     "z_image.yaml",
 }

@@ -24,6 +24,16 @@ from .configs import MODEL_CONFIGS_DIR, build_meta_pipeline, load_pipeline_confi
 GIB = 2**30
 ENCODER_PREFIXES = ("text_encoder", "image_encoder")
 WEIGHT_FREE_REWARDS = ("brightness", "jpeg_compressibility", "jpeg_incompressibility")
+_OWN_TOKENS = (
+    "its prompt encoding keeps each prompt's own tokens (cut by the attention mask's values), a shape fake tensors "
+    "cannot know"
+)
+UNSUPPORTED_PIPELINES = {
+    "ZImagePipeline": _OWN_TOKENS + ", and its transformer takes each caption's tokens by a boolean mask.",
+    "QwenImageEditPipeline": _OWN_TOKENS + " (through the vision-language encoder with the source image's tokens).",
+    "QwenImageEditPlusPipeline": _OWN_TOKENS
+    + " (through the vision-language encoder with the source images' tokens).",
+}
 
 
 def tensor_bytes(tensors) -> int:
@@ -157,6 +167,19 @@ class _Run:
         pipeline = build_meta_pipeline(self.config)
         if hasattr(pipeline, "_get_t5_prompt_embeds") and type(pipeline).__name__.startswith("Wan"):
             pipeline._get_t5_prompt_embeds = _untrimmed_t5_prompt_embeds(pipeline)
+        self.notes = []
+        pipeline_name = type(pipeline).__name__
+        if pipeline_name == "QwenImagePipeline":
+            pipeline._get_qwen_prompt_embeds = _full_length_qwen_prompt_embeds(pipeline)
+            self.notes.append(
+                "prompt length: every prompt is assumed to fill the maximum (the adapter's max_sequence_length "
+                "text tokens): Qwen-Image keeps each prompt's own tokens, a count fake tensors do not hold; real "
+                "prompts are shorter, so the figures are an upper bound"
+            )
+        elif pipeline_name in UNSUPPORTED_PIPELINES:
+            raise ValueError(
+                f"estimate-memory does not support {pipeline_name} yet: {UNSUPPORTED_PIPELINES[pipeline_name]}"
+            )
         self.adapter = DanceGRPOTrainer._make_adapter(pipeline, args)
         if self.adapter.has_experts:
             if num_processes > 1:
@@ -365,6 +388,30 @@ def _measure_one_expert(experts) -> None:
     experts.forward = forward
 
 
+def _full_length_qwen_prompt_embeds(pipeline):
+    """QwenImagePipeline's prompt encoding with every prompt at the maximum length: the pipeline cuts each prompt's
+    hidden states to its own token count (from the attention mask's values, which fake tensors do not hold) and pads
+    them to the longest; here every prompt fills `tokenizer_max_length` tokens after the template, so `encode_prompt`
+    keeps `max_sequence_length` of them, the most a real prompt can have."""
+
+    def get_qwen_prompt_embeds(prompt=None, device=None, dtype=None):
+        prompt = [prompt] if isinstance(prompt, str) else prompt
+        drop = pipeline.prompt_template_encode_start_idx
+        inputs = pipeline.tokenizer(
+            [pipeline.prompt_template_encode.format(text) for text in prompt],
+            max_length=pipeline.tokenizer_max_length + drop,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+        )
+        mask = torch.ones_like(inputs.input_ids)
+        output = pipeline.text_encoder(input_ids=inputs.input_ids, attention_mask=mask, output_hidden_states=True)
+        embeds = output.hidden_states[-1][:, drop:]
+        return embeds.to(dtype=dtype or pipeline.text_encoder.dtype), None  # all tokens real: the pipeline's None
+
+    return get_qwen_prompt_embeds
+
+
 def _untrimmed_t5_prompt_embeds(pipeline):
     """WanPipeline's prompt encoding without its trim: it cuts each prompt's embeddings to its token count and pads them
     back with zeros to `max_sequence_length`, the same shape, from token counts that fake tensors do not hold."""
@@ -430,6 +477,7 @@ def estimate_memory(script_args, args, model_args, num_processes: int = 1) -> Me
     if args.beta > 0 and not run.is_lora:
         others += module_bytes(denoiser)  # the frozen reference copy (unsharded, see docs)
     rewards, notes = reward_model_bytes(list(script_args.reward_funcs), run.weight_dtype)
+    notes = run.notes + notes
     tracker = LiveMemory()
     flops = _Flops(tracker)
     with run.fake_mode, cuda_autocast_policy(), flash_attention(), tracker:
