@@ -196,3 +196,22 @@ def clear_model_cache() -> None:
     """Forget all loaded reward models (frees their memory once no reward instance holds them)."""
     with _MODEL_CACHE_LOCK:
         _MODEL_CACHE.clear()
+
+
+def split_qwen2_vl_reward_weights(weights: dict, keep_other_keys: bool) -> tuple[dict, dict]:
+    """Split a Qwen2-VL reward model's weights (VideoAlign, HPSv3) into transformers' `Qwen2VLModel` state dict and
+    the reward head's (`rm_head.*`), for checkpoints saved with transformers before and after 4.52; the language-model
+    head is dropped. `keep_other_keys` keeps any other key in the backbone (its strict load then names it)."""
+    backbone, head = {}, {}
+    for key, value in weights.items():
+        if key.startswith("rm_head."):
+            head[key.removeprefix("rm_head.")] = value
+        elif key.startswith("lm_head."):
+            continue
+        elif key.startswith(("model.language_model.", "model.visual.")):
+            backbone[key.removeprefix("model.")] = value
+        elif key.startswith("model."):  # transformers < 4.52: the language model was `model`
+            backbone["language_model." + key.removeprefix("model.")] = value
+        elif key.startswith("visual.") or keep_other_keys:  # `visual.` in transformers < 4.52
+            backbone[key] = value
+    return backbone, head

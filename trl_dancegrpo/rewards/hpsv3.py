@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._base import ModelReward
-from ._loading import load_state_dict, local_or_hub_dir, local_or_hub_file, source_key
+from ._loading import load_state_dict, local_or_hub_dir, local_or_hub_file, source_key, split_qwen2_vl_reward_weights
 
 
 HPSV3_REPO_ID = "MizzenAI/HPSv3"
@@ -69,18 +69,7 @@ def build_hpsv3_prompt(prompt: str) -> str:
 
 def convert_hpsv3_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """Split `HPSv3.safetensors` into state dicts of transformers' `Qwen2VLModel` and of the reward head."""
-    backbone, head = {}, {}
-    for key, value in state_dict.items():
-        if key.startswith("rm_head."):
-            head[key.removeprefix("rm_head.")] = value
-        elif key.startswith("lm_head."):
-            continue
-        elif key.startswith(("model.language_model.", "model.visual.")):
-            backbone[key.removeprefix("model.")] = value
-        elif key.startswith("model."):  # transformers < 4.52: the language model was `model`
-            backbone["language_model." + key.removeprefix("model.")] = value
-        elif key.startswith("visual."):  # transformers < 4.52
-            backbone[key] = value
+    backbone, head = split_qwen2_vl_reward_weights(state_dict, keep_other_keys=False)
     if not {"0.weight", "3.weight", "5.weight"} <= set(head):
         raise ValueError(
             "This is not an HPSv3 checkpoint: expected the ranknet reward head `rm_head.0`, `rm_head.3`, `rm_head.5`."

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._base import ModelReward
-from ._loading import load_state_dict, local_or_hub_dir, source_key
+from ._loading import load_state_dict, local_or_hub_dir, source_key, split_qwen2_vl_reward_weights
 from ._preprocessing import check_images, check_prompts
 
 
@@ -154,18 +154,7 @@ def convert_videoalign_state_dict(
     if leftovers:
         raise ValueError(f"Unsupported PEFT weights in the VideoAlign checkpoint (e.g. {leftovers[0]!r}).")
 
-    backbone, head = {}, {}
-    for key, value in weights.items():
-        if key.startswith("rm_head."):
-            head[key.removeprefix("rm_head.")] = value
-        elif key.startswith("lm_head."):
-            continue
-        elif key.startswith(("model.language_model.", "model.visual.")):
-            backbone[key.removeprefix("model.")] = value
-        elif key.startswith("model."):  # transformers < 4.52: the language model was `model`
-            backbone["language_model." + key.removeprefix("model.")] = value
-        else:  # `visual.` in transformers < 4.52
-            backbone[key] = value
+    backbone, head = split_qwen2_vl_reward_weights(weights, keep_other_keys=True)
     if not head:
         raise ValueError("The VideoAlign checkpoint has no reward head (`rm_head.weight`).")
     return backbone, head
