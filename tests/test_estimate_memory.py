@@ -206,6 +206,9 @@ def test_tiny_estimate_exact_bytes(tiny_pipeline_path):
         "tiny_flux2_klein_pipeline",
         "tiny_flux_kontext_pipeline",
         "tiny_qwen_image_pipeline",
+        "tiny_qwen_image_edit_pipeline",
+        "tiny_qwen_image_edit_plus_pipeline",
+        "tiny_z_image_pipeline",
     ],
 )
 def test_tiny_pipelines_of_every_family(builder, tmp_path):
@@ -243,7 +246,7 @@ def test_two_experts_count_both_and_train_what_is_chosen(tmp_path):
         estimate_memory(*parse(base), num_processes=2)
 
 
-def test_prompt_length_from_values_is_assumed_maximal_or_refused(tmp_path):
+def test_prompt_length_from_values_is_assumed_maximal(tmp_path):
     from trl_dancegrpo import tiny
     from trl_dancegrpo.adapters.qwen_image import QwenImageAdapter
     from trl_dancegrpo.memory import estimate_memory
@@ -254,10 +257,61 @@ def test_prompt_length_from_values_is_assumed_maximal_or_refused(tmp_path):
     assert any("upper bound" in note for note in estimate.notes)
     # the conditioning of the rollout's 4 samples: max_sequence_length tokens each, of width 16 (bf16), and the mask
     assert estimate.parts["conditioning"] == 4 * QwenImageAdapter.max_sequence_length * (16 * 2 + 8)
+    # Z-Image cuts each prompt to its own tokens by the attention mask's values (kept real under fake tensors): the
+    # placeholder prompts fill the tokenizer's 48 tokens, of width 16 (bf16), and our boolean mask
     path = str(tmp_path / "tiny-z-image")
     tiny.tiny_z_image_pipeline().save_pretrained(path)
-    with pytest.raises(ValueError, match="does not support ZImagePipeline yet: its prompt encoding keeps"):
-        estimate_memory(*parse(["--model_name_or_path", path]))
+    estimate = estimate_memory(*parse(["--model_name_or_path", path]))
+    assert any("ZImagePipeline keeps each prompt's own tokens" in note for note in estimate.notes)
+    assert estimate.parts["conditioning"] == 4 * 48 * (16 * 2 + 1)
+
+
+def test_editing_prompt_encoder_counts_the_source_image_tokens(tmp_path):
+    """Qwen-Image-Edit: the vision-language encoder sees the source image; its tokens join the prompt's, as many on
+    fake tensors as the real pipeline gives the same placeholder prompt and image."""
+    from trl_dancegrpo import tiny
+    from trl_dancegrpo.memory import estimate_memory
+    from trl_dancegrpo.memory.estimate import _long_prompt, _placeholder_images
+    from trl_dancegrpo.trainer import DanceGRPOTrainer
+
+    pipeline = tiny.tiny_qwen_image_edit_pipeline()
+    path = str(tmp_path / "tiny-qwen-image-edit")
+    pipeline.save_pretrained(path)
+    for side in (32, 64):
+        argv = ["--model_name_or_path", path, "--height", str(side), "--width", str(side)]
+        adapter = DanceGRPOTrainer._make_adapter(pipeline, parse(argv)[1])
+        real = adapter.encode_conditioning([_long_prompt(adapter, 0)], _placeholder_images(adapter, 1))
+        tokens = real["prompt_embeds"].shape[1]
+        assert tokens > 512 + 4  # the placeholder prompt and the tiny processor's 4 image tokens, at least
+        estimate = estimate_memory(*parse(argv))
+        # 4 samples: the prompt embeddings (width 16, bf16) and their mask (int64), then the source image's latents
+        latents = 4 * 16 * (side // 8) ** 2 * 4  # (side / 8)^2 tokens of 16 packed channels, float32
+        assert estimate.parts["conditioning"] == 4 * tokens * (16 * 2 + 8) + latents
+
+
+def test_real_values_keep_token_counts_and_masks_under_fake_tensors():
+    from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensor, FakeTensorMode
+
+    from trl_dancegrpo.memory.fake import REAL_VALUES_MAX_ELEMENTS, RealValues
+
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])  # two prompts of 3 and 2 tokens
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake_mode:
+        hidden = torch.empty(2, 5, 8)  # fake, as the encoder's output (made from fake weights)
+    with fake_mode, RealValues():
+        assert isinstance(hidden * 2, FakeTensor)
+        lengths = mask.bool().sum(dim=1)
+        assert not isinstance(lengths, FakeTensor) and lengths.tolist() == [3, 2]
+        selected = hidden[mask.bool()]  # shape from the mask's values
+        assert isinstance(selected, FakeTensor) and selected.shape == (5, 8)
+        assert [part.shape[0] for part in torch.split(selected, lengths.tolist())] == [3, 2]
+        positions = torch.ones(3, 2, 5, dtype=torch.long).cumsum(-1)  # small: computed
+        assert positions[0, 0].tolist() == [1, 2, 3, 4, 5]
+        big = torch.zeros(REAL_VALUES_MAX_ELEMENTS + 1)  # large: stays fake, no memory
+        assert isinstance(big, FakeTensor)
+    # without it, the token counts are unknown
+    with fake_mode, pytest.raises(DynamicOutputShapeException):
+        hidden[mask.bool()]
 
 
 def test_unknown_model_offline_says_what_to_provide(tmp_path, capsys):
@@ -282,19 +336,10 @@ def recipe_model(recipe: str) -> str:
         return yaml.safe_load(handle)["model_name_or_path"]
 
 
-# recipes whose checkpoints are not in the built-in table: their pipelines keep each prompt's own tokens, a shape fake
-# tensors cannot know, and estimate-memory refuses them (see UNSUPPORTED_PIPELINES); adding a recipe without its
-# configuration fails the test below
-NOT_IN_TABLE = {
-    "qwen_image_edit.yaml": "QwenImageEditPipeline is refused by estimate-memory (prompt length from values)",
-    "z_image.yaml": "ZImagePipeline is refused by estimate-memory (prompt length from values)",
-}
-
-
 def test_builtin_table_covers_the_recipes_and_counts_public_figures():
     table = builtin_configs()
     missing = {os.path.basename(r) for r in RECIPES if recipe_model(r) not in table}
-    assert missing == set(NOT_IN_TABLE)
+    assert not missing, f"recipes whose model is not in the built-in table (trl_dancegrpo/model_configs): {missing}"
     for entry in table.values():
         assert entry["sources"]
     # FLUX.1-dev + LoRA r=4 on the attention projections: the Hugging Face FLUX QLoRA blog post's count
@@ -319,8 +364,6 @@ def test_builtin_table_covers_the_recipes_and_counts_public_figures():
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
 def test_every_recipe_at_real_size(recipe, tmp_path):
-    if os.path.basename(recipe) in NOT_IN_TABLE:
-        pytest.skip(NOT_IN_TABLE[os.path.basename(recipe)])
     out = tmp_path / "estimate.json"
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["estimate-memory", "--config", recipe, "--json", str(out), "--output_dir", str(tmp_path / "o")])

@@ -12,6 +12,15 @@ import os
 
 MODEL_CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "model_configs")
 _CONFIG_FILES = ("config.json", "scheduler_config.json", "tokenizer_config.json", "preprocessor_config.json")
+# a processor's folder also holds its tokenizer's files: its own configuration comes first
+_PROCESSOR_CONFIG_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
+# the Qwen2-VL tokens a vision-language prompt encoder finds its image by (ids of the estimate's stand-in tokenizer)
+_VISION_TOKEN_IDS = {
+    "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+}
 
 
 def builtin_configs() -> dict[str, dict]:
@@ -35,7 +44,7 @@ def _read_folder(folder: str) -> dict:
     for name, spec in model_index.items():
         if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
             continue
-        for filename in _CONFIG_FILES:
+        for filename in _PROCESSOR_CONFIG_FILES if str(spec[1]).endswith("Processor") else _CONFIG_FILES:
             path = os.path.join(folder, name, filename)
             if os.path.isfile(path):
                 with open(path, encoding="utf-8") as handle:
@@ -98,6 +107,28 @@ def _tokenizer(class_name: str, config: dict):
     raise ValueError(f"No stand-in for the tokenizer class {class_name}.")
 
 
+def _processor(class_name: str, config: dict):
+    """A Qwen2-VL processor: the checkpoint's image processor (its patch and merge sizes decide the image's tokens) and
+    a stand-in tokenizer that counts the Qwen-Image prompt templates' tokens as the real one does (the pipelines drop a
+    fixed number of them) and has Qwen's vision tokens."""
+    import transformers
+
+    from ..tiny import _qwen_image_tokenizer
+
+    if class_name not in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor"):
+        return getattr(transformers, class_name)(**config)
+    image_config = dict(config.get("image_processor", config))
+    for key in ("image_processor_type", "processor_class", "_processor_class", "auto_map"):
+        image_config.pop(key, None)
+    tokenizer = _qwen_image_tokenizer()
+    tokenizer.model_max_length = 131072  # prompts are not cut: the pipelines' own limits apply
+    return getattr(transformers, class_name)(
+        image_processor=transformers.Qwen2VLImageProcessor(**image_config),
+        tokenizer=tokenizer,
+        video_processor=transformers.Qwen2VLVideoProcessor(),
+    )
+
+
 def _transformers_model(class_name: str, config: dict):
     import transformers
 
@@ -121,7 +152,6 @@ def build_meta_pipeline(config: dict):
     """The pipeline of `config` with every model on the meta device (no memory), tokenizers that pad to the real length."""
     import diffusers
     import torch
-    import transformers
 
     model_index, components = config["model_index"], {}
     for name, spec in model_index.items():
@@ -139,12 +169,18 @@ def build_meta_pipeline(config: dict):
         elif "Scheduler" in class_name:
             components[name] = getattr(diffusers, class_name).from_config(component_config)
         elif "Processor" in class_name or "FeatureExtractor" in class_name:
-            components[name] = getattr(transformers, class_name)(**component_config)
+            components[name] = _processor(class_name, component_config)
         elif library == "diffusers":
             with torch.device("meta"):
                 components[name] = getattr(diffusers, class_name).from_config(component_config)
         else:
             with torch.device("meta"):
                 components[name] = _transformers_model(class_name, component_config)
+    processor, text_encoder = components.get("processor"), components.get("text_encoder")
+    if processor is not None and hasattr(processor, "image_token") and text_encoder is not None:
+        # the vision tokens' ids are the stand-in tokenizer's, not the checkpoint's
+        for key, token in _VISION_TOKEN_IDS.items():
+            if hasattr(text_encoder.config, key):
+                setattr(text_encoder.config, key, processor.tokenizer.convert_tokens_to_ids(token))
     pipeline_class = getattr(diffusers, model_index["_class_name"])
     return pipeline_class(**components)

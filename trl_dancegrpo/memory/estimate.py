@@ -24,16 +24,8 @@ from .configs import MODEL_CONFIGS_DIR, build_meta_pipeline, load_pipeline_confi
 GIB = 2**30
 ENCODER_PREFIXES = ("text_encoder", "image_encoder")
 WEIGHT_FREE_REWARDS = ("brightness", "jpeg_compressibility", "jpeg_incompressibility")
-_OWN_TOKENS = (
-    "its prompt encoding keeps each prompt's own tokens (cut by the attention mask's values), a shape fake tensors "
-    "cannot know"
-)
-UNSUPPORTED_PIPELINES = {
-    "ZImagePipeline": _OWN_TOKENS + ", and its transformer takes each caption's tokens by a boolean mask.",
-    "QwenImageEditPipeline": _OWN_TOKENS + " (through the vision-language encoder with the source image's tokens).",
-    "QwenImageEditPlusPipeline": _OWN_TOKENS
-    + " (through the vision-language encoder with the source images' tokens).",
-}
+# pipelines whose prompt embeddings keep each prompt's own tokens: estimated with prompts of the maximum length
+OWN_TOKEN_PIPELINES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline", "ZImagePipeline")
 
 
 def tensor_bytes(tensors) -> int:
@@ -176,9 +168,11 @@ class _Run:
                 "text tokens): Qwen-Image keeps each prompt's own tokens, a count fake tensors do not hold; real "
                 "prompts are shorter, so the figures are an upper bound"
             )
-        elif pipeline_name in UNSUPPORTED_PIPELINES:
-            raise ValueError(
-                f"estimate-memory does not support {pipeline_name} yet: {UNSUPPORTED_PIPELINES[pipeline_name]}"
+        elif pipeline_name in OWN_TOKEN_PIPELINES:
+            self.notes.append(
+                "prompt length: every prompt is assumed to fill the maximum (the adapter's max_sequence_length "
+                f"text tokens): {pipeline_name} keeps each prompt's own tokens; real prompts are shorter, so the "
+                "figures are an upper bound"
             )
         self.adapter = DanceGRPOTrainer._make_adapter(pipeline, args)
         if self.adapter.has_experts:
@@ -265,7 +259,7 @@ class _Run:
         from ..rollout import index_conditioning
 
         rows = max(1, self.rollout_samples // self.args.num_generations)
-        prompts = [f"prompt number {i}" for i in range(rows)]
+        prompts = [_long_prompt(self.adapter, i) for i in range(rows)]
         images = _placeholder_images(self.adapter, rows) if self.adapter.requires_image else None
         tracker.reset_peak()
         start = tracker.live
@@ -359,6 +353,14 @@ class _Run:
             ]
         )
         return states, tracker.peak - start - states
+
+
+def _long_prompt(adapter, number: int) -> str:
+    """A placeholder prompt of the adapter's maximum number of text tokens (`max_sequence_length` characters: the
+    estimate's byte-level stand-in for Qwen's tokenizers gives one token per character), so that the pipelines that
+    keep each prompt's own tokens get the most; the others pad or cut every prompt to their fixed length anyway."""
+    length = getattr(adapter, "max_sequence_length", None) or 512
+    return (f"{number} " + "a" * length)[:length]
 
 
 def _outside_fake_mode(function):
@@ -463,7 +465,7 @@ class _Flops:
 
 def estimate_memory(script_args, args, model_args, num_processes: int = 1) -> MemoryEstimate:
     """Run the fake-tensor estimate of one training process of the recipe given by the three parsed argument sets."""
-    from .fake import LiveMemory, cuda_autocast_policy, flash_attention
+    from .fake import LiveMemory, RealValues, cuda_autocast_policy, flash_attention
 
     started, started_cpu = time.perf_counter(), time.process_time()
     args = copy.deepcopy(args)  # the trainer's preparation edits the config (gradient checkpointing)
@@ -480,7 +482,7 @@ def estimate_memory(script_args, args, model_args, num_processes: int = 1) -> Me
     notes = run.notes + notes
     tracker = LiveMemory()
     flops = _Flops(tracker)
-    with run.fake_mode, cuda_autocast_policy(), flash_attention(), tracker:
+    with run.fake_mode, RealValues(), cuda_autocast_policy(), flash_attention(), tracker:
         cond, negative, encode_peak = run.encode(tracker)
         cond_bytes = tensor_bytes([*cond.values(), *(negative or {}).values()])
         forward_peak, decode_peak, image_bytes = run.rollout_slice(tracker, cond, negative, flops)

@@ -253,3 +253,75 @@ class LiveMemory(TorchDispatchMode):
 
 _CPU_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 _CPU_FLASH_MATMULS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: 2, _CPU_FLASH_BACKWARD: 5}
+
+
+# Outputs of ops on real tensors up to this many elements are computed for real (token ids, masks, grids, positions).
+REAL_VALUES_MAX_ELEMENTS = 2**20
+
+
+class RealValues(TorchDispatchMode):
+    """Keeps the values that do not depend on weights real inside a fake-tensor run.
+
+    Fake tensors hold no values, so code that takes shapes from values fails under them: a prompt encoder that keeps
+    each prompt's own tokens (`hidden[mask]`, `split(hidden, mask.sum(1).tolist())`), a vision tower that cuts its
+    attention by the image grid (`cu_seqlens.tolist()`). Those values come from the tokenizer, the processor and
+    small index tensors, never from weights. Under this mode (entered inside a `FakeTensorMode` with
+    `allow_non_fake_inputs=True`):
+
+    - an op whose tensor inputs are all real (not fake, not on the meta device) runs for real when its output is small (at most
+      `REAL_VALUES_MAX_ELEMENTS` elements per tensor), so masks, token counts and positions keep their values; larger
+      outputs stay fake (no memory); an op whose output shape depends on values (nonzero, `.tolist()`) runs for real;
+    - indexing a fake tensor with a real boolean mask (a shape from values) indexes with the mask's real positions.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch._subclasses.fake_tensor import (
+            DataDependentOutputException,
+            DynamicOutputShapeException,
+            FakeTensor,
+            unset_fake_temporarily,
+        )
+        from torch.utils._pytree import tree_leaves
+
+        kwargs = kwargs or {}
+        tensors = [leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
+        if any(isinstance(tensor, FakeTensor) or tensor.is_meta for tensor in tensors):
+            if func in _INDEXING and any(_is_real_mask(index) for index in args[1]):
+                args = (args[0], _mask_positions(args[1]), *args[2:])
+            return func(*args, **kwargs)
+        try:
+            shapes = func(*args, **kwargs)  # fake: the output's shape, no values
+        except (DynamicOutputShapeException, DataDependentOutputException):
+            shapes = None
+        outputs = [leaf for leaf in tree_leaves(shapes) if isinstance(leaf, torch.Tensor)]
+        if shapes is None or all(output.numel() <= REAL_VALUES_MAX_ELEMENTS for output in outputs):
+            with unset_fake_temporarily():
+                return func(*args, **kwargs)
+        return shapes
+
+
+_INDEXING = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default}
+
+
+def _is_real_mask(index) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return (
+        isinstance(index, torch.Tensor)
+        and not isinstance(index, FakeTensor)
+        and index.dtype in (torch.bool, torch.uint8)
+    )
+
+
+def _mask_positions(indices) -> list:
+    """Boolean masks among `aten.index` indices replaced by the positions they select (one index per masked dim)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    replaced = []
+    for index in indices:
+        if _is_real_mask(index):
+            with unset_fake_temporarily():
+                replaced.extend(index.bool().nonzero().unbind(1))
+        else:
+            replaced.append(index)
+    return replaced
