@@ -259,7 +259,10 @@ class _Run:
         from ..rollout import index_conditioning
 
         rows = max(1, self.rollout_samples // self.args.num_generations)
-        prompts = [_long_prompt(self.adapter, i) for i in range(rows)]
+        if type(self.adapter.pipeline).__name__ in OWN_TOKEN_PIPELINES:
+            prompts = [_long_prompt(self.adapter, i) for i in range(rows)]
+        else:  # the other pipelines pad or cut every prompt to their fixed length
+            prompts = [f"prompt number {i}" for i in range(rows)]
         images = _placeholder_images(self.adapter, rows) if self.adapter.requires_image else None
         tracker.reset_peak()
         start = tracker.live
@@ -358,7 +361,7 @@ class _Run:
 def _long_prompt(adapter, number: int) -> str:
     """A placeholder prompt of the adapter's maximum number of text tokens (`max_sequence_length` characters: the
     estimate's byte-level stand-in for Qwen's tokenizers gives one token per character), so that the pipelines that
-    keep each prompt's own tokens get the most; the others pad or cut every prompt to their fixed length anyway."""
+    keep each prompt's own tokens get the most."""
     length = getattr(adapter, "max_sequence_length", None) or 512
     return (f"{number} " + "a" * length)[:length]
 
