@@ -9,6 +9,27 @@ transformers.logging.set_verbosity_error()
 
 TRAIN_PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
 
+# The modules that run the same tests over every family beyond the core ones (SD and FLUX, tested by test_trainer.py,
+# test_sampler.py and the others). The fast subset (`-m "not slow"`) keeps one smoke test per family from them, its
+# LoRA `test_train` (every trainable parameter changes, nothing frozen does); the rest of their matrix is marked slow
+# here and runs in the full suite (CI).
+FAMILY_MATRIX_MODULES = {
+    "test_editing",
+    "test_qwen3_image_families",
+    "test_qwen_image",
+    "test_sampler_families",
+    "test_sd3",
+    "test_video",
+    "test_wan22",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        smoke = item.originalname == "test_train" and "lora" in item.name
+        if item.module.__name__.rpartition(".")[2] in FAMILY_MATRIX_MODULES and not smoke:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def tiny_pipeline_path(tmp_path_factory):

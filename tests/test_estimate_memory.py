@@ -194,6 +194,7 @@ def test_tiny_estimate_exact_bytes(tiny_pipeline_path):
     )
 
 
+@pytest.mark.slow  # one tiny pipeline per family: the FLUX tests above stay in the fast subset
 @pytest.mark.parametrize(
     "builder",
     [
@@ -222,6 +223,7 @@ def test_tiny_pipelines_of_every_family(builder, tmp_path):
     assert result["flops_per_iteration"] > 0
 
 
+@pytest.mark.slow
 def test_two_experts_count_both_and_train_what_is_chosen(tmp_path):
     """Wan 2.2 A14B's form: both experts' weights resident; gradients and optimizer states of the trained ones only."""
     from trl_dancegrpo import tiny
@@ -246,6 +248,7 @@ def test_two_experts_count_both_and_train_what_is_chosen(tmp_path):
         estimate_memory(*parse(base), num_processes=2)
 
 
+@pytest.mark.slow
 def test_prompt_length_from_values_is_assumed_maximal(tmp_path):
     from trl_dancegrpo import tiny
     from trl_dancegrpo.adapters.qwen_image import QwenImageAdapter
@@ -266,6 +269,7 @@ def test_prompt_length_from_values_is_assumed_maximal(tmp_path):
     assert estimate.parts["conditioning"] == 4 * 48 * (16 * 2 + 1)
 
 
+@pytest.mark.slow
 def test_editing_prompt_encoder_counts_the_source_image_tokens(tmp_path):
     """Qwen-Image-Edit: the vision-language encoder sees the source image; its tokens join the prompt's, as many on
     fake tensors as the real pipeline gives the same placeholder prompt and image."""

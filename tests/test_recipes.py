@@ -51,6 +51,7 @@ def test_accelerate_config_loads(config):
     assert loaded.num_processes >= 1 and loaded.mixed_precision == "bf16"
 
 
+@pytest.mark.slow
 def test_ten_line_example_runs_on_a_tiny_model(tiny_pipeline_path, tmp_path):
     script = os.path.join(EXAMPLES, "train_flux_lora.py")
     with open(script) as handle:

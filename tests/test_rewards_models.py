@@ -403,6 +403,7 @@ def test_videoalign_matches_the_peft_model_through_the_hub_path(checkpoints, off
     assert rewards[0].loaded is rewards[1].loaded is rewards[2].loaded  # one loaded model for the three
 
 
+@pytest.mark.slow
 def test_videoalign_runs_the_model_once_for_its_three_scores(checkpoints):
     rewards = [VideoAlignReward(d, checkpoints["videoalign"], device="cpu") for d in ("VQ", "MQ", "TA")]
     forwards = []
@@ -420,6 +421,7 @@ def test_videoalign_runs_the_model_once_for_its_three_scores(checkpoints):
         handle.remove()
 
 
+@pytest.mark.slow
 def test_videoalign_batch_size_order_and_unnormalised_scores(checkpoints):
     prompts, videos = ["a cat walks", "a car drives", "a dog runs"], tiny_videos(3, seed=2)
     one_by_one = VideoAlignReward("TA", checkpoints["videoalign"], device="cpu", batch_size=1)(prompts, videos)

@@ -153,6 +153,7 @@ def test_window_schedules(tiny_pipeline_path, tmp_path):
     assert starts != [randomly.window(1, step).start for step in range(40)]
 
 
+@pytest.mark.slow
 def test_resume_with_a_window_continues_exactly(tiny_pipeline_path, tmp_path):
     path = tiny_pipeline_path("tiny-flux")
     settings = dict(
