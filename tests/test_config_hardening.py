@@ -7,6 +7,8 @@ import math
 import pytest
 from datasets import Dataset, DatasetDict
 
+from trl_dancegrpo import DanceGRPOConfig
+
 from .test_trainer import make_config, make_trainer
 
 
@@ -147,3 +149,14 @@ def test_no_meaningless_float32_warning_and_the_bar_shows_the_reward(tiny_pipeli
     trainer.train()
     reward = trainer.state.log_history[0]["reward"]
     assert recorder.postfixes[0] == f"reward={reward:.4g}"  # at the training step's log (then the summary's)
+
+
+def test_gradient_checkpointing_sets_checkpointing_without_a_deprecation_warning(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = DanceGRPOConfig(output_dir=str(tmp_path), gradient_checkpointing=True, use_cpu=True, report_to="none")
+    assert args.gradient_checkpointing
+    if hasattr(args, "activation_checkpointing"):  # transformers releases that renamed it
+        assert args.activation_checkpointing

@@ -1,6 +1,7 @@
 """Configuration of the [`DanceGRPOTrainer`]."""
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -332,7 +333,11 @@ class DanceGRPOConfig(TrainingArguments):
             import torch
 
             self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        super().__post_init__()
+        with warnings.catch_warnings():
+            # `gradient_checkpointing` is our documented name (every transformers 5.x has it); late 5.x releases call
+            # it a deprecated alias of `activation_checkpointing`, which earlier ones lack: no warning on every run
+            warnings.filterwarnings("ignore", message="`gradient_checkpointing", category=FutureWarning)
+            super().__post_init__()
 
         _ = self.device  # sets up the distributed state, so that `world_size` counts the launched processes
         if self.steps_per_generation is None:
