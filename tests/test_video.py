@@ -153,6 +153,15 @@ def test_guidance_per_family(name, tiny_pipeline_path, tmp_path):
         assert all(guidance is None for _, guidance in seen)
     else:
         assert all(torch.all(guidance == expected[2]) for _, guidance in seen)
+    # the model card's pipeline call (its guidance arguments) guides as training did: SkyReels' true CFG runs only
+    # with a negative prompt, and its `guidance_scale` is the guidance embedding's
+    pipeline = trainer.adapter.pipeline
+    seen.clear()
+    with torch.no_grad():
+        pipeline(**pipeline_call(name, trainer), **trainer.adapter.pipeline_guidance_arguments())
+    assert len(seen) == 2 * (2 if expected[1] else 1)  # 2 steps; the pipelines call the branches one at a time
+    if expected[2] is not None:
+        assert all(torch.all(guidance == expected[2]) for _, guidance in seen)
 
 
 def test_hunyuan_embedded_guidance_is_computed_as_diffusers_does(tiny_pipeline_path, tmp_path):

@@ -108,6 +108,12 @@ class SkyReelsImageToVideoAdapter(HunyuanVideoAdapter):
     def latent_channels(self) -> int:
         return self.pipeline.transformer.config.in_channels // 2
 
+    def pipeline_guidance_arguments(self) -> dict:
+        # the pipeline's true CFG runs only with a negative prompt (ours: the empty prompt); its `guidance_scale` is
+        # the guidance embedding's value
+        arguments = {"true_cfg_scale": float(self.guidance_scale), "guidance_scale": self.embedded_guidance_value}
+        return {**arguments, "negative_prompt": ""} if self.use_cfg else arguments
+
     def encode_images(self, images: list) -> Conditioning:
         vae = self.pipeline.vae
         pixels = self.preprocess_images(images).to(vae.device, vae.dtype).unsqueeze(2)  # (N, 3, 1, H, W)
