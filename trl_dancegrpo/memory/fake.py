@@ -17,6 +17,12 @@ import contextlib
 import weakref
 
 import torch
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensor,
+    unset_fake_temporarily,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map, tree_map_only
 from torch.utils.weak import WeakIdKeyDictionary
@@ -275,17 +281,8 @@ class RealValues(TorchDispatchMode):
     """
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from torch._subclasses.fake_tensor import (
-            DataDependentOutputException,
-            DynamicOutputShapeException,
-            FakeTensor,
-            unset_fake_temporarily,
-        )
-        from torch.utils._pytree import tree_leaves
-
         kwargs = kwargs or {}
-        tensors = [leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
-        if any(isinstance(tensor, FakeTensor) or tensor.is_meta for tensor in tensors):
+        if any(isinstance(tensor, FakeTensor) or tensor.is_meta for tensor in _tensor_arguments(args, kwargs)):
             if func in _INDEXING and any(_is_real_mask(index) for index in args[1]):
                 args = (args[0], _mask_positions(args[1]), *args[2:])
             return func(*args, **kwargs)
@@ -293,19 +290,28 @@ class RealValues(TorchDispatchMode):
             shapes = func(*args, **kwargs)  # fake: the output's shape, no values
         except (DynamicOutputShapeException, DataDependentOutputException):
             shapes = None
-        outputs = [leaf for leaf in tree_leaves(shapes) if isinstance(leaf, torch.Tensor)]
-        if shapes is None or all(output.numel() <= REAL_VALUES_MAX_ELEMENTS for output in outputs):
+        outputs = shapes if isinstance(shapes, (tuple, list)) else (shapes,)
+        if shapes is None or all(
+            not isinstance(output, torch.Tensor) or output.numel() <= REAL_VALUES_MAX_ELEMENTS for output in outputs
+        ):
             with unset_fake_temporarily():
                 return func(*args, **kwargs)
         return shapes
+
+
+def _tensor_arguments(args, kwargs):
+    """The tensors among an op's arguments (aten ops take tensors directly or in one list, e.g. `cat`)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from (item for item in value if isinstance(item, torch.Tensor))
 
 
 _INDEXING = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default}
 
 
 def _is_real_mask(index) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
     return (
         isinstance(index, torch.Tensor)
         and not isinstance(index, FakeTensor)
@@ -315,8 +321,6 @@ def _is_real_mask(index) -> bool:
 
 def _mask_positions(indices) -> list:
     """Boolean masks among `aten.index` indices replaced by the positions they select (one index per masked dim)."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
     replaced = []
     for index in indices:
         if _is_real_mask(index):
