@@ -24,6 +24,19 @@ FAMILY_MATRIX_MODULES = {
 }
 
 
+def pytest_collection_finish(session):
+    from .real_size import TESTS, RealSizeRuns
+
+    if any(getattr(item, "originalname", None) in TESTS for item in session.items):
+        session.config.real_size_runs = RealSizeRuns(session.items)
+
+
+def pytest_sessionfinish(session):
+    runs = getattr(session.config, "real_size_runs", None)
+    if runs is not None:
+        runs.close()
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         smoke = item.originalname == "test_train" and "lora" in item.name

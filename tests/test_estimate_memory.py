@@ -1,7 +1,6 @@
 """`trl-dancegrpo estimate-memory`: the fake-tensor accounting (by hand on tiny cases), the command on tiny pipelines,
 every recipe at its real size (slow), and the memory savers of the trainer."""
 
-import glob
 import json
 import os
 
@@ -13,8 +12,9 @@ from trl_dancegrpo.cli import main as cli_main
 from trl_dancegrpo.memory.configs import build_meta_pipeline, builtin_configs, load_pipeline_config
 from trl_dancegrpo.memory.fake import LiveMemory, cuda_autocast_policy, flash_attention, make_fake
 
+from .real_size import GOAL, RECIPES
 
-RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "examples", "recipes", "*.yaml")))
+
 GIB = 2**30
 
 
@@ -366,29 +366,27 @@ def test_builtin_table_covers_the_recipes_and_counts_public_figures():
 
 
 # -- every recipe at its real size ------------------------------------------------------------------------------------
+# run as the command line a user runs, in the background from the start of the session (tests/real_size.py)
+def real_size_result(config, name: str) -> dict:
+    code, output, out_dir = config.real_size_runs.result(name)
+    assert code == 0, output[-3000:]
+    with open(os.path.join(out_dir, "estimate.json")) as handle:
+        return json.load(handle)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
-def test_every_recipe_at_real_size(recipe, tmp_path):
-    out = tmp_path / "estimate.json"
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(["estimate-memory", "--config", recipe, "--json", str(out), "--output_dir", str(tmp_path / "o")])
-    assert exit_info.value.code == 0
-    result = json.loads(out.read_text())
+def test_every_recipe_at_real_size(recipe, pytestconfig):
+    result = real_size_result(pytestconfig, os.path.basename(recipe))
     breakdown = result["breakdown_gib"]
     assert result["peak_gib"] > breakdown["denoiser_weights"] + breakdown["trainable_weights"] > 1
     assert breakdown["activations"] > 0
 
 
 @pytest.mark.slow
-def test_goal_flux_lora_512_under_40_gb(tmp_path):
+def test_goal_flux_lora_512_under_40_gb(pytestconfig):
     """FLUX.1-dev LoRA r=128 (default targets), 512x512, gradient checkpointing, one sample per forward, HPS-v2.1."""
-    recipe = os.path.join(os.path.dirname(RECIPES[0]), "flux_lora.yaml")
-    out = tmp_path / "estimate.json"
-    argv = ["estimate-memory", "--config", recipe, "--height", "512", "--width", "512", "--rollout_batch_size", "1"]
-    argv += ["--reward_funcs", "hpsv2.1", "--offload_text_encoders", "true", "--offload_reward_models", "true"]
-    with pytest.raises(SystemExit):
-        cli_main([*argv, "--json", str(out), "--output_dir", str(tmp_path / "o")])
-    assert json.loads(out.read_text())["peak_gib"] < 40
+    assert real_size_result(pytestconfig, GOAL)["peak_gib"] < 40
 
 
 def test_target_lists_only_the_changes_that_fit(tiny_pipeline_path):
