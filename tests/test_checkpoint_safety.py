@@ -51,6 +51,7 @@ def warnings_logged(caplog):
     hf_logging.disable_propagation()
 
 
+@pytest.mark.slow
 # -- one run per output_dir -------------------------------------------------------------------------------------------
 def test_a_new_run_refuses_a_folder_with_another_runs_checkpoints(copy_of_run, tiny_pipeline_path, tmp_path):
     trainer = make_trainer(tiny_pipeline_path("tiny-flux"), tmp_path, peft_config=lora_config(), **SAVES)
@@ -168,6 +169,7 @@ def test_checkpoints_record_what_they_were_trained_with(earlier_run):
     assert info["trainable_parameters"] and all("lora" in name for name in info["trainable_parameters"])
 
 
+@pytest.mark.slow
 def test_resuming_from_an_earlier_checkpoint_would_not_overwrite_the_later_ones(
     copy_of_run, tiny_pipeline_path, tmp_path
 ):

@@ -120,6 +120,7 @@ def test_command_prints_and_writes_the_json(tiny_pipeline_path, tmp_path, capsys
     assert result["flops_per_iteration"] > 0 and result["settings"]["rollout_batch_size"] == 2
 
 
+@pytest.mark.slow
 def test_tiny_flux_lora_breakdown_matches_the_tensors(tiny_pipeline_path):
     from diffusers import DiffusionPipeline
     from peft import LoraConfig

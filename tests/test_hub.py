@@ -186,6 +186,7 @@ def test_push_lora_to_hub(tiny_pipeline_path, local_hub, tmp_path, monkeypatch, 
     assert "<HUB_TOKEN>" in files["training_args.json"].decode()  # the settings are there, the token is not
 
 
+@pytest.mark.slow
 def test_push_to_hub_in_config_pushes_the_full_model_at_the_end_of_train(
     tiny_pipeline_path, local_hub, tmp_path, capfd
 ):
@@ -231,6 +232,7 @@ def test_push_to_hub_in_config_pushes_the_full_model_at_the_end_of_train(
     assert_token_nowhere(TOKEN, local_hub, trainer.args.output_dir, out, err, logs.getvalue())
 
 
+@pytest.mark.slow
 def test_cli_push_to_hub_uploads_the_lora_card_and_metrics(local_hub, tmp_path, capfd):
     from trl_dancegrpo.cli import run
     from trl_dancegrpo.tiny import tiny_flux_pipeline
@@ -255,6 +257,7 @@ def test_cli_push_to_hub_uploads_the_lora_card_and_metrics(local_hub, tmp_path, 
     assert_token_nowhere(TOKEN, local_hub, str(out), stdout, stderr, logs.getvalue())
 
 
+@pytest.mark.slow
 def test_checkpoint_pushes_upload_the_lora_and_the_checkpoint(tiny_pipeline_path, local_hub, tmp_path):
     trainer = make_trainer(
         tiny_pipeline_path("tiny-flux"),
@@ -321,6 +324,7 @@ def test_card_without_a_push_or_before_samples(tiny_pipeline_path, tmp_path):
         grid_tiles(handle.read(), rows=1, columns=4)
 
 
+@pytest.mark.slow
 def test_image_to_video_card_shows_first_frames(tiny_pipeline_path, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the tiny video models crawl on two threads when another process is busy

@@ -118,6 +118,7 @@ def test_offload_reward_models_moves_them_only_to_score(tiny_pipeline_path, tmp_
     assert offloaded.reward_funcs[0].device.type == "cpu"
 
 
+@pytest.mark.slow
 def test_training_with_every_saver_gives_the_same_weights(tiny_pipeline_path, tmp_path):
     path = tiny_pipeline_path("tiny-flux")
     savers = dict(offload_text_encoders=True, cache_prompt_embeddings=True, offload_reward_models=True)

@@ -58,6 +58,7 @@ def test_resume_continues_exactly(use_lora, tiny_pipeline_path, tmp_path):
     assert len(resumed_rewards) == 4
 
 
+@pytest.mark.slow
 def test_interrupted_save_is_not_taken_for_a_checkpoint(tiny_pipeline_path, tmp_path):
     path = tiny_pipeline_path("tiny-flux")
     trainer = make_trainer(path, tmp_path, max_steps=2, save_strategy="steps", save_steps=1, save_total_limit=1)

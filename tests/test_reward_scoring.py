@@ -130,6 +130,7 @@ def test_a_reward_that_raises_timeout_itself_is_not_taken_for_ours():
         RewardScorer([refuses], ["remote"], timeout=5)(PROMPTS, IMAGES, {})
 
 
+@pytest.mark.slow
 def test_overlap_rewards_respects_the_timeout(tiny_pipeline_path, tmp_path):
     trainer = make_trainer(
         tiny_pipeline_path("tiny-flux"),

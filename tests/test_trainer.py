@@ -150,6 +150,7 @@ def test_ratio_moves_when_a_rollout_is_reused(tiny_pipeline_path, tmp_path):
     assert abs(second["ratio/max"] - 1) > 1e-6 or abs(second["ratio/min"] - 1) > 1e-6
 
 
+@pytest.mark.slow
 def test_rollout_batch_size_does_not_change_results(tiny_pipeline_path, tmp_path):
     # SGD, not Adam: Adam's first steps are ~lr * sign(grad), which turns float round-off of near-zero gradients
     # (batches of 3 vs 8 rows take different matmul paths) into full-size parameter differences
@@ -318,6 +319,7 @@ def test_kl_to_the_starting_model(use_lora, tiny_pipeline_path, tmp_path):
     assert kls[-1] > 0
 
 
+@pytest.mark.slow
 def test_overlapping_rewards_with_the_rollout_changes_nothing(tiny_pipeline_path, tmp_path):
     calls, results = [], []
     for overlap in (False, True):

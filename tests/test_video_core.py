@@ -89,6 +89,7 @@ def test_cfg_models_update_once_per_prompt_batch(overrides, tiny_pipeline_path, 
     assert not trainer.adapter.use_cfg
 
 
+@pytest.mark.slow
 # -- memory ---------------------------------------------------------------------------------------------------------
 def test_gradient_checkpointing_recomputes_blocks_and_changes_nothing(tiny_pipeline_path, tmp_path):
     results = []
