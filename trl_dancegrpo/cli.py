@@ -256,6 +256,20 @@ def save_metrics_callback(trainer):
     return SaveMetricsCallback()
 
 
+def lora_config(model_args):
+    """The LoRA configuration of the model arguments (`use_peft`), or None for full fine-tuning."""
+    if not model_args.use_peft:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules,
+    )
+
+
 def main(argv=None) -> None:
     """Entry point of `trl-dancegrpo` and `python -m trl_dancegrpo`."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -286,8 +300,6 @@ def run(script_args=None, training_args=None, model_args=None, argv=None):
                     precheck(argv, (ScriptArguments, ModelArguments), TINY_DEMO_DEFAULTS if demo else None)
             except ValueError as error:
                 _fail(str(error))
-    from peft import LoraConfig
-
     from .rewards.scoring import resolve_reward_funcs
     from .trainer import DanceGRPOTrainer
 
@@ -301,14 +313,7 @@ def run(script_args=None, training_args=None, model_args=None, argv=None):
             parser.error(str(error))
     if model_args.model_name_or_path is None:
         _fail("--model_name_or_path is required (on the command line or in the --config recipe).")
-    peft_config = None
-    if model_args.use_peft:
-        peft_config = LoraConfig(
-            r=model_args.lora_r,
-            lora_alpha=model_args.lora_alpha,
-            lora_dropout=model_args.lora_dropout,
-            target_modules=model_args.lora_target_modules,
-        )
+    peft_config = lora_config(model_args)
     try:
         # rewards and prompts first: a misspelt reward or a missing file must not wait for a large model's download
         resolve_reward_funcs(script_args.reward_funcs, training_args.reward_kwargs)

@@ -187,16 +187,9 @@ class _Run:
             self.adapter.preprocess_images = _outside_fake_mode(self.adapter.preprocess_images)
         self.eta = args.eta if args.eta is not None else self.adapter.eta_for(args.sde_type)
         self.weight_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-        peft_config = None
-        if model_args.use_peft:
-            from peft import LoraConfig
+        from ..cli import lora_config
 
-            peft_config = LoraConfig(
-                r=model_args.lora_r,
-                lora_alpha=model_args.lora_alpha,
-                lora_dropout=model_args.lora_dropout,
-                target_modules=model_args.lora_target_modules,
-            )
+        peft_config = lora_config(model_args)
         # the trainer's own preparation (frozen parts, LoRA in float32, gradient checkpointing), on the meta device
         from ..trainer import cast_module
 
