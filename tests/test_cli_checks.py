@@ -1,6 +1,7 @@
 """The command line refuses bad input at once (before torch is imported) and says what to do; `--help` reads well."""
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -80,7 +81,40 @@ def test_the_full_parser_refuses_abbreviations():
         parser.parse_args_and_config(["--learning_rat", "1e-4", "--output_dir", "x"])
 
 
-@pytest.mark.slow  # a full command-line start (imports torch)
+def imports_after(*argv) -> tuple[list[str], subprocess.CompletedProcess]:
+    """Run `trl-dancegrpo ARGV` in a fresh interpreter: which of torch, transformers, diffusers it imported."""
+    code = (
+        "import sys\n"
+        "from trl_dancegrpo.cli import main\n"
+        "try:\n"
+        f"    main({list(argv)!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules), file=sys.stderr)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return eval(result.stderr.strip().splitlines()[-1]), result
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--help"], "model and LoRA:"),
+        (
+            ["--reward_funcs", "brightness", "--reward_weights", "1", "2"],
+            "reward_weights has 2 entries but there are 1",
+        ),
+        (["--reward_funcs", "HPSv3"], "Unknown reward 'HPSv3'. Did you mean 'hpsv3'"),
+        (["--reward_funcs", "HPSv2.1"], "Unknown reward 'HPSv2.1'. Did you mean 'hpsv2.1'"),
+        (["estimate-memroy"], "unknown command 'estimate-memroy'. Did you mean estimate-memory?"),
+    ],
+)
+def test_help_and_reward_checks_import_nothing_heavy(argv, message, tmp_path):
+    imported, result = imports_after(*argv, "--output_dir", str(tmp_path))
+    assert imported == [], result.stderr
+    assert message in result.stdout + result.stderr
+
+
 def test_help_lists_dancegrpo_groups_first():
     result, _ = run_cli("--help")
     assert result.returncode == 0
@@ -95,6 +129,17 @@ def test_help_lists_dancegrpo_groups_first():
     assert text.index("--num_generations") < text.index("--learning_rate") < text.index("--adam_beta1")
     assert text.index("--reward_funcs") < text.index("--reward_weights") < text.index("--adam_beta1")
     assert "_samples/" in text  # where the logged samples go (--log_samples)
+    assert "estimate-memory" in text  # the subcommands are named
+
+
+@pytest.mark.slow  # builds the full parser (imports torch)
+def test_help_lists_every_option_of_the_full_parser():
+    from trl_dancegrpo.cli import make_parser
+
+    full = {option for action in make_parser()._actions for option in action.option_strings}
+    result, _ = run_cli("--help")
+    shown = set(re.findall(r"(--?[\w-]+)", result.stdout))
+    assert full - {"--config"} <= shown, sorted(full - shown)
 
 
 @pytest.mark.slow  # a full command-line start (imports torch)

@@ -6,6 +6,7 @@ The model rewards' scores against direct computations with open_clip / transform
 import asyncio
 import io
 import os
+import re
 import time
 
 import pytest
@@ -84,6 +85,20 @@ def test_dotted_import_paths():
     assert isinstance(reward, HPSReward) and reward.__name__ == "hpsv2"
     with pytest.raises(ValueError, match="Could not import"):
         get_reward("trl_dancegrpo.rewards.no_such_reward")
+
+
+@pytest.mark.parametrize(
+    "name, suggestion",
+    [("HPSv3", "'hpsv3'"), ("HPSv2.1", "'hpsv2.1'"), ("Brightness", "'brightness'"), ("hpsv2.2", "'hpsv2.1'")],
+)
+def test_get_reward_suggests_registered_names_case_insensitively(name, suggestion):
+    with pytest.raises(ValueError, match=f"Unknown reward '{re.escape(name)}'. Did you mean {suggestion}"):
+        get_reward(name)
+
+
+def test_a_missing_import_path_is_named_as_one():
+    with pytest.raises(ValueError, match="the module 'no_such_package' of that import path cannot be found"):
+        get_reward("no_such_package.my_reward")
 
 
 def test_register_reward(monkeypatch):

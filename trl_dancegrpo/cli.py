@@ -115,18 +115,41 @@ OTHER_GROUP = "other DanceGRPO options"
 
 def config_sections(config_class) -> dict[str, str]:
     """Field name -> the heading of `DanceGRPOConfig`'s docstring it is listed under ("sampling (the rollout)", ...)."""
-    import re
+    from .cli_checks import config_sections as sections_of
 
-    sections, current = {}, None
-    for line in (config_class.__doc__ or "").splitlines():
-        heading = re.match(r"\s*> Parameters that control (.+)", line)
-        if heading:
-            current = heading.group(1).strip()
-            continue
-        entry = re.match(r"\s{8}(\w+) \(`", line)
-        if entry and current:
-            sections[entry.group(1)] = current
-    return sections
+    return sections_of(config_class.__doc__)
+
+
+SUBCOMMANDS = {
+    "estimate-memory": "peak GPU memory per process of a run, at the real size on fake tensors (offline, no weights)",
+}
+USAGE = (
+    "%(prog)s [--config RECIPE.yaml] [--model_name_or_path ID_OR_PATH] [--dataset_name DATA] "
+    "[--reward_funcs NAME [NAME ...]] [--use_peft] [any DanceGRPOConfig option]\n"
+    "       %(prog)s {" + ",".join(SUBCOMMANDS) + "} --help"
+)
+DESCRIPTION = (
+    "DanceGRPO fine-tuning of a diffusers pipeline. With no --model_name_or_path and no --config, runs an offline demo "
+    "on a tiny random FLUX pipeline. Samples of the latest rollout are saved to OUTPUT_DIR/_samples/ at each logging "
+    "step (--log_samples)."
+)
+EPILOG = "subcommands (each with its own --help):\n" + "\n".join(
+    f"  {name:<18}{text}" for name, text in SUBCOMMANDS.items()
+)
+HELP_GROUPS = {
+    "model": "model and LoRA",
+    "data": "data",
+    "changed": CHANGED_DEFAULTS_GROUP,
+    "other": OTHER_GROUP,
+    "inherited": INHERITED_GROUP,
+}
+
+
+def print_help() -> None:
+    """`--help`, built from the sources without importing torch (the same options and groups as `make_parser`)."""
+    from .cli_checks import help_parser
+
+    help_parser(ModelArguments, ScriptArguments, HELP_GROUPS, USAGE, DESCRIPTION, EPILOG).print_help()
 
 
 def make_parser():
@@ -186,11 +209,9 @@ def make_parser():
         (ScriptArguments, DanceGRPOConfig, ModelArguments),
         prog="trl-dancegrpo",
         allow_abbrev=False,  # `--learning_rat` must not silently mean `--learning_rate`
-        usage="%(prog)s [--config RECIPE.yaml] [--model_name_or_path ID_OR_PATH] [--dataset_name DATA] "
-        "[--reward_funcs NAME [NAME ...]] [--use_peft] [any DanceGRPOConfig option]",
-        description="DanceGRPO fine-tuning of a diffusers pipeline. With no --model_name_or_path and no --config, "
-        "runs an offline demo on a tiny random FLUX pipeline. Samples of the latest rollout are saved to "
-        "OUTPUT_DIR/_samples/ at each logging step (--log_samples).",
+        usage=USAGE,
+        description=DESCRIPTION,
+        epilog=EPILOG,
     )
 
 
@@ -277,6 +298,13 @@ def main(argv=None) -> None:
         from .memory.report import main as estimate_memory_main
 
         sys.exit(estimate_memory_main(argv[1:]))
+    if argv and not argv[0].startswith("-"):  # training takes no positional argument: a misspelt subcommand?
+        from .cli_checks import did_you_mean
+
+        _fail(f"unknown command {argv[0]!r}.{did_you_mean(argv[0], SUBCOMMANDS)} Commands: {', '.join(SUBCOMMANDS)}")
+    if {"-h", "--help"} & set(argv):
+        print_help()
+        sys.exit(0)
     trainer = run(argv=argv)
     trainer.accelerator.end_training()  # trackers finish; the process group is torn down before the interpreter exits
 

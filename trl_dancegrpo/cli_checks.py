@@ -26,6 +26,7 @@ class OptionSpec:
     annotation: str
     default: object = UNKNOWN
     choices: tuple | None = None
+    help: str | None = None
 
 
 def _literal(node):
@@ -33,6 +34,16 @@ def _literal(node):
         return ast.literal_eval(node)
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return UNKNOWN
+
+
+def _constant_of_config_checks(node):
+    """The tuple `list(NAME)` or `NAME` means when NAME is a constant of `config_checks`, else `UNKNOWN`."""
+    from . import config_checks
+
+    if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("list", "tuple") and len(node.args) == 1:
+        node = node.args[0]
+    value = getattr(config_checks, getattr(node, "id", ""), None)
+    return tuple(value) if isinstance(value, (tuple, list)) else UNKNOWN
 
 
 def fields_from_source(path: str, class_name: str) -> dict[str, OptionSpec]:
@@ -56,7 +67,12 @@ def fields_from_source(path: str, class_name: str) -> dict[str, OptionSpec]:
                     for key, item in zip(keyword.value.keys, keyword.value.values):
                         if isinstance(key, ast.Constant) and key.value == "choices":
                             choices = _literal(item)
+                            if choices is UNKNOWN:  # `list(SDE_TYPES)`: a constant of config_checks (light)
+                                choices = _constant_of_config_checks(item)
                             spec.choices = tuple(choices) if choices is not UNKNOWN else None
+                        elif isinstance(key, ast.Constant) and key.value == "help":
+                            text = _literal(item)
+                            spec.help = text if isinstance(text, str) else None
         elif value is not None:
             spec.default = _literal(value)
         specs[spec.name] = spec
@@ -74,16 +90,24 @@ def fields_from_dataclass(cls) -> dict[str, OptionSpec]:
         annotation = {"<class 'bool'>": "bool", "<class 'str'>": "str", "<class 'int'>": "int"}.get(
             annotation, annotation
         )
-        specs[f.name] = OptionSpec(f.name, annotation, default, tuple(f.metadata.get("choices", ())) or None)
+        choices = tuple(f.metadata.get("choices", ())) or None
+        specs[f.name] = OptionSpec(f.name, annotation, default, choices, f.metadata.get("help"))
     return specs
+
+
+def _config_path() -> str:
+    return os.path.join(os.path.dirname(__file__), "config.py")
+
+
+def _training_args_path() -> str:
+    spec = importlib.util.find_spec("transformers")  # finds the package without importing it
+    return os.path.join(os.path.dirname(spec.origin), "training_args.py")
 
 
 def all_option_specs(*dataclasses_) -> dict[str, OptionSpec]:
     """Options of `TrainingArguments`, then `DanceGRPOConfig` (overriding), then the given dataclasses."""
-    spec = importlib.util.find_spec("transformers")  # finds the package without importing it
-    training_args = os.path.join(os.path.dirname(spec.origin), "training_args.py")
-    specs = fields_from_source(training_args, "TrainingArguments")
-    specs.update(fields_from_source(os.path.join(os.path.dirname(__file__), "config.py"), "DanceGRPOConfig"))
+    specs = fields_from_source(_training_args_path(), "TrainingArguments")
+    specs.update(fields_from_source(_config_path(), "DanceGRPOConfig"))
     for cls in dataclasses_:
         specs.update(fields_from_dataclass(cls))
     return specs
@@ -102,11 +126,13 @@ def _to_bool(value):
 _SCALARS = {"int": int, "float": float, "str": str}
 
 
-def _add_option(parser: argparse.ArgumentParser, spec: OptionSpec) -> None:
+def _add_option(parser, spec: OptionSpec, help: str | None = None) -> None:
     names = [f"--{spec.name}"] + ([f"--{spec.name.replace('_', '-')}"] if "_" in spec.name else [])
     annotation = spec.annotation.replace(" ", "")
     alternatives = [a for a in annotation.replace("Optional[", "").rstrip("]").split("|") if a != "None"]
     kwargs = {"dest": spec.name, "default": None if spec.default is UNKNOWN else spec.default}
+    if help is not None:
+        kwargs["help"] = help
     if alternatives == ["bool"]:
         kwargs.update(type=_to_bool, nargs="?", const=True)
     elif any(a.startswith("list[") for a in alternatives):
@@ -118,7 +144,8 @@ def _add_option(parser: argparse.ArgumentParser, spec: OptionSpec) -> None:
         kwargs["choices"] = spec.choices
     parser.add_argument(*names, **kwargs)
     if alternatives == ["bool"] and spec.default is True:
-        parser.add_argument(f"--no_{spec.name}", dest=spec.name, action="store_false")
+        no_names = [f"--no_{spec.name}"] + ([f"--no-{spec.name.replace('_', '-')}"] if "_" in spec.name else [])
+        parser.add_argument(*no_names, dest=spec.name, action="store_false", help=help)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -129,6 +156,68 @@ class _Parser(argparse.ArgumentParser):
 def did_you_mean(name: str, known) -> str:
     matches = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
     return f" Did you mean {' or '.join(matches)}?" if matches else ""
+
+
+def config_sections(docstring: str) -> dict[str, str]:
+    """Field name -> the heading of `DanceGRPOConfig`'s docstring it is listed under ("sampling (the rollout)", ...)."""
+    import re
+
+    sections, current = {}, None
+    for line in (docstring or "").splitlines():
+        heading = re.match(r"\s*> Parameters that control (.+)", line)
+        if heading:
+            current = heading.group(1).strip()
+            continue
+        entry = re.match(r"\s{8}(\w+) \(`", line)
+        if entry and current:
+            sections[entry.group(1)] = current
+    return sections
+
+
+def config_docstring() -> str:
+    """`DanceGRPOConfig`'s docstring, read from its source file (without importing torch)."""
+    with open(_config_path(), encoding="utf-8") as handle:
+        tree = ast.parse(handle.read())
+    cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "DanceGRPOConfig")
+    return ast.get_docstring(cls, clean=False) or ""
+
+
+def help_parser(model_arguments, script_arguments, groups: dict, usage: str, description: str, epilog: str):
+    """The parser `--help` prints: every option of the full parser, in the same groups and order, built from the
+    sources (no torch import). `groups` names the headings: `model`, `data`, `changed`, `other` and `inherited`."""
+    own = fields_from_source(_config_path(), "DanceGRPOConfig")
+    inherited = fields_from_source(_training_args_path(), "TrainingArguments")
+    sections = config_sections(config_docstring())
+    parser = argparse.ArgumentParser(
+        prog="trl-dancegrpo",
+        usage=usage,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    titles = [groups["model"], groups["data"], *dict.fromkeys(sections.values())]
+    titles += [groups["changed"], groups["other"], groups["inherited"]]
+    by_title = {title: parser.add_argument_group(title) for title in titles}
+    placed = []
+    for spec in fields_from_dataclass(model_arguments).values():
+        placed.append((groups["model"], spec))
+    for spec in fields_from_dataclass(script_arguments).values():
+        title = groups["data"] if spec.name.startswith("dataset") else sections.get("reward_weights", "rewards")
+        placed.append((title, spec))
+    for spec in {**inherited, **own}.values():
+        if spec.name in sections:
+            title = sections[spec.name]
+        elif spec.name in own:
+            title = groups["changed"] if spec.name in inherited else groups["other"]
+        else:
+            title = groups["inherited"]
+        placed.append((title, spec))
+    for title, spec in placed:
+        _add_option(by_title[title], spec, help=spec.help or "")
+    for group in by_title.values():
+        if not group._group_actions:
+            parser._action_groups.remove(group)
+    return parser
 
 
 def precheck(argv: list[str], dataclasses_, defaults: dict | None = None) -> None:
@@ -175,13 +264,19 @@ def precheck(argv: list[str], dataclasses_, defaults: dict | None = None) -> Non
                 setattr(namespace, name, _SCALARS[spec.annotation.replace(" | None", "")](value))
             except ValueError:
                 raise ValueError(f"{name}: invalid {spec.annotation} value {value!r}.") from None
-    from .config_checks import check_sde_window, check_values
+    from .config_checks import check_reward_weights_count, check_sde_window, check_values, parse_reward_kwargs
+    from .rewards.registry import check_reward_kwargs_names, check_reward_name
 
     # a computed default, or a value only the full parser converts: left to the full check
     with contextlib.suppress(TypeError, AttributeError):
         check_values(namespace)
         check_sde_window(namespace)
     check_dataset_name(namespace.dataset_name)
+    reward_funcs = namespace.reward_funcs if isinstance(namespace.reward_funcs, list) else [namespace.reward_funcs]
+    for name in reward_funcs:
+        check_reward_name(name)
+    check_reward_weights_count(namespace.reward_weights, len(reward_funcs))
+    check_reward_kwargs_names(reward_funcs, parse_reward_kwargs(namespace.reward_kwargs))
 
 
 DATA_FILE_EXTENSIONS = ("json", "jsonl", "csv", "parquet", "txt")

@@ -35,6 +35,15 @@ def parse_reward_kwargs(value) -> dict[str, dict] | None:
     return {str(name): dict(kwargs) for name, kwargs in value.items()}
 
 
+def check_reward_weights_count(reward_weights, num_rewards: int) -> None:
+    """One weight per reward function (or none: all 1)."""
+    if reward_weights is not None and len(reward_weights) != num_rewards:
+        raise ValueError(
+            f"reward_weights has {len(reward_weights)} entries but there are {num_rewards} reward functions; give one "
+            "weight per reward function."
+        )
+
+
 def check_values(args) -> None:
     """Raise a `ValueError` naming the first option (attribute of `args`) whose value is out of range."""
     if args.num_generations < 2:

@@ -25,6 +25,7 @@ from trl.trainer.utils import RepeatSampler
 from . import checkpoints
 from .adapters import PipelineAdapter, get_adapter_class
 from .config import DanceGRPOConfig
+from .config_checks import check_reward_weights_count
 from .hub import ModelCardCallback
 from .rewards.scoring import RewardScorer, resolve_reward_funcs
 from .rollout import Sampler, denoise, index_conditioning, mix_seed, sample_slices
@@ -209,15 +210,9 @@ class DanceGRPOTrainer(Trainer):
         self.reward_scorer = RewardScorer(
             self.reward_funcs, self.reward_func_names, args.reward_timeout, args.reward_retries
         )
-        if args.reward_weights is None:
-            self.reward_weights = torch.ones(len(self.reward_funcs))
-        elif len(args.reward_weights) != len(self.reward_funcs):
-            raise ValueError(
-                f"reward_weights has {len(args.reward_weights)} entries but there are {len(self.reward_funcs)} reward "
-                "functions; give one weight per reward function."
-            )
-        else:
-            self.reward_weights = torch.tensor(args.reward_weights, dtype=torch.float32)
+        check_reward_weights_count(args.reward_weights, len(self.reward_funcs))
+        weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(self.reward_funcs)
+        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             self._check_dataset(dataset, name, args)
 

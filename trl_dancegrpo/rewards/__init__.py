@@ -22,16 +22,45 @@ Wrappers: [`BinaryReward`] (thresholded to 0/1) and [`per_frame`] (an image rewa
 Model rewards load lazily, once, on the trainer's device and dtype (see [`ModelReward`]).
 """
 
-from ._base import ModelReward
-from ._loading import RewardModelNotFoundError, clear_model_cache
-from .hpsv3 import HPSv3Reward
-from .image import AestheticReward, CLIPScoreReward, HPSReward, PickScoreReward
-from .imagereward import ImageReward
-from .registry import REWARD_REGISTRY, get_reward, register_reward
-from .simple import brightness, jpeg_compressibility, jpeg_incompressibility
-from .video import VideoAlignReward
-from .vlm import VLMJudge, VLMJudgeError
-from .wrappers import BinaryReward, PerFrameReward, per_frame, reward_name
+import importlib
+
+
+# Imported on first use (PEP 562), so that `trl_dancegrpo.rewards.registry` (reward names, checked by the command line
+# before torch is imported) imports nothing heavy.
+_LAZY = {
+    "ModelReward": "._base",
+    "RewardModelNotFoundError": "._loading",
+    "clear_model_cache": "._loading",
+    "HPSv3Reward": ".hpsv3",
+    "AestheticReward": ".image",
+    "CLIPScoreReward": ".image",
+    "HPSReward": ".image",
+    "PickScoreReward": ".image",
+    "ImageReward": ".imagereward",
+    "REWARD_REGISTRY": ".registry",
+    "get_reward": ".registry",
+    "register_reward": ".registry",
+    "brightness": ".simple",
+    "jpeg_compressibility": ".simple",
+    "jpeg_incompressibility": ".simple",
+    "VideoAlignReward": ".video",
+    "VLMJudge": ".vlm",
+    "VLMJudgeError": ".vlm",
+    "BinaryReward": ".wrappers",
+    "PerFrameReward": ".wrappers",
+    "per_frame": ".wrappers",
+    "reward_name": ".wrappers",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])
 
 
 __all__ = [

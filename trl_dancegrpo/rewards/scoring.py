@@ -256,25 +256,19 @@ def resolve_reward_funcs(reward_funcs, reward_kwargs: dict | None = None) -> tup
     (for rewards with a `check_weights()` method) whether their weights are available.
     """
     from ._loading import RewardModelNotFoundError
-    from .registry import REWARD_REGISTRY, get_reward
+    from .registry import check_reward_kwargs_names, check_reward_name, get_reward
 
     if not isinstance(reward_funcs, (list, tuple)):
         reward_funcs = [reward_funcs]
     if not reward_funcs:
         raise ValueError("reward_funcs is empty: pass at least one reward function or registry name.")
     reward_kwargs = dict(reward_kwargs or {})
-    names_given = [func for func in reward_funcs if isinstance(func, str)]
-    for name in reward_kwargs:
-        if name not in names_given:
-            raise ValueError(
-                f"reward_kwargs has an entry for {name!r}, which is not one of the rewards named in reward_funcs "
-                f"({names_given}); the keys of reward_kwargs are reward names exactly as given in reward_funcs."
-            )
+    check_reward_kwargs_names(reward_funcs, reward_kwargs)
     funcs, names = [], []
     for func in reward_funcs:
         if isinstance(func, str):
             kwargs = reward_kwargs.get(func, {})
-            _check_reward_name(func, REWARD_REGISTRY)
+            check_reward_name(func)
             try:
                 built = get_reward(func, **kwargs)
             except TypeError as error:
@@ -294,29 +288,6 @@ def resolve_reward_funcs(reward_funcs, reward_kwargs: dict | None = None) -> tup
         else:
             raise TypeError(f"Each reward function must be a callable or a registry name, got {type(func).__name__}.")
     return funcs, names
-
-
-def _check_reward_name(name: str, registry) -> None:
-    """An unknown registry name, or a dotted path whose module does not exist: an error with the near misses."""
-    import difflib
-    import importlib.util
-
-    if name in registry:
-        return
-    close = difflib.get_close_matches(name, list(registry), n=3, cutoff=0.6)
-    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    if "." in name:
-        module = name.rpartition(".")[0]
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
-        if found or not close:
-            return  # a dotted path: get_reward imports it (and names what is missing)
-    raise ValueError(
-        f"Unknown reward {name!r}.{hint} Known rewards: {', '.join(sorted(registry))}; or pass a dotted import path "
-        "such as 'my_package.my_module.my_reward'."
-    )
 
 
 def _local_path_hint(name: str, message: str) -> str:
