@@ -203,3 +203,15 @@ def test_a_hub_model_missing_offline(tmp_path):
     assert "Could not load the pipeline 'some-org/some-pipeline'" in result.stderr
     assert "hf download some-org/some-pipeline" in result.stderr
     assert "stacktrace above" not in result.stderr and "torch_dtype" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["estimate-memory"]])
+def test_a_malformed_recipe_is_one_line_naming_the_file_and_line(command, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model_name_or_path: tiny-flux\nlearning_rate: 1e-4\n  num_generations: 4\n")
+    result, _ = run_cli(*command, "--config", str(recipe), "--output_dir", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert (
+        f"--config {recipe}, line 3, column 18: not valid YAML (mapping values are not allowed here)" in result.stderr
+    )

@@ -220,10 +220,24 @@ def help_parser(model_arguments, script_arguments, groups: dict, usage: str, des
     return parser
 
 
-def precheck(argv: list[str], dataclasses_, defaults: dict | None = None) -> None:
-    """Raise a `ValueError` for an unknown option, a wrong value or a missing file in `argv`; imports nothing heavy."""
+def load_recipe(path: str):
+    """The YAML recipe at `path`; malformed YAML is one line naming the file, the line and the column."""
     import yaml
 
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return yaml.safe_load(handle)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"--config {path}{where}: not valid YAML ({problem}).") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"--config {path}: cannot read the recipe ({error}).") from None
+
+
+def precheck(argv: list[str], dataclasses_, defaults: dict | None = None) -> None:
+    """Raise a `ValueError` for an unknown option, a wrong value or a missing file in `argv`; imports nothing heavy."""
     specs = all_option_specs(*dataclasses_)
     parser = _Parser(prog="trl-dancegrpo", add_help=False, allow_abbrev=False)
     for spec in specs.values():
@@ -239,8 +253,7 @@ def precheck(argv: list[str], dataclasses_, defaults: dict | None = None) -> Non
         path = argv[index + 1]
         if not os.path.isfile(path):
             raise ValueError(f"--config {path}: file not found.")
-        with open(path, encoding="utf-8") as handle:
-            recipe = yaml.safe_load(handle)
+        recipe = load_recipe(path)
         if not isinstance(recipe, dict):
             raise ValueError(f"The recipe {path} must hold a YAML mapping of option names to values.")
         recipe.pop("env", None)
