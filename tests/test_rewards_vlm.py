@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -187,6 +188,12 @@ def test_wrong_model_name_lists_the_served_models(vllm_server):
     judge = VLMJudge(vllm_server["base_url"], "Qwen/Qwen2.5-VL-7B-Instruct", retries=0)
     with pytest.raises(VLMJudgeError, match=r"does not serve the model 'Qwen/Qwen2.5-VL-7B-Instruct'.*tiny-judge"):
         asyncio.run(judge(["a cat"], uint8_images(1)))
+    # the same, before training: the check the trainer and the command line make before loading the pipeline
+    from trl_dancegrpo.rewards import VLMServerError
+
+    with pytest.raises(VLMServerError, match=r"does not serve the model 'Qwen/Qwen2.5-VL-7B-Instruct'.*tiny-judge"):
+        judge.check_server()
+    VLMJudge(vllm_server["base_url"], SERVED_NAME).check_server()  # the served model passes
 
 
 @pytest.mark.slow
@@ -345,3 +352,48 @@ def test_reference_images_from_files_paths_pil_and_tensors_agree(tmp_path):
     assert from_file == _reference_image_url(image, "image") == _reference_image_url(tensor, "image")
     with pytest.raises(ValueError, match="must hold images"):
         _reference_image_url(str(tmp_path / "missing.png"), "image")
+
+
+def test_a_dead_server_is_one_line_before_the_pipeline_loads(tmp_path):
+    from trl_dancegrpo import DanceGRPOConfig, DanceGRPOTrainer
+    from trl_dancegrpo.rewards import BinaryReward, VLMServerError
+
+    base_url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    missing_model = str(tmp_path / "no-such-pipeline")  # had it been loaded first, the error would be about it
+    args = DanceGRPOConfig(output_dir=str(tmp_path / "out"), report_to="none")
+    for reward in (VLMJudge(base_url, "any-model"), BinaryReward(VLMJudge(base_url, "any-model"), 0.5)):
+        with pytest.raises(VLMServerError, match=rf"cannot reach the OpenAI-compatible server at {base_url}"):
+            DanceGRPOTrainer(missing_model, reward, args=args)
+    # the command line: one line, before the model loads
+    kwargs = json.dumps({"vlm_judge": {"base_url": base_url, "model": "any-model"}})
+    result = subprocess.run(
+        [sys.executable, "-m", "trl_dancegrpo", "--model_name_or_path", missing_model, "--reward_funcs", "vlm_judge"]
+        + ["--reward_kwargs", kwargs, "--output_dir", str(tmp_path / "cli")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert f"cannot reach the OpenAI-compatible server at {base_url}" in result.stderr
+
+
+def test_a_server_that_is_not_an_openai_api_is_named(tmp_path):
+    """A real HTTP server (Python's own) that answers 404 to /models: base_url points at the wrong place."""
+    import functools
+    import http.server
+    import threading
+
+    from trl_dancegrpo.rewards import VLMServerError
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base_url = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(VLMServerError, match=r"answered 404 to GET .*/models: is base_url the root"):
+            VLMJudge(base_url, "any-model").check_server()
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -253,7 +253,8 @@ def resolve_reward_funcs(reward_funcs, reward_kwargs: dict | None = None) -> tup
 
     Everything a run will need from its rewards is checked here, before any model loads: unknown names (with the
     registered names that come close), `reward_kwargs` entries for rewards that are not in `reward_funcs`, and
-    (for rewards with a `check_weights()` method) whether their weights are available.
+    (for rewards with a `check_weights()` method) whether their weights are available, and (for rewards with a
+    `check_server()` method: the VLM judges) whether their server answers and serves their model.
     """
     from ._loading import RewardModelNotFoundError
     from .registry import check_reward_kwargs_names, check_reward_name, get_reward
@@ -278,11 +279,15 @@ def resolve_reward_funcs(reward_funcs, reward_kwargs: dict | None = None) -> tup
                     built.check_weights()
                 except RewardModelNotFoundError as error:
                     raise RewardModelNotFoundError(f"{error} {_local_path_hint(func, str(error))}") from None
+            if hasattr(built, "check_server"):  # a VLM judge: its server answers and serves its model
+                built.check_server()
             funcs.append(built)
             names.append(func)
         elif callable(func):
             if hasattr(func, "check_weights"):  # a reward object built in Python (or a wrapper around one)
                 func.check_weights()
+            if hasattr(func, "check_server"):
+                func.check_server()
             funcs.append(func)
             names.append(getattr(func, "__name__", None) or type(func).__name__)
         else:

@@ -73,6 +73,11 @@ class VLMJudgeError(RuntimeError):
     """The judge's server could not be used: unreachable, wrong model name, or no log-probs."""
 
 
+class VLMServerError(VLMJudgeError, ValueError):
+    """The judge's server, checked before training (`VLMJudge.check_server`), is down or does not serve the model: bad
+    input, reported as the other bad input is (a `ValueError`, one line on the command line)."""
+
+
 def image_to_data_url(image: torch.Tensor) -> str:
     """A float image (3, H, W) in [0, 1] as a PNG data URL, rounded to 8 bits."""
     from PIL import Image
@@ -282,6 +287,40 @@ class VLMJudge:
             f"{error}). Start it (e.g. `vllm serve {self.model}`) or fix base_url."
         )
 
+    def _not_served(self, models: list[str]) -> VLMServerError:
+        return VLMServerError(
+            f"{self.__name__}: the server at {self.base_url} does not serve the model {self.model!r}; it serves "
+            f"{models}. Pass one of them as model=."
+        )
+
+    def check_server(self, timeout: float = 10.0) -> None:
+        """Check, before anything loads, that the server answers `GET /models` within `timeout` seconds (at most the
+        judge's own timeout) and serves `self.model`; else raise a [`VLMServerError`] (a `ValueError`) in one line.
+
+        The trainer calls it at construction and the command line before it loads the pipeline, so a server that is
+        down or serves another model is reported at once, not after the first rollout.
+        """
+        import openai
+
+        client = openai.OpenAI(
+            base_url=self.base_url, api_key=self.api_key, timeout=min(timeout, self.timeout), max_retries=0
+        )
+        try:
+            models = [entry.id for entry in client.models.list()]
+        except (openai.APIConnectionError, openai.APITimeoutError) as error:
+            raise VLMServerError(str(self._unreachable(error))) from None
+        except openai.APIStatusError as error:
+            raise VLMServerError(
+                f"{self.__name__}: the server at {self.base_url} answered {error.status_code} to GET {self.base_url}"
+                "/models: is base_url the root of an OpenAI-compatible API (usually ending in /v1), and api_key "
+                "right?"
+            ) from None
+        finally:
+            client.close()
+        if self.model not in models:
+            raise self._not_served(models)
+        self._server_checked = True
+
     async def _check_server(self, client) -> None:
         """Once per judge: the server answers and serves `self.model` (else an error listing what it serves)."""
         import openai
@@ -293,10 +332,7 @@ class VLMJudge:
         except openai.APIStatusError:  # a server without /v1/models: the first request will tell
             models = None
         if models is not None and self.model not in models:
-            raise VLMJudgeError(
-                f"{self.__name__}: the server at {self.base_url} does not serve the model {self.model!r}; it serves "
-                f"{models}. Pass one of them as model=."
-            )
+            raise self._not_served(models)
         self._server_checked = True
 
     async def _complete(self, client, request: dict):

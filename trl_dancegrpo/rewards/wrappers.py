@@ -51,6 +51,11 @@ class _RewardWrapper:
         if hasattr(self.reward, "check_weights"):
             self.reward.check_weights()
 
+    def check_server(self) -> None:
+        """Check that the wrapped reward's server is up (a VLM judge), if it has one."""
+        if hasattr(self.reward, "check_server"):
+            self.reward.check_server()
+
     def move_to(self, device) -> None:
         """Move the wrapped reward's loaded model (`offload_reward_models`), if it has one."""
         if hasattr(self.reward, "move_to"):
