@@ -391,19 +391,35 @@ def test_goal_flux_lora_512_under_40_gb(pytestconfig):
 
 
 def test_target_lists_only_the_changes_that_fit(tiny_pipeline_path):
+    import dataclasses
+
     from trl_dancegrpo.memory import estimate_memory
-    from trl_dancegrpo.memory.report import changes_for_target, format_report, verdict
+    from trl_dancegrpo.memory.report import changes_for_target, format_report, needed_gib, to_json, verdict
 
     path = tiny_pipeline_path("tiny-flux")
     estimate = estimate_memory(*parse(["--model_name_or_path", path, "--reward_funcs", "hpsv2.1"]))
     savers = dict(offload_text_encoders=True, offload_reward_models=True)
-    target = (estimate.with_options(num_processes=4, **savers).peak + 1) / GIB
+    # just enough for FSDP over 4 with the overheads the verdicts count (~10% reserve + 1 GB CUDA context)
+    target = needed_gib(estimate.with_options(num_processes=4, **savers).peak) + 1e-6
     changes = dict(changes_for_target(estimate, target))
     fitting = {label: peak for label, peak in changes.items() if peak is not None}
-    assert fitting and all(peak / GIB <= target for peak in fitting.values())
+    # every change listed is rated "fits" for that size, as the verdicts rate cards
+    assert fitting and all(verdict(peak, target).startswith("fits") for peak in fitting.values())
     assert any("FSDP over 4" in label for label in fitting) and any("FSDP over 8" in label for label in fitting)
     assert not any("FSDP over 2" in label for label in fitting)  # does not fit: left out
     assert any("gradient_checkpointing" in label for label in changes)  # off in this run: advised, to re-run
+    # a change whose count fits but not with the overheads ("tight") is not listed
+    tight = estimate.with_options(num_processes=4, **savers).peak / GIB + 1e-6
+    assert not any("FSDP over 4" in label for label, peak in changes_for_target(estimate, tight) if peak is not None)
     assert f"to fit {target:g} GiB" in format_report(estimate, target_gib=target, gpu="h100")
+    listed = to_json(estimate, target_gib=target)["suggestions"]
+    assert listed["target_gib"] == target and not listed["already_fits"]
+    assert [change["change"] for change in listed["changes"]] == list(changes)
     assert verdict(int(10 * GIB), 24).startswith("fits") and verdict(int(23.5 * GIB), 24).startswith("tight")
     assert verdict(int(30 * GIB), 24).startswith("does not fit")
+    # fitting a card: no suggestions unless asked for; fitting none: suggestions for the largest card, unasked
+    assert to_json(estimate)["suggestions"] is None and "to fit" not in format_report(estimate)
+    huge = dataclasses.replace(estimate, parts={key: value * 10**6 for key, value in estimate.parts.items()})
+    assert not any(verdict(huge.peak, card).startswith("fits") for card in (24, 40, 48, 80, 141))
+    assert to_json(huge)["suggestions"]["target_gib"] == 141
+    assert "to fit 141 GiB with the overheads above (it fits none of the cards above)" in format_report(huge)

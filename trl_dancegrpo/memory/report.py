@@ -42,9 +42,14 @@ def gib(value: float) -> float:
     return round(value / GIB, 2)
 
 
+def needed_gib(peak_bytes: int) -> float:
+    """What a process of `peak_bytes` needs of a card: the count, the allocator's reserve and the CUDA context."""
+    return peak_bytes * (1 + ALLOCATOR_RESERVE) / GIB + CUDA_OVERHEAD_GIB
+
+
 def verdict(peak_bytes: int, card_gb: float) -> str:
     """Whether a process of `peak_bytes` fits a card, with the overheads the count leaves out."""
-    needed = peak_bytes * (1 + ALLOCATOR_RESERVE) / GIB + CUDA_OVERHEAD_GIB
+    needed = needed_gib(peak_bytes)
     if needed <= card_gb:
         return f"fits ({card_gb - needed:.1f} GB to spare after ~10% allocator reserve and 1 GB CUDA context)"
     if peak_bytes / GIB <= card_gb:
@@ -53,7 +58,9 @@ def verdict(peak_bytes: int, card_gb: float) -> str:
 
 
 def changes_for_target(estimate: MemoryEstimate, target_gib: float) -> list[tuple[str, int]]:
-    """Changes (and the peak each gives, re-derived from the same run) that bring the peak under `target_gib`."""
+    """Changes (and the peak each gives, re-derived from the same run) that bring the process under `target_gib` with
+    the overheads `verdict` counts (a change is listed only where the verdict for that size would be "fits"), then
+    the changes whose figure needs another run of estimate-memory (peak `None`)."""
     options, settings = estimate.options, estimate.settings
     candidates = []
     savers, labels = {}, {}
@@ -73,7 +80,7 @@ def changes_for_target(estimate: MemoryEstimate, target_gib: float) -> list[tupl
             if savers:
                 label += " with " + " + ".join(labels.values())
             candidates.append((label, sharded.peak))
-    fits = [(label, peak) for label, peak in candidates if peak / GIB <= target_gib]
+    fits = [(label, peak) for label, peak in candidates if needed_gib(peak) <= target_gib]
     advice = []
     if not settings["gradient_checkpointing"]:
         advice.append(("--gradient_checkpointing true (re-run estimate-memory with it for the figure)", None))
@@ -86,7 +93,29 @@ def changes_for_target(estimate: MemoryEstimate, target_gib: float) -> list[tupl
     return fits + advice
 
 
-def to_json(estimate: MemoryEstimate, gpu: str | None = None) -> dict:
+def suggestion_target(estimate: MemoryEstimate, target_gib: float | None) -> float | None:
+    """The size to suggest changes for: `--target_gib`, else the largest card when the run fits none, else none."""
+    if target_gib is not None:
+        return target_gib
+    return None if needed_gib(estimate.peak) <= max(CARDS_GB) else float(max(CARDS_GB))
+
+
+def suggestions(estimate: MemoryEstimate, target_gib: float | None) -> dict | None:
+    """What `--json` holds under "suggestions" (the report prints the same)."""
+    target = suggestion_target(estimate, target_gib)
+    if target is None:
+        return None
+    return {
+        "target_gib": target,
+        "already_fits": needed_gib(estimate.peak) <= target,
+        "changes": [
+            {"change": label, "peak_gib": None if peak is None else gib(peak)}
+            for label, peak in changes_for_target(estimate, target)
+        ],
+    }
+
+
+def to_json(estimate: MemoryEstimate, gpu: str | None = None, target_gib: float | None = None) -> dict:
     breakdown = estimate.breakdown
     keys = list(LABELS)[:7]
     result = {
@@ -109,6 +138,7 @@ def to_json(estimate: MemoryEstimate, gpu: str | None = None) -> dict:
     }
     if gpu is not None:
         result["seconds_per_iteration_lower_bound"] = seconds_per_iteration(estimate, gpu)
+    result["suggestions"] = suggestions(estimate, target_gib)
     return result
 
 
@@ -152,12 +182,20 @@ def format_report(estimate: MemoryEstimate, target_gib: float | None = None, gpu
         "",
     ]
     lines += [f"  {card:>3} GB: {verdict(estimate.peak, card)}" for card in CARDS_GB]
-    if target_gib is not None:
-        lines += ["", f"  to fit {target_gib:g} GiB:"]
-        if estimate.peak / GIB <= target_gib:
+    advice = suggestions(estimate, target_gib)
+    if advice is not None:
+        reason = "" if target_gib is not None else " (it fits none of the cards above)"
+        lines += ["", f"  to fit {advice['target_gib']:g} GiB with the overheads above{reason}:"]
+        if advice["already_fits"]:
             lines.append("    already fits")
-        for label, peak in changes_for_target(estimate, target_gib):
-            lines.append(f"    {label}" + (f": peak {gib(peak):.2f} GiB" if peak is not None else ""))
+        for change in advice["changes"]:
+            figure = change["peak_gib"]
+            lines.append(
+                f"    {change['change']}"
+                + (f": peak {figure:.2f} GiB (needs ~{needed_gib(figure * GIB):.1f})" if figure is not None else "")
+            )
+        if not any(change["peak_gib"] is not None for change in advice["changes"]):
+            lines.append("    (none of the changes estimated here fits; those above need a re-run for their figure)")
     lines += ["", f"  FLOPs per optimizer step (one process): {estimate.flops_per_iteration / 1e15:.2f} PFLOP"]
     if gpu is not None:
         timing = seconds_per_iteration(estimate, gpu)
@@ -191,7 +229,8 @@ slice, VAE decode, a training slice with backward, an optimizer step) at the rea
 CPU, without weights. Every training option is accepted, exactly as for training.
 
   --json OUT          also write the figures as JSON
-  --target_gib N      list the changes that bring the peak under N GiB
+  --target_gib N      list the changes after which the run fits N GiB with the overheads the verdicts count
+                      (without it, changes are listed when the run fits none of the cards)
   --num_processes N   FSDP processes the denoiser is sharded over (1: no sharding; DDP keeps everything per process)
   --gpu NAME          a lower bound on seconds per iteration on that GPU (from the FLOPs of the same run)
 """
@@ -233,5 +272,5 @@ def main(argv: list[str]) -> int:
     print(format_report(estimate, own.target_gib, own.gpu))
     if own.json_path:
         with open(own.json_path, "w", encoding="utf-8") as handle:
-            json.dump(to_json(estimate, own.gpu), handle, indent=1)
+            json.dump(to_json(estimate, own.gpu, own.target_gib), handle, indent=1)
     return 0
