@@ -7,12 +7,18 @@
   the trainable parameters; a resume with different ones is an error naming the checkpoint and the setting;
 - [`unreadable_file_error`], [`warn_missing_state_files`], [`check_finite_weights`]: a truncated or corrupted file is
   named with its checkpoint and the previous one is suggested; missing optimizer/scheduler/RNG files are a warning;
+- [`write_manifest`] / [`verify_manifest`]: each checkpoint lists the size and SHA-256 of every file it holds, checked
+  before a resume reads any of them, so a file changed after saving (even one that still reads, with finite values)
+  is named instead of resumed from;
+- [`clear_previous_run`]: `overwrite_output_dir` removes what an earlier run wrote (checkpoints, samples, TensorBoard
+  logs, saved weights, card, metrics), so the new run's samples and curves are not mixed with the old ones;
 - [`save_rollout_buffer`] / [`load_rollout_buffer`]: the rollout that later optimizer steps still train on (with
   `steps_per_generation > gradient_accumulation_steps` or `num_iterations > 1`) is saved with the checkpoint, so a
   resume continues exactly.
 """
 
 import glob
+import hashlib
 import json
 import os
 import re
@@ -25,6 +31,7 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 CHECKPOINT_INFO_NAME = "dancegrpo_checkpoint.json"
+MANIFEST_NAME = "dancegrpo_manifest.json"
 ROLLOUT_BUFFER_NAME = "rollout_buffer.pt"
 STATE_FILES = {"optimizer": "optimizer.pt", "scheduler": "scheduler.pt", "RNG state": "rng_state*.pth"}
 
@@ -60,25 +67,68 @@ def _suggest_previous(checkpoint: str) -> str:
 
 # -- one run per output_dir -------------------------------------------------------------------------------------------
 def check_output_dir(args, resume_from_checkpoint, is_main_process: bool) -> None:
-    """Refuse to start a new run where another run left checkpoints, or delete them with `overwrite_output_dir`."""
+    """Refuse to start a new run where another run left checkpoints; with `overwrite_output_dir`, delete what it
+    wrote (`clear_previous_run`)."""
     if isinstance(resume_from_checkpoint, str):
         _check_no_later_checkpoints(args, resume_from_checkpoint)
     if resume_from_checkpoint not in (None, False):
         return
     existing = list_checkpoints(args.output_dir)
-    if not existing:
-        return
-    names = ", ".join(os.path.basename(path) for path in existing)
-    if not args.overwrite_output_dir:
+    if existing and not args.overwrite_output_dir:
+        names = ", ".join(os.path.basename(path) for path in existing)
         raise ValueError(
             f"output_dir {args.output_dir!r} already holds checkpoints of an earlier run ({names}). Resume that run "
             "with resume_from_checkpoint=True (--resume_from_checkpoint true), start afresh and delete them with "
             "overwrite_output_dir=True (--overwrite_output_dir), or choose another output_dir."
         )
-    if is_main_process:
-        logger.warning(f"overwrite_output_dir: deleting the earlier run's checkpoints in {args.output_dir}: {names}.")
-        for path in existing:
+    if args.overwrite_output_dir and is_main_process:
+        clear_previous_run(args.output_dir)
+
+
+# What a run writes into its output_dir: removed by `overwrite_output_dir` (and nothing else of the folder).
+RUN_FOLDERS = ("_samples", "images", "runs", "ema")  # samples, the card's images, TensorBoard's default logs, EMA
+RUN_FILES = ("metrics.json", "reward_curve.png", "training_args.json", "pytorch_lora_weights.safetensors")
+SAVED_MODEL_FILES = re.compile(r"(config\.json|diffusion_pytorch_model.*\.safetensors(\.index\.json)?)")
+
+
+def _written_by_a_run(path: str) -> bool:
+    name = os.path.basename(path)
+    if name in RUN_FOLDERS:
+        return os.path.isdir(path)
+    if name in RUN_FILES or re.fullmatch(r"(tmp-)?checkpoint-\d+", name):
+        return True
+    if name in ("transformer", "transformer_2"):  # Wan 2.2's fully fine-tuned experts
+        return os.path.isfile(os.path.join(path, "config.json"))
+    if name == "README.md":  # the model card, not a README of the user's
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return "trl-dancegrpo" in handle.read()
+    return os.path.isfile(path) and bool(SAVED_MODEL_FILES.fullmatch(name))  # a fully fine-tuned denoiser
+
+
+def previous_run_outputs(output_dir: str) -> list[str]:
+    """The files and folders an earlier run wrote into `output_dir` (none if it holds no sign of one)."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = sorted(os.listdir(output_dir))
+    if not ({"training_args.json", "_samples", "metrics.json"} & set(names) or list_checkpoints(output_dir)):
+        return []
+    return [os.path.join(output_dir, name) for name in names if _written_by_a_run(os.path.join(output_dir, name))]
+
+
+def clear_previous_run(output_dir: str) -> None:
+    """Remove what an earlier run wrote into `output_dir`, saying what (the user asked to overwrite it)."""
+    found = previous_run_outputs(output_dir)
+    if not found:
+        return
+    logger.warning(
+        f"overwrite_output_dir: deleting what the earlier run wrote in {output_dir}: "
+        f"{', '.join(os.path.basename(path) for path in found)}."
+    )
+    for path in found:
+        if os.path.isdir(path):
             shutil.rmtree(path)
+        else:
+            os.remove(path)
 
 
 def _check_no_later_checkpoints(args, checkpoint: str) -> None:
@@ -151,16 +201,23 @@ def _saved_lora_metadata(checkpoint: str) -> dict | None:
     return None
 
 
+def _trained(info: dict, denoiser_key: str) -> str:
+    """What a run trains, in words: "a LoRA adapter (r=4, lora_alpha=8, target_modules=[...])" or "the full
+    denoiser (FluxTransformer2DModel)"."""
+    lora = info.get("lora")
+    if lora:
+        settings = ", ".join(f"{key}={lora[key]!r}" for key in ("r", "lora_alpha", "target_modules") if key in lora)
+        return f"a LoRA adapter ({settings})"
+    denoiser = info.get(denoiser_key)
+    return f"the full denoiser ({denoiser})" if denoiser else "the full denoiser"
+
+
 def check_compatible(trainer, checkpoint: str) -> None:
     """Raise a `ValueError` naming the checkpoint and the setting if it was trained with another model or LoRA."""
     current = checkpoint_info(trainer)
     path = os.path.join(checkpoint, CHECKPOINT_INFO_NAME)
     if os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as handle:
-                saved = json.load(handle)
-        except (OSError, ValueError) as error:
-            raise unreadable_file_error(path, checkpoint, error) from None
+        saved = read_json_file(path, checkpoint)
     else:  # written before this file existed: what the LoRA's own metadata tells
         saved = {"lora": _saved_lora_metadata(checkpoint)} if trainer.is_lora else {}
     fix = "resume with the settings it was trained with, or start afresh in another output_dir"
@@ -171,8 +228,10 @@ def check_compatible(trainer, checkpoint: str) -> None:
                 f"{current[key]}; {fix}."
             )
     if "lora" in saved and (saved["lora"] is None) != (current["lora"] is None):
-        kind = "a LoRA" if saved["lora"] is not None else "the full denoiser"
-        raise ValueError(f"Cannot resume from {checkpoint}: it holds {kind}, this run trains otherwise; {fix}.")
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: it holds {_trained(saved, 'denoiser')}, this run trains "
+            f"{_trained(current, 'denoiser')}; {fix}."
+        )
     if saved.get("lora") and current["lora"]:
         for setting in ("r", "lora_alpha", "target_modules"):
             if saved["lora"].get(setting) is not None and saved["lora"][setting] != current["lora"][setting]:
@@ -207,6 +266,87 @@ def unreadable_file_error(path: str, checkpoint: str, error: BaseException) -> V
         f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}). "
         f"{_suggest_previous(checkpoint)}"
     )
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 23), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checkpoint_files(folder: str) -> list[str]:
+    files = []
+    for root, _, names in os.walk(folder):
+        files += [os.path.relpath(os.path.join(root, name), folder) for name in names if name != MANIFEST_NAME]
+    return sorted(files)
+
+
+def write_manifest(folder: str) -> None:
+    """Record the size and SHA-256 of every file of the checkpoint `folder` (written last, once all are there).
+
+    Hashing reads the whole checkpoint once more (about a second per GB on one core): a LoRA checkpoint takes a
+    moment, a full FLUX one (weights and optimizer, ~70 GB) about a minute per save and per resume.
+    """
+    files = {
+        name: {"size": os.path.getsize(os.path.join(folder, name)), "sha256": _sha256(os.path.join(folder, name))}
+        for name in _checkpoint_files(folder)
+    }
+    with open(os.path.join(folder, MANIFEST_NAME), "w", encoding="utf-8") as handle:
+        json.dump({"algorithm": "sha256", "files": files}, handle, indent=1)
+
+
+def verify_manifest(checkpoint: str) -> None:
+    """Before a resume reads anything: every file the manifest lists is there, with its size and checksum.
+
+    A checkpoint written before manifests existed has none and is not checked; an unreadable manifest is named.
+    """
+    path = os.path.join(checkpoint, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as handle:
+            files = json.load(handle)["files"]
+        expected = {name: (int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise unreadable_file_error(path, checkpoint, error) from None
+    for name, (size, checksum) in expected.items():
+        file = os.path.join(checkpoint, name)
+        if not os.path.isfile(file):
+            problem = "missing: it was saved with the checkpoint and has been removed since"
+        elif os.path.getsize(file) != size:
+            problem = f"changed after it was saved: {os.path.getsize(file)} bytes, {size} when saved"
+        elif _sha256(file) != checksum:
+            problem = f"changed after it was saved: its SHA-256 differs from the one in {MANIFEST_NAME}"
+        else:
+            continue
+        raise ValueError(
+            f"Cannot read {name} of the checkpoint {checkpoint} ({problem}). {_suggest_previous(checkpoint)}"
+        )
+
+
+def read_json_file(path: str, checkpoint: str) -> dict:
+    """A JSON file of the checkpoint; unreadable or malformed, it is named with the checkpoint."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as error:
+        raise unreadable_file_error(path, checkpoint, error) from None
+
+
+def unreadable_state_file(checkpoint: str, names: tuple[str, ...]) -> str:
+    """Of files loaded one after the other, the first that `torch.load` cannot read (else the first): the file to
+    name when their loading failed somewhere."""
+    for name in names:
+        path = os.path.join(checkpoint, name)
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            continue
+        except Exception:
+            return path
+    return os.path.join(checkpoint, names[0])
 
 
 def warn_missing_state_files(checkpoint: str) -> None:

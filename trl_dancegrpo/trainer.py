@@ -4,7 +4,6 @@ import contextlib
 import json
 import math
 import os
-import pickle
 import shutil
 import threading
 import time
@@ -1080,6 +1079,7 @@ class DanceGRPOTrainer(Trainer):
             self.state.save_to_json(os.path.join(staging, TRAINER_STATE_NAME))
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
+            checkpoints.write_manifest(staging)  # last: every process's files are in
             if os.path.isdir(final_dir):
                 shutil.rmtree(final_dir)
             os.replace(staging, final_dir)  # atomic on one file system
@@ -1104,6 +1104,10 @@ class DanceGRPOTrainer(Trainer):
         restores the sharded model from the FSDP checkpoint (`pytorch_model_fsdp*`) that every checkpoint also holds
         next to the optimizer.
         """
+        checkpoints.verify_manifest(resume_from_checkpoint)  # before any file of it is read
+        state_file = os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME)
+        if os.path.isfile(state_file):  # read by transformers later on, where a malformed file is not named
+            checkpoints.read_json_file(state_file, resume_from_checkpoint)
         checkpoints.check_compatible(self, resume_from_checkpoint)
         if not self.args.save_only_model:
             checkpoints.warn_missing_state_files(resume_from_checkpoint)
@@ -1121,6 +1125,14 @@ class DanceGRPOTrainer(Trainer):
     def _load_optimizer_and_scheduler(self, checkpoint):
         try:
             super()._load_optimizer_and_scheduler(checkpoint)
-        except (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError) as error:
-            path = os.path.join(checkpoint or "", "optimizer.pt")
-            raise checkpoints.unreadable_file_error(path, checkpoint, error) from None
+        except Exception as error:  # any failure of a garbage file (even `IndexError: pop from empty list`)
+            raise checkpoints.unreadable_file_error(
+                checkpoints.unreadable_state_file(checkpoint, ("optimizer.pt", "scheduler.pt")), checkpoint, error
+            ) from None
+
+    def _load_rng_state(self, checkpoint):
+        try:
+            super()._load_rng_state(checkpoint)
+        except Exception as error:
+            name = f"rng_state_{self.args.process_index}.pth" if self.args.world_size > 1 else "rng_state.pth"
+            raise checkpoints.unreadable_file_error(os.path.join(checkpoint, name), checkpoint, error) from None
