@@ -1,6 +1,7 @@
 """The command line: the built-in offline demo, prompt files, and clear failures."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -24,6 +25,21 @@ def test_demo_writes_lora_metrics_and_plot(tmp_path):
     pipeline.load_lora_weights(str(out))
     lora_keys = [n for n, _ in pipeline.transformer.named_parameters() if "lora" in n]
     assert lora_keys
+    run_card_snippet(out, tmp_path)
+
+
+def run_card_snippet(out, tmp_path):
+    """The model card's loading snippet runs exactly as printed (the tiny pipeline rebuilt, the weights loaded)."""
+    card = (out / "README.md").read_text()
+    snippet = card.split("## How to use", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "<" not in snippet, snippet  # no placeholder such as <base model id or path>
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        exec(compile(snippet, "<model card>", "exec"), {"__name__": "__card__"})
+    finally:
+        os.chdir(cwd)
+    assert (tmp_path / "sample.png").is_file()
 
 
 def test_prompt_file_and_tiny_sd(tmp_path):
@@ -56,6 +72,7 @@ def test_prompt_file_and_tiny_sd(tmp_path):
     trainer = run(argv=argv)
     assert len(trainer.train_dataset) == 4 and not trainer.is_lora
     assert (tmp_path / "o" / "config.json").exists()  # the full UNet
+    run_card_snippet(tmp_path / "o", tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -244,10 +244,10 @@ def load_model(model_args: ModelArguments):
     import torch
 
     from .loading import load_pipeline
-    from .tiny import TINY_PIPELINES
+    from .tiny import TINY_PIPELINES, build_tiny_pipeline
 
     if model_args.model_name_or_path in TINY_PIPELINES:
-        return TINY_PIPELINES[model_args.model_name_or_path]()
+        return build_tiny_pipeline(model_args.model_name_or_path)
     return load_pipeline(model_args.model_name_or_path, dtype=getattr(torch, model_args.dtype))
 
 

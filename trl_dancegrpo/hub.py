@@ -323,6 +323,20 @@ class ModelCardCallback(TrainerCallback):
 
 
 # -- the card ---------------------------------------------------------------------------------------------------------
+def _card_imports(task: str, tiny_builder: str | None, denoiser_class: str | None) -> str:
+    """The imports of the card's loading snippet: torch and the pipeline class (a tiny pipeline: its builder), the
+    denoiser class for full fine-tuning, diffusers' helpers for videos and source images."""
+    names = ([] if tiny_builder else ["DiffusionPipeline"]) + ([denoiser_class] if denoiser_class else [])
+    lines = [] if tiny_builder else ["import torch"]
+    lines += [f"from diffusers import {', '.join(names)}"] if names else []
+    helpers = {"text-to-video": "export_to_video", "image-to-video": "export_to_video, load_image"}
+    helper = helpers.get(task, "load_image" if task == "image-to-image" else None)
+    lines += [f"from diffusers.utils import {helper}"] if helper else []
+    if tiny_builder:
+        lines += ([""] if lines else []) + [f"from trl_dancegrpo.tiny import {tiny_builder}"]
+    return "\n".join(lines)
+
+
 def write_model_card(trainer, model_name=None, dataset_name=None, tags=None, license=None, output_dir=None) -> str:
     """Write `README.md` and `images/` into `output_dir` (default `args.output_dir`); returns the card's path.
 
@@ -360,6 +374,7 @@ def write_model_card(trainer, model_name=None, dataset_name=None, tags=None, lic
         reward_curve = REWARD_CURVE_NAME
 
     base_model = hub_base_model(pipeline)
+    tiny = getattr(pipeline, "tiny_builder", None)  # (builder name, seed) of `tiny.build_tiny_pipeline`
     hub_model_id = getattr(trainer, "hub_model_id", None) or args.hub_model_id
     model_name = model_name or (hub_model_id or Path(output_dir).name).split("/")[-1]
     task = pipeline_task(trainer.adapter)
@@ -373,6 +388,11 @@ def write_model_card(trainer, model_name=None, dataset_name=None, tags=None, lic
         widget=widget or None,
     )
     adapter = trainer.adapter
+    denoiser_class = plain_class(
+        getattr(pipeline, adapter.trained_components()[0])
+        if adapter.has_experts  # the trained model holds the experts: the class of each is the pipeline's
+        else trainer.accelerator.unwrap_model(trainer.model)
+    ).__name__
     rewards = reward_summary(trainer, before_scores, after_scores)
     template = importlib.resources.files("trl_dancegrpo").joinpath("templates/model_card.md")
     card = ModelCard.from_template(
@@ -381,7 +401,11 @@ def write_model_card(trainer, model_name=None, dataset_name=None, tags=None, lic
         model_name=model_name,
         base_model=base_model,
         base_model_path=None if base_model else local_base_model(pipeline),
-        hub_model_id=hub_model_id or f"<your-username>/{model_name}",
+        # a tiny pipeline built in memory (the demo): the card rebuilds it and loads the weights from this folder
+        tiny_builder=tiny[0] if tiny else None,
+        tiny_seed=tiny[1] if tiny and tiny[1] else "",
+        card_imports=_card_imports(task, tiny[0] if tiny else None, None if trainer.is_lora else denoiser_class),
+        hub_model_id=hub_model_id or (os.path.abspath(output_dir) if tiny else f"<your-username>/{model_name}"),
         dataset_name=dataset_name,
         is_lora=trainer.is_lora,
         is_video=task.endswith("-to-video"),
@@ -389,11 +413,7 @@ def write_model_card(trainer, model_name=None, dataset_name=None, tags=None, lic
         needs_image=task == "image-to-video",
         pipeline_class=type(pipeline).__name__,
         denoiser_name=adapter.denoiser_name,
-        denoiser_class=plain_class(
-            getattr(pipeline, adapter.trained_components()[0])
-            if adapter.has_experts  # the trained model holds the experts: the class of each is the pipeline's
-            else trainer.accelerator.unwrap_model(trainer.model)
-        ).__name__,
+        denoiser_class=denoiser_class,
         trained_components=adapter.trained_components(),
         component_subfolders=adapter.has_experts,  # saved in the pipeline's layout, one folder per expert
         lora_load_arguments=adapter.lora_load_arguments(),

@@ -187,11 +187,19 @@ def tiny_sd_pipeline(seed: int = 0):
 TINY_PIPELINES = {"tiny-flux": tiny_flux_pipeline, "tiny-sd": tiny_sd_pipeline}
 
 
-def save_tiny_pipeline(name: str, path: str, seed: int = 0) -> str:
-    """Build the tiny pipeline `name` ("tiny-flux" or "tiny-sd") and save it to `path` for `from_pretrained`."""
+def build_tiny_pipeline(name: str, seed: int = 0):
+    """Build the tiny pipeline `name` ("tiny-flux", "tiny-sd", ...); it keeps `tiny_builder` (the builder's name and
+    the seed), so that a model card can show how to build it again."""
     if name not in TINY_PIPELINES:
         raise ValueError(f"Unknown tiny pipeline {name!r}; choose one of {sorted(TINY_PIPELINES)}.")
-    TINY_PIPELINES[name](seed).save_pretrained(path)
+    pipeline = TINY_PIPELINES[name](seed)
+    pipeline.tiny_builder = (TINY_PIPELINES[name].__name__, seed)
+    return pipeline
+
+
+def save_tiny_pipeline(name: str, path: str, seed: int = 0) -> str:
+    """Build the tiny pipeline `name` ("tiny-flux" or "tiny-sd") and save it to `path` for `from_pretrained`."""
+    build_tiny_pipeline(name, seed).save_pretrained(path)
     return path
 
 
