@@ -1,12 +1,16 @@
 """The sampler: the clean last step, the SDE types, SDE windows and the shared prefix, through the real trainer."""
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from trl_dancegrpo.rollout import denoise, sample_slices
 
 from .test_resume import StopAt, params, rewards_by_step
 from .test_trainer import assert_first_step_on_policy, make_trainer
+from .test_video import make_video_trainer
 
 
 ROWS = [{"prompt": p} for p in ["a cat"] * 4 + ["a dog"] * 4]
@@ -73,6 +77,11 @@ def test_each_sde_type_starts_on_policy(sde_type, tiny_pipeline_path, tmp_path):
 def test_eta_defaults_to_the_family_recipe(tiny_pipeline_path, tmp_path):
     assert make_trainer(tiny_pipeline_path("tiny-sd"), tmp_path).sampler.eta == 1.0  # DDIM eta of the SD recipe
     assert make_trainer(tiny_pipeline_path("tiny-flux"), tmp_path).sampler.eta == 0.3
+    # DanceGRPO's scripts: HunyuanVideo 0.25, SkyReels-I2V 0.3 (finetune_skyreels_i2v.sh), not HunyuanVideo's
+    assert make_video_trainer("tiny-skyreels", tiny_pipeline_path, tmp_path).sampler.eta == 0.3
+    assert make_video_trainer("tiny-hunyuan-video", tiny_pipeline_path, tmp_path).sampler.eta == 0.25
+    recipe = yaml.safe_load((Path(__file__).parent.parent / "examples/recipes/skyreels_i2v.yaml").read_text())
+    assert (recipe["eta"], recipe["shift"]) == (0.3, 7.0)
     assert make_trainer(tiny_pipeline_path("tiny-flux"), tmp_path, eta=0.5).sampler.eta == 0.5
 
 

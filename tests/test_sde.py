@@ -56,6 +56,18 @@ def cps_reference(v, x, sigma, sigma_next, eta):
     return x0 * (1 - sn) + x1 * np.sqrt(sn**2 - std**2), std * np.ones_like(x)
 
 
+def flow_grpo_cps_log_prob(v, x, prev, sigma, sigma_prev, noise_level):
+    """Float64 transcription of the CPS branch of Flow-GRPO's `sde_step_with_logprob` (its variable names): the
+    log-prob with all constants removed, averaged over all but the batch dimension."""
+    sigma, sigma_prev = _expand(sigma, x.ndim), _expand(sigma_prev, x.ndim)
+    std_dev_t = sigma_prev * math.sin(noise_level * math.pi / 2)
+    pred_original_sample = x - sigma * v
+    noise_estimate = x + v * (1 - sigma)
+    prev_sample_mean = pred_original_sample * (1 - sigma_prev) + noise_estimate * np.sqrt(sigma_prev**2 - std_dev_t**2)
+    log_prob = -((prev - prev_sample_mean) ** 2)
+    return log_prob.mean(axis=tuple(range(1, log_prob.ndim)))
+
+
 def ddim_reference(scheduler, eps, x, timestep, eta, num_steps):
     alphas = scheduler.alphas_cumprod.double().numpy()
     t = np.atleast_1d(np.asarray(timestep))
@@ -231,8 +243,30 @@ def test_sde_variants_match_float64_reference(shape, sde_type):
         mean, std = cps_reference(*args, 0.8)
     np.testing.assert_allclose(out.prev_sample_mean.numpy(), mean, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out.std_dev.expand(shape).numpy(), std, rtol=1e-5)
-    expected = _normal_log_prob(prev.double().numpy(), mean, std)
-    np.testing.assert_allclose(out.log_prob.numpy(), expected, rtol=1e-5, atol=1e-5)
+    if sde_type == "flow_grpo":
+        expected = _normal_log_prob(prev.double().numpy(), mean, std)
+    else:  # Flow-GRPO's CPS objective, not the Gaussian density
+        v64, x64, s64, sn64 = args
+        expected = flow_grpo_cps_log_prob(v64, x64, prev.double().numpy(), s64, sn64, 0.8)
+    np.testing.assert_allclose(out.log_prob.numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_cps_ratios_are_flow_grpos_not_the_gaussian_density_ratio():
+    """The ratio of two policies' CPS "log-probs" equals Flow-GRPO's; the Gaussian one would be its power 1/(2 s^2)."""
+    g = torch.Generator().manual_seed(3)
+    v_old, v_new, x = (torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64).float() for _ in range(3))
+    v_new = v_old + 0.05 * v_new
+    sigma, sigma_next, eta = 0.3, 0.2, 0.8
+    sampled = cps_step_with_logprob(v_old, x, sigma, sigma_next, eta, generator=torch.Generator().manual_seed(0))
+    rescored = cps_step_with_logprob(v_new, x, sigma, sigma_next, eta, prev_sample=sampled.prev_sample)
+    numpy = [t.double().numpy() for t in (v_old, v_new, x, sampled.prev_sample)]
+    old = flow_grpo_cps_log_prob(numpy[0], numpy[2], numpy[3], sigma, sigma_next, eta)
+    new = flow_grpo_cps_log_prob(numpy[1], numpy[2], numpy[3], sigma, sigma_next, eta)
+    ratio = torch.exp(rescored.log_prob - sampled.log_prob).double().numpy()
+    np.testing.assert_allclose(ratio, np.exp(new - old), rtol=1e-6)
+    std = sigma_next * math.sin(eta * math.pi / 2)
+    gaussian_ratio = np.exp((new - old) / (2 * std**2))  # what the true density ratio would be
+    assert np.all(np.abs(np.log(gaussian_ratio) - np.log(ratio)) > 10 * np.abs(np.log(ratio)))
 
 
 def test_flow_grpo_is_the_dancegrpo_step_with_a_per_step_noise_level():

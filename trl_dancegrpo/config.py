@@ -39,8 +39,8 @@ class DanceGRPOConfig(TrainingArguments):
             see the clean image (for flow models the last step's `x0` estimate), and it is never trained.
         eta (`float`, *optional*):
             Noise scale of the stochastic steps: the flow SDE's eta for rectified-flow models, DDIM's eta for
-            diffusion models. `None` uses the recipe value of the model family for `sde_type="dancegrpo"` (FLUX 0.3,
-            Stable Diffusion's DDIM 1.0, HunyuanVideo and SkyReels 0.25, the others 0.3), and the variant's own for
+            diffusion models. `None` uses the recipe value of the model family for `sde_type="dancegrpo"` (FLUX and
+            SkyReels 0.3, Stable Diffusion's DDIM 1.0, HunyuanVideo 0.25, the others 0.3), and the variant's own for
             the others (`"flow_grpo"`: 0.7, `"cps"`: 0.8). Must be > 0; at most 1 for `"cps"`.
         sde_type (`str`, *optional*, defaults to `"dancegrpo"`):
             The stochastic step of rectified-flow models. `"dancegrpo"`: `std = eta * sqrt(sigma - sigma_next)` (the

@@ -29,7 +29,8 @@ class SDEStepOutput:
     Attributes:
         prev_sample (`torch.Tensor`): The next latent `x_next` (sampled, or the one passed in to be re-scored).
         log_prob (`torch.Tensor`): Shape `[batch]`; the mean over all non-batch dimensions of
-            `log N(prev_sample; prev_sample_mean, std_dev**2)`. Zero where `std_dev` is zero (deterministic step).
+            `log N(prev_sample; prev_sample_mean, std_dev**2)` (CPS: of `-(prev_sample - prev_sample_mean)**2`, see
+            [`cps_step_with_logprob`]). Zero where `std_dev` is zero (deterministic step).
         prev_sample_mean (`torch.Tensor`): The mean of the Gaussian transition, float32.
         std_dev (`torch.Tensor`): Its standard deviation, float32, broadcastable to the latent (`[batch, 1, ...]`).
     """
@@ -166,9 +167,12 @@ def cps_step_with_logprob(
 
     so `x_next = (1 - sigma_next) * x0 + sigma_next * (a unit-variance mix of x1 and fresh noise)` keeps exactly the
     noise level of the grid (the flow SDE adds slightly too much or too little, which shows as noise artefacts).
-    `eta` in [0, 1]: 0 is the Euler (ODE) step, 1 replaces the predicted noise by fresh noise. The log-prob is the
-    Gaussian density (Flow-GRPO's CPS code drops its constants and the `1 / (2 std**2)` factor; we keep them so
-    that the clip range means the same for every `sde_type`).
+    `eta` in [0, 1]: 0 is the Euler (ODE) step, 1 replaces the predicted noise by fresh noise.
+
+    The "log-prob" is Flow-GRPO's objective for this step (the CPS branch of its `sde_step_with_logprob`, which the
+    CPS paper trains with): `-(x_next - mean)**2` averaged over the non-batch dimensions, without the Gaussian's
+    `1 / (2 std**2)` factor and constants. The ratio `exp(new - old)` is then the Gaussian density ratio raised to the
+    power `2 std**2`, so `epsilon` clips what it clips in Flow-GRPO's CPS runs. Zero for a deterministic step.
 
     Arguments as [`flow_sde_step_with_logprob`].
     """
@@ -181,7 +185,9 @@ def cps_step_with_logprob(
     x1_hat = x + (1 - sigma) * velocity
     std = sigma_next * torch.sin(eta * math.pi / 2)
     mean = x0_hat * (1 - sigma_next) + x1_hat * torch.sqrt((sigma_next**2 - std**2).clamp_min(0))
-    prev_sample, log_prob = _sample_or_rescore(mean, std, prev_sample, generator, sample.dtype)
+    prev_sample, _ = _sample_or_rescore(mean, std, prev_sample, generator, sample.dtype)
+    squared = torch.where(std.expand_as(mean) == 0, torch.zeros_like(mean), (prev_sample.float() - mean) ** 2)
+    log_prob = -squared.mean(dim=tuple(range(1, mean.ndim)))
     return SDEStepOutput(prev_sample=prev_sample, log_prob=log_prob, prev_sample_mean=mean, std_dev=std)
 
 

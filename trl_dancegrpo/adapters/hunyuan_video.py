@@ -103,6 +103,7 @@ class SkyReelsImageToVideoAdapter(HunyuanVideoAdapter):
     default_guidance_scale = 6.0  # diffusers' `true_cfg_scale` default for SkyReels
     default_num_frames = 97  # diffusers' HunyuanSkyreelsImageToVideoPipeline defaults: 544x960x97
     default_size = (544, 960)
+    default_eta = 0.3  # DanceGRPO's SkyReels-I2V script (finetune_skyreels_i2v.sh: --eta 0.3 --shift 7)
 
     @property
     def latent_channels(self) -> int:
