@@ -22,46 +22,39 @@ Wrappers: [`BinaryReward`] (thresholded to 0/1) and [`per_frame`] (an image rewa
 Model rewards load lazily, once, on the trainer's device and dtype (see [`ModelReward`]).
 """
 
-import importlib
+from .._lazy import lazy_attributes
 
 
 # Imported on first use (PEP 562), so that `trl_dancegrpo.rewards.registry` (reward names, checked by the command line
 # before torch is imported) imports nothing heavy.
-_LAZY = {
-    "ModelReward": "._base",
-    "RewardModelNotFoundError": "._loading",
-    "clear_model_cache": "._loading",
-    "HPSv3Reward": ".hpsv3",
-    "AestheticReward": ".image",
-    "CLIPScoreReward": ".image",
-    "HPSReward": ".image",
-    "PickScoreReward": ".image",
-    "ImageReward": ".imagereward",
-    "REWARD_REGISTRY": ".registry",
-    "get_reward": ".registry",
-    "register_reward": ".registry",
-    "brightness": ".simple",
-    "jpeg_compressibility": ".simple",
-    "jpeg_incompressibility": ".simple",
-    "VideoAlignReward": ".video",
-    "VLMJudge": ".vlm",
-    "VLMJudgeError": ".vlm",
-    "VLMServerError": ".vlm",
-    "BinaryReward": ".wrappers",
-    "PerFrameReward": ".wrappers",
-    "per_frame": ".wrappers",
-    "reward_name": ".wrappers",
-}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_attributes(
+    __name__,
+    {
+        "ModelReward": "._base",
+        "RewardModelNotFoundError": "._loading",
+        "clear_model_cache": "._loading",
+        "HPSv3Reward": ".hpsv3",
+        "AestheticReward": ".image",
+        "CLIPScoreReward": ".image",
+        "HPSReward": ".image",
+        "PickScoreReward": ".image",
+        "ImageReward": ".imagereward",
+        "REWARD_REGISTRY": ".registry",
+        "get_reward": ".registry",
+        "register_reward": ".registry",
+        "brightness": ".simple",
+        "jpeg_compressibility": ".simple",
+        "jpeg_incompressibility": ".simple",
+        "VideoAlignReward": ".video",
+        "VLMJudge": ".vlm",
+        "VLMJudgeError": ".vlm",
+        "VLMServerError": ".vlm",
+        "BinaryReward": ".wrappers",
+        "PerFrameReward": ".wrappers",
+        "per_frame": ".wrappers",
+        "reward_name": ".wrappers",
+    },
+)
 
 
 __all__ = [
