@@ -29,8 +29,9 @@ def held_out_brightness(trainer) -> float:
 # SD, 30 steps, moved +0.037..+0.086 / -0.020..-0.041 on seeds 0, 1, 2 but only -0.017 / -0.030 on seed 42 (the
 # upward run went the wrong way); with 50 steps seed 42 moved +0.081 / -0.045, hence 50 steps for SD.
 # FLUX with a random 2-step SDE window (all its steps trained), 30 steps: +0.034..+0.039 / -0.108..-0.113 on seeds 42,
-# 1, 2, 5 but only +0.0085 up on seed 3, hence its lower margin; with coefficients-preserving sampling (eta 0.8):
-# +0.024..+0.027 / -0.093..-0.100 on seeds 42 and 1.
+# 1, 2, 5 but only +0.0085 up on seed 3, hence its lower margin; with coefficients-preserving sampling (eta 0.8) and
+# Flow-GRPO's CPS objective: +0.024 / -0.041 on seed 42, +0.028 / -0.110 on seed 1 (with the Gaussian log-prob it had
+# before: +0.024..+0.027 / -0.093..-0.100).
 # Z-Image (no CFG, Turbo's default), 20 steps: +0.0157..+0.0160 / -0.0144..-0.0257 on seeds 1 and 2; FLUX.2 [klein]
 # (CFG 4, the base models' default), 20 steps: +0.0166..+0.0220 / -0.0789..-0.0800 on seeds 1 and 2.
 # Qwen-Image, 20 steps at lr 2e-2: +0.038..+0.044 / -0.027..-0.032 on seeds 42, 1, 2 (with the clean last step; at lr
