@@ -12,6 +12,7 @@ Built in, by registry name:
 - `"aesthetic"`: [`AestheticReward`], the LAION aesthetic predictor (no prompt);
 - `"hpsv3"`: [`HPSv3Reward`], HPSv3 human preference (a Qwen2-VL-7B reward model);
 - `"imagereward"`: [`ImageReward`], ImageReward human preference (BLIP);
+- `"ocr"`: [`OCRReward`], Flow-GRPO's text-rendering reward (RapidOCR's PP-OCR ONNX models on the CPU, extra `[ocr]`);
 - `"vlm_judge"`, `"vqascore"`, `"unifiedreward"`, `"vlm_instruction_following"`: [`VLMJudge`], a vision-language model
   served behind an OpenAI-compatible API (vLLM, sglang) asked a question about each image (async);
 - `"videoalign_vq"`, `"videoalign_mq"`, `"videoalign_ta"`: [`VideoAlignReward`], video quality, motion quality and
@@ -27,6 +28,7 @@ from ._loading import RewardModelNotFoundError, clear_model_cache
 from .hpsv3 import HPSv3Reward
 from .image import AestheticReward, CLIPScoreReward, HPSReward, PickScoreReward
 from .imagereward import ImageReward
+from .ocr import OCRReward
 from .registry import REWARD_REGISTRY, get_reward, register_reward
 from .simple import brightness, jpeg_compressibility, jpeg_incompressibility
 from .video import VideoAlignReward
@@ -43,6 +45,7 @@ __all__ = [
     "HPSv3Reward",
     "ImageReward",
     "ModelReward",
+    "OCRReward",
     "PerFrameReward",
     "PickScoreReward",
     "RewardModelNotFoundError",
