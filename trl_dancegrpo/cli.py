@@ -277,6 +277,10 @@ def main(argv=None) -> None:
         from .memory.report import main as estimate_memory_main
 
         sys.exit(estimate_memory_main(argv[1:]))
+    if argv[:1] == ["evaluate"]:  # the subcommand: deterministic samples of a prompt set, scored (evaluation.py)
+        from .evaluation import main as evaluate_main
+
+        sys.exit(evaluate_main(argv[1:]))
     trainer = run(argv=argv)
     trainer.accelerator.end_training()  # trackers finish; the process group is torn down before the interpreter exits
 
