@@ -1,6 +1,6 @@
 """Speed of the OCR reward (`ocr`, RapidOCR's PP-OCR ONNX models on the CPU): images scored per second.
 
-    python benchmarks/bench_ocr.py                      # 512 px images with rendered text, 1 thread and all cores
+    python benchmarks/bench_ocr.py                      # 512 px images with rendered text, 1 thread, then all cores
     python benchmarks/bench_ocr.py --size 1024 --num-images 16
 
 Each image shows a short line of text drawn with PIL (the reward's cost depends on how much text it finds: a blank
@@ -33,7 +33,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="Image side in pixels (default: 512).")
     parser.add_argument("--num-images", type=int, default=16, help="Images per timed call (default: 16).")
     parser.add_argument("--repeats", type=int, default=2, help="Timed calls (default: 2).")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, None], help="onnxruntime threads (None = all).")
+    parser.add_argument(
+        "--threads",
+        type=lambda value: None if value == "all" else int(value),
+        nargs="+",
+        default=[1, None],
+        help="onnxruntime threads per run, 'all' = every core (default: 1 all).",
+    )
     args = parser.parse_args()
 
     from trl_dancegrpo.rewards import OCRReward
@@ -44,7 +50,6 @@ def main() -> None:
     blank = torch.ones_like(images)
     print(f"{args.num_images} images of {args.size}x{args.size} px per call, {os.cpu_count()} CPU cores")
     for threads in args.threads:
-        threads = None if threads in (None, "None") else int(threads)
         reward = OCRReward(num_threads=threads)
         start = time.perf_counter()
         reward(prompts[:1], images[:1])

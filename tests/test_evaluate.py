@@ -207,6 +207,7 @@ def test_command_line_one_and_two_processes(tiny_pipeline_path, tmp_path):
     common += ["--num_inference_steps", "2", "--height", "32", "--width", "32", "--per_device_eval_batch_size", "2"]
     result = run_cli([*common, "--output_dir", str(tmp_path / "one")])
     assert "Wrote metrics.json" in result.stdout
+    assert "base: 100%" in result.stderr and "adapter: 100%" in result.stderr  # the progress bars
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     assert list(one) == ["base", "adapter"] and one["base"] != one["adapter"]
     assert "jpeg_compressibility/counting" in one["adapter"]

@@ -388,7 +388,10 @@ def evaluate_pipeline(
         args = DanceGRPOConfig(output_dir=output_dir or "dancegrpo-eval", report_to="none", beta=0.0)
     elif args.beta != 0:
         args = dataclasses.replace(args, beta=0.0)  # evaluation needs no reference model
-    trainer = DanceGRPOTrainer(model=model, reward_funcs=reward_funcs, args=args)
+    # a Dataset goes through the trainer's checks: its prompts (before the pipeline loads), and the conditioning images
+    # that image-to-video and editing models need
+    checked = dataset if hasattr(dataset, "column_names") else None
+    trainer = DanceGRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, eval_dataset=checked)
     categories = None
     if "category" in rows[0]:
         categories = [row["category"] for row in rows for _ in range(num_images_per_prompt)]
