@@ -54,7 +54,7 @@ def test_evaluate_pipeline_base_and_adapter(tiny_pipeline_path, tmp_path):
     pipeline = load_pipeline(path)
     out = tmp_path / "eval"
     args = config(tmp_path, seed=7)
-    dataset = Dataset.from_dict(PROMPTS)
+    dataset = Dataset.from_dict({"prompt": ["a red circle", "two squares"], "category": ["colors", "counting"]})
     metrics = evaluate_pipeline(
         pipeline, dataset, ["brightness"], args=args, adapter=lora, num_images_per_prompt=2, output_dir=str(out)
     )
@@ -65,9 +65,11 @@ def test_evaluate_pipeline_base_and_adapter(tiny_pipeline_path, tmp_path):
     assert all(sorted(metrics[label]) == sorted(keys) for label in metrics)
 
     rows = read_csv(out / "samples.csv")
-    assert len(rows) == 3 * 2
-    assert [(int(r["prompt_index"]), int(r["image_index"])) for r in rows] == [(i, j) for i in range(3) for j in (0, 1)]
-    assert [r["category"] for r in rows] == [c for c in PROMPTS["category"] for _ in (0, 1)]
+    assert len(rows) == 2 * 2
+    assert [(int(r["prompt_index"]), int(r["image_index"])) for r in rows] == [
+        (i, j) for i in range(2) for j in (0, 1)
+    ]
+    assert [r["category"] for r in rows] == ["colors", "colors", "counting", "counting"]
     for label in metrics:  # the means, recomputed in float64 from the per-sample column
         column = torch.tensor([float(r[f"{label}/brightness"]) for r in rows], dtype=torch.float64)
         colors = torch.tensor([r["category"] == "colors" for r in rows])
@@ -81,7 +83,7 @@ def test_evaluate_pipeline_base_and_adapter(tiny_pipeline_path, tmp_path):
 
     # sample i * M + j starts from the noise of global index i * M + j: the base column is the pipeline's own samples
     trainer = DanceGRPOTrainer(model=pipeline, reward_funcs="brightness", args=args)
-    prompts = [p for p in PROMPTS["prompt"] for _ in (0, 1)]
+    prompts = [p for p in dataset["prompt"] for _ in (0, 1)]
     images, _ = trainer.generate(prompts, seed=7, eta=0.0, first=0)
     expected = images.double().flatten(1).mean(1)
     assert [float(r["base/brightness"]) for r in rows] == pytest.approx(expected.tolist(), abs=1e-6)
@@ -90,8 +92,8 @@ def test_evaluate_pipeline_base_and_adapter(tiny_pipeline_path, tmp_path):
     again = evaluate_pipeline(pipeline, dataset, ["brightness"], args=args, num_images_per_prompt=2, progress=False)
     assert again["base"] == pytest.approx(metrics["base"], abs=1e-7)
 
-    grid = Image.open(out / "grid.png")  # 6 samples (rows) x 2 models (columns) of 32 px, padded, a header strip
-    assert grid.size == (2 * (32 + GRID_PAD) + GRID_PAD, GRID_HEADER + 6 * (32 + GRID_PAD) + GRID_PAD)
+    grid = Image.open(out / "grid.png")  # 4 samples (rows) x 2 models (columns) of 32 px, padded, a header strip
+    assert grid.size == (2 * (32 + GRID_PAD) + GRID_PAD, GRID_HEADER + 4 * (32 + GRID_PAD) + GRID_PAD)
 
 
 @pytest.mark.slow
@@ -198,19 +200,28 @@ def run_cli(args, timeout=600, launcher=()):
 
 @pytest.mark.slow
 def test_command_line_one_and_two_processes(tiny_pipeline_path, tmp_path):
+    from trl_dancegrpo.loading import load_pipeline
+
     path = tiny_pipeline_path("tiny-flux")
     lora = train_lora(path, tmp_path / "lora", tmp_path)
+    fused = load_pipeline(path)  # a second model: the same LoRA fused into the weights
+    fused.load_lora_weights(lora)
+    fused.fuse_lora()
+    fused.unload_lora_weights()
+    fused.save_pretrained(str(tmp_path / "fused"))
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "category": c}) + "\n" for p, c in zip(*PROMPTS.values())))
     common = ["--model_name_or_path", path, "--dataset_name", str(data), "--adapter", lora, "--seed", "3"]
+    common += ["--tuned_model_name_or_path", str(tmp_path / "fused")]
     common += ["--reward_funcs", "brightness", "jpeg_compressibility", "--num_images_per_prompt", "3"]
     common += ["--num_inference_steps", "2", "--height", "32", "--width", "32", "--per_device_eval_batch_size", "2"]
     result = run_cli([*common, "--output_dir", str(tmp_path / "one")])
     assert "Wrote metrics.json" in result.stdout
     assert "base: 100%" in result.stderr and "adapter: 100%" in result.stderr  # the progress bars
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
-    assert list(one) == ["base", "adapter"] and one["base"] != one["adapter"]
+    assert list(one) == ["base", "adapter", "tuned"] and one["base"] != one["adapter"]
     assert "jpeg_compressibility/counting" in one["adapter"]
+    assert one["tuned"]["brightness"] == pytest.approx(one["adapter"]["brightness"], abs=1e-5)  # LoRA = fused LoRA
     assert len(read_csv(tmp_path / "one" / "samples.csv")) == 9
     assert (tmp_path / "one" / "grid.png").is_file()
 
@@ -224,4 +235,5 @@ def test_command_line_one_and_two_processes(tiny_pipeline_path, tmp_path):
     rows_one, rows_two = read_csv(tmp_path / "one" / "samples.csv"), read_csv(tmp_path / "two" / "samples.csv")
     for a, b in zip(rows_one, rows_two, strict=True):
         assert a["prompt"] == b["prompt"]
-        assert float(a["adapter/brightness"]) == pytest.approx(float(b["adapter/brightness"]), abs=1e-5)
+        for key in ("base/brightness", "adapter/brightness", "tuned/brightness"):
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-5)

@@ -8,15 +8,17 @@ Every prompt is sampled `num_images_per_prompt` times with the deterministic sam
 `--seed` and the sample's index, so a rerun, or a run on another number of processes, draws the same images. The same
 code scores the trainer's evaluation (`DanceGRPOTrainer.evaluate`). Writes into `--output_dir`:
 
-- `metrics.json`: `{"base": {...}, "adapter": {...}}`, each the mean of every reward, and where the prompts have a
-  `category` column also `"<reward>/<category>"` (the category's mean) and `"<reward>/mean_over_categories"` (the
-  unweighted mean of the categories' means, as GenEval reports its overall score);
+- `metrics.json`: `{"base": {...}, "adapter": {...}}` (with `--tuned_model_name_or_path` also `"tuned"`, a second
+  pipeline), each the mean of every reward, and where the prompts have a `category` column also
+  `"<reward>/<category>"` (the category's mean) and `"<reward>/mean_over_categories"` (the unweighted mean of the
+  categories' means, as GenEval reports its overall score);
 - `samples.csv`: one row per sample (prompt, category, image index, every model's every reward);
 - `grid.png`: the first samples, one row each, one column per model (labelled above).
 """
 
 import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 
 # Nothing heavy at the top: the options are checked before torch, diffusers or any model is imported.
 
-BASE_LABEL, ADAPTER_LABEL = "base", "adapter"
+BASE_LABEL, ADAPTER_LABEL, TUNED_LABEL = "base", "adapter", "tuned"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 # DanceGRPOConfig fields the command passes on when given (unset: DanceGRPOConfig's defaults)
 SAMPLING_OPTIONS = {
@@ -57,6 +59,11 @@ def make_parser() -> argparse.ArgumentParser:
         default=None,
         help="A local folder saved by the trainer: a LoRA (pytorch_lora_weights.safetensors) or a fully fine-tuned "
         "denoiser (config.json + weights). Evaluated next to the base model, labelled 'adapter'.",
+    )
+    model.add_argument(
+        "--tuned_model_name_or_path",
+        default=None,
+        help="A second pipeline (Hub id or local path) evaluated after the first, labelled 'tuned'.",
     )
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -174,9 +181,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--reward_kwargs names {unknown}, which are not in --reward_funcs {args.reward_funcs}.")
     check_dataset_name(args.dataset_name)
     check_adapter(args.adapter)
-    model = args.model_name_or_path
-    if not os.path.exists(os.path.expanduser(model)) and looks_like_a_file(model):
-        raise ValueError(f"--model_name_or_path {model}: no such folder (a local pipeline, or a Hub id 'org/name').")
+    for option in ("model_name_or_path", "tuned_model_name_or_path"):
+        model = getattr(args, option)
+        if model is not None and not os.path.exists(os.path.expanduser(model)) and looks_like_a_file(model):
+            raise ValueError(f"--{option} {model}: no such folder (a local pipeline, or a Hub id 'org/name').")
 
 
 def load_eval_prompts(args: argparse.Namespace):
@@ -346,6 +354,7 @@ def evaluate_pipeline(
     reward_funcs,
     args=None,
     adapter: str | None = None,
+    tuned_model=None,
     num_images_per_prompt: int = 1,
     output_dir: str | None = None,
     grid_rows: int = 16,
@@ -354,7 +363,7 @@ def evaluate_pipeline(
     """Sample `dataset`'s prompts deterministically (eta = 0, noise fixed by `args.seed`) and score them.
 
     Args:
-        model: a diffusers pipeline, or its Hub id / local path.
+        model: a diffusers pipeline, or its Hub id / local path, or a function loading it.
         dataset: a `datasets.Dataset` (or list of dicts) with a `prompt` column; a `category` column gives
             per-category means; other columns reach the rewards as keyword arguments (as in training).
         reward_funcs: reward registry names, dotted import paths or callables (as `DanceGRPOTrainer` takes them).
@@ -363,6 +372,8 @@ def evaluate_pipeline(
             The KL coefficient is ignored (no reference model is built).
         adapter (`str`, *optional*): a folder saved by the trainer (LoRA or full denoiser), evaluated after the base
             model as `"adapter"`; the pipeline is restored afterwards.
+        tuned_model (*optional*): a second pipeline (or its Hub id / local path, or a function loading it), evaluated
+            last as `"tuned"`, after the first model's trainer is released.
         num_images_per_prompt (`int`, *optional*, defaults to 1): samples per prompt, from different noise.
         output_dir (`str`, *optional*): where `metrics.json`, `samples.csv` and `grid.png` go (main process only);
             None writes nothing.
@@ -391,6 +402,8 @@ def evaluate_pipeline(
     # a Dataset goes through the trainer's checks: its prompts (before the pipeline loads), and the conditioning images
     # that image-to-video and editing models need
     checked = dataset if hasattr(dataset, "column_names") else None
+    if callable(model) and not hasattr(model, "components"):
+        model = model()
     trainer = DanceGRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, eval_dataset=checked)
     categories = None
     if "category" in rows[0]:
@@ -412,6 +425,17 @@ def evaluate_pipeline(
         finally:
             if undo is not None:
                 undo()
+    if tuned_model is not None:
+        import gc
+
+        del trainer, model  # the first model goes (unless the caller holds it) before the second one loads
+        gc.collect()
+        if callable(tuned_model) and not hasattr(tuned_model, "components"):
+            tuned_model = tuned_model()
+        trainer = DanceGRPOTrainer(model=tuned_model, reward_funcs=reward_funcs, args=args)
+        results[TUNED_LABEL] = sample_and_score(
+            trainer, rows, num_images_per_prompt, thumbnail_size=thumbnail_size, progress=progress, description="tuned"
+        )
     metrics = {label: summarize(r.rewards, trainer.reward_func_names, categories) for label, r in results.items()}
     if output_dir is not None and trainer.accelerator.is_main_process:
         write_results(output_dir, metrics, results, rows, num_images_per_prompt, trainer.reward_func_names, grid_rows)
@@ -496,13 +520,22 @@ def main(argv=None) -> int:
             **given,
         )
         resolve_reward_funcs(args.reward_funcs, config.reward_kwargs)  # reward weights found before the model loads
-        pipeline = load_model(ModelArguments(model_name_or_path=args.model_name_or_path, dtype=args.dtype))
+        # loaded by evaluate_pipeline when their turn comes: the first is released before the second loads
+        base = functools.partial(
+            load_model, ModelArguments(model_name_or_path=args.model_name_or_path, dtype=args.dtype)
+        )
+        tuned = None
+        if args.tuned_model_name_or_path is not None:
+            tuned = functools.partial(
+                load_model, ModelArguments(model_name_or_path=args.tuned_model_name_or_path, dtype=args.dtype)
+            )
         metrics = evaluate_pipeline(
-            pipeline,
+            base,
             dataset,
             args.reward_funcs,
             args=config,
             adapter=args.adapter,
+            tuned_model=tuned,
             num_images_per_prompt=args.num_images_per_prompt,
             output_dir=args.output_dir,
             grid_rows=args.grid_rows,
