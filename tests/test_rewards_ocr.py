@@ -54,7 +54,13 @@ def test_edit_distance_and_score():
     assert ocr_score("ab", "xxxxxxxxxx") == 0.0  # clamped at 0, not negative
 
 
-def test_ocr_reward_reads_rendered_text():
+def test_ocr_reward_reads_rendered_text(monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the OCR reward tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)  # the models ship in the wheel: nothing is downloaded
     reward = get_reward("ocr", num_threads=1)
     assert isinstance(reward, OCRReward)
     images = torch.stack([render("HELLO WORLD"), render("HELLO WORLD"), torch.ones(3, 256, 256), render("GOODBYE")])
