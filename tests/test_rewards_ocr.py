@@ -81,6 +81,15 @@ def test_missing_extra_names_it(monkeypatch):
     importlib.import_module("trl_dancegrpo.rewards.ocr")  # the module itself still imports
 
 
+def test_missing_extra_on_the_command_line(monkeypatch, capsys, tmp_path):
+    from trl_dancegrpo.evaluation import main
+
+    monkeypatch.setitem(sys.modules, "rapidocr", None)
+    argv = ["--model_name_or_path", "no-such-org/no-such-model", "--reward_funcs", "ocr"]
+    assert main([*argv, "--output_dir", str(tmp_path)]) == 2  # refused before the (missing) model is looked up
+    assert 'pip install "trl-dancegrpo[ocr]"' in capsys.readouterr().err
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="text_score"):
         OCRReward(text_score=2.0)

@@ -541,7 +541,7 @@ def main(argv=None) -> int:
             grid_rows=args.grid_rows,
             progress=not args.no_progress,
         )
-    except (ValueError, TypeError, OSError) as error:
+    except (ValueError, TypeError, OSError, ImportError) as error:  # ImportError: a missing extra ([ocr])
         sys.stderr.write(f"trl-dancegrpo evaluate: error: {str(error).splitlines()[0]}\n")
         return 2
     from accelerate import PartialState
