@@ -122,6 +122,7 @@ def config_sections(config_class) -> dict[str, str]:
 
 SUBCOMMANDS = {
     "estimate-memory": "peak GPU memory per process of a run, at the real size on fake tensors (offline, no weights)",
+    "evaluate": "deterministic samples of a prompt set scored by rewards: a model, and a trained adapter next to it",
 }
 USAGE = (
     "%(prog)s [--config RECIPE.yaml] [--model_name_or_path ID_OR_PATH] [--dataset_name DATA] "
@@ -298,6 +299,10 @@ def main(argv=None) -> None:
         from .memory.report import main as estimate_memory_main
 
         sys.exit(estimate_memory_main(argv[1:]))
+    if argv[:1] == ["evaluate"]:  # the subcommand: deterministic samples of a prompt set, scored (evaluation.py)
+        from .evaluation import main as evaluate_main
+
+        sys.exit(evaluate_main(argv[1:]))
     if argv and not argv[0].startswith("-"):  # training takes no positional argument: a misspelt subcommand?
         from .cli_checks import did_you_mean
 
@@ -353,7 +358,7 @@ def run(script_args=None, training_args=None, model_args=None, argv=None):
             train_dataset=train_dataset,
             peft_config=peft_config,
         )
-    except (ValueError, TypeError, OSError) as error:  # bad input is reported before any training starts
+    except (ValueError, TypeError, OSError, ImportError) as error:  # bad input (a missing extra too), before training
         _fail(str(error).splitlines()[0])
     # first in line: the metrics are in the folder when the model card's callback pushes it at the end of train()
     trainer.callback_handler.callbacks.insert(0, save_metrics_callback(trainer))

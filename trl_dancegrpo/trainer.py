@@ -2,7 +2,6 @@
 
 import contextlib
 import json
-import math
 import os
 import shutil
 import threading
@@ -553,13 +552,22 @@ class DanceGRPOTrainer(Trainer):
                 module.to("cpu")
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], seed: int = 0, eta: float = 0.0, group_size: int = 1, images=None):
+    def generate(
+        self,
+        prompts: list[str],
+        seed: int = 0,
+        eta: float = 0.0,
+        group_size: int = 1,
+        images=None,
+        first: int | None = None,
+    ):
         """Sample images (or videos) for `prompts` with the current model (deterministic when `eta=0`).
 
         Samples `i` and `j` share their initial noise when `i // group_size == j // group_size`; with `eta > 0` every
         step but the last is stochastic. Image-to-video models take one conditioning image per prompt (`images`: PIL
-        images, paths or tensors). Returns the images `(N, 3, H, W)` (videos: `(N, F, 3, H, W)`) in [0, 1] and the
-        [`~trl_dancegrpo.rollout.Trajectory`].
+        images, paths or tensors). `first` is the global index of the first sample (its noise); default: this
+        process's block, `process_index * len(prompts)`. Returns the images `(N, 3, H, W)` (videos:
+        `(N, F, 3, H, W)`) in [0, 1] and the [`~trl_dancegrpo.rollout.Trajectory`].
         """
         cond, negative = self._conditioning(prompts, images)
         outputs = []
@@ -567,7 +575,7 @@ class DanceGRPOTrainer(Trainer):
             self.denoiser,
             cond,
             negative,
-            first=self.accelerator.process_index * len(prompts),
+            first=self.accelerator.process_index * len(prompts) if first is None else first,
             seed=seed,
             parts=sample_slices(len(prompts), self.args.per_device_eval_batch_size, self.args.rollout_batch_size),
             eta=eta,
@@ -906,31 +914,35 @@ class DanceGRPOTrainer(Trainer):
         log_sample_to_integrations(self.callback_handler.callbacks, path, sample, prompt, step)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Deterministic (eta = 0) samples of the evaluation prompts, scored by every reward."""
+        """Deterministic (eta = 0) samples of the evaluation prompts, scored by every reward.
+
+        Returns (and logs) `{prefix}_rewards/<name>/mean` per reward and, when the dataset has a `category` column,
+        `{prefix}_rewards/<name>/<category>/mean` per category. The sampling and scoring are those of
+        `trl-dancegrpo evaluate` (`trl_dancegrpo.evaluation.sample_and_score`).
+        """
+        from .evaluation import sample_and_score, summarize
+
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("DanceGRPOTrainer: evaluation requires an eval_dataset.")
         rows = list(dataset)
         if not rows:
             raise ValueError("DanceGRPOTrainer: the eval_dataset is empty.")
-        # every process samples the same number of rows (a contiguous block, the last padded with repeats), so the
-        # gathers (and FSDP's per-forward collectives) line up, and row i keeps global index i (its noise) whatever
-        # the number of processes
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        per_process = math.ceil(len(rows) / world)
-        local_rows = [rows[i % len(rows)] for i in range(rank * per_process, (rank + 1) * per_process)]
-        prompts = [row["prompt"] for row in local_rows]
-        images = [row.get("image") for row in local_rows]
-        images, _ = self.generate(prompts, seed=self.args.seed, eta=0.0, images=images)
-        rewards = gather(self._score(prompts, images, local_rows)[0].to(self.accelerator.device)).cpu()[: len(rows)]
+        result = sample_and_score(self, rows, seed=self.args.seed)
+        categories = [row["category"] for row in rows] if "category" in rows[0] else None
+        summary = summarize(result.rewards, self.reward_func_names, categories)
         metrics = {}
-        for k, name in enumerate(self.reward_func_names):
-            column = rewards[:, k][~torch.isnan(rewards[:, k])]
-            if len(column):
-                metrics[f"{metric_key_prefix}_rewards/{name}/mean"] = column.mean().item()
+        for name in self.reward_func_names:
+            if summary[name] is not None:
+                metrics[f"{metric_key_prefix}_rewards/{name}/mean"] = summary[name]
+            for category in dict.fromkeys(categories or []):
+                if summary[f"{name}/{category}"] is not None:
+                    metrics[f"{metric_key_prefix}_rewards/{name}/{category}/mean"] = summary[f"{name}/{category}"]
         self.log(metrics)
         if self.args.log_samples:  # the first evaluation sample, as `_samples/eval-NNNNNN` (editing: with its source)
-            self._log_sample((prompts[0], self._sample_to_log(images[0], local_rows[0])), name=metric_key_prefix)
+            # saved by the main process, whose first sample is the first row's
+            sample = (rows[0]["prompt"], self._sample_to_log(result.first_sample, rows[0]))
+            self._log_sample(sample, name=metric_key_prefix)
         return metrics
 
     # -- sharing ------------------------------------------------------------------------------------------------------

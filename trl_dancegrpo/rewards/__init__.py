@@ -12,6 +12,7 @@ Built in, by registry name:
 - `"aesthetic"`: [`AestheticReward`], the LAION aesthetic predictor (no prompt);
 - `"hpsv3"`: [`HPSv3Reward`], HPSv3 human preference (a Qwen2-VL-7B reward model);
 - `"imagereward"`: [`ImageReward`], ImageReward human preference (BLIP);
+- `"ocr"`: [`OCRReward`], Flow-GRPO's text-rendering reward (RapidOCR's PP-OCR ONNX models on the CPU, extra `[ocr]`);
 - `"vlm_judge"`, `"vqascore"`, `"unifiedreward"`, `"vlm_instruction_following"`: [`VLMJudge`], a vision-language model
   served behind an OpenAI-compatible API (vLLM, sglang) asked a question about each image (async);
 - `"videoalign_vq"`, `"videoalign_mq"`, `"videoalign_ta"`: [`VideoAlignReward`], video quality, motion quality and
@@ -39,6 +40,7 @@ __getattr__, __dir__ = lazy_attributes(
         "HPSReward": ".image",
         "PickScoreReward": ".image",
         "ImageReward": ".imagereward",
+        "OCRReward": ".ocr",
         "REWARD_REGISTRY": ".registry",
         "get_reward": ".registry",
         "register_reward": ".registry",
@@ -66,6 +68,7 @@ __all__ = [
     "HPSv3Reward",
     "ImageReward",
     "ModelReward",
+    "OCRReward",
     "PerFrameReward",
     "PickScoreReward",
     "RewardModelNotFoundError",

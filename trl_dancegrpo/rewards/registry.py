@@ -40,6 +40,7 @@ REWARD_REGISTRY: dict[str, Callable[..., Callable]] = {
     "imagereward": _builder(".imagereward", "ImageReward"),
     "jpeg_compressibility": _function(".simple", "jpeg_compressibility"),
     "jpeg_incompressibility": _function(".simple", "jpeg_incompressibility"),
+    "ocr": _builder(".ocr", "OCRReward"),
     "pickscore": _builder(".image", "PickScoreReward"),
     "unifiedreward": _builder(".vlm", "unifiedreward_judge"),
     "videoalign_mq": _builder(".video", "VideoAlignReward", dimension="MQ"),
@@ -119,7 +120,7 @@ def get_reward(name: str, **kwargs) -> Callable:
     Keyword arguments are passed to the constructor of class-based rewards (e.g.
     `get_reward("hpsv2.1", checkpoint_path="HPS_v2.1_compressed.pt")`). Registered names:
     `aesthetic`, `brightness`, `clip_score`, `hpsv2`, `hpsv2.1`, `hpsv3`, `imagereward`, `jpeg_compressibility`,
-    `jpeg_incompressibility`, `pickscore`, `unifiedreward`, `videoalign_mq`, `videoalign_ta`, `videoalign_vq`,
+    `jpeg_incompressibility`, `ocr`, `pickscore`, `unifiedreward`, `videoalign_mq`, `videoalign_ta`, `videoalign_vq`,
     `vlm_instruction_following`, `vlm_judge`, `vqascore` (the VLM judges need `base_url=` and, except `unifiedreward`,
     `model=`).
     """
