@@ -152,6 +152,8 @@ def test_bad_input_is_refused_before_torch(tmp_path):
     no_prompt.write_text("text\nhello\n")
     lora_less = tmp_path / "empty"
     lora_less.mkdir()
+    training_run = tmp_path / "run"  # a training run's folder: its metrics.json must not be overwritten
+    (training_run / "checkpoint-2").mkdir(parents=True)
     base = ["--model_name_or_path", "tiny-flux"]
     cases = [
         [*base, "--reward_funcs", "brightnes"],
@@ -162,6 +164,7 @@ def test_bad_input_is_refused_before_torch(tmp_path):
         [*base, "--dataset_name", str(no_prompt)],
         [*base, "--num_images_per_prompt", "0"],
         [*base, "--reward_kwargs", '{"clip_score": {}}'],
+        [*base, "--output_dir", str(training_run)],
     ]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     result = subprocess.run(
@@ -183,6 +186,7 @@ def test_bad_input_is_refused_before_torch(tmp_path):
             "no 'prompt' column",
             "--num_images_per_prompt must be positive",
             "reward_kwargs has an entry for 'clip_score', which is not one of the rewards named in reward_funcs",
+            "that folder holds a training run, whose metrics.json this evaluation would overwrite",
         ],
     ):
         assert needle in error

@@ -22,6 +22,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -140,6 +141,18 @@ def check_args(args: argparse.Namespace) -> None:
         model = getattr(args, option)
         if model is not None and not os.path.exists(os.path.expanduser(model)) and looks_like_a_file(model):
             raise ValueError(f"--{option} {model}: no such folder (a local pipeline, or a Hub id 'org/name').")
+    check_output_dir(args.output_dir)
+
+
+def check_output_dir(output_dir: str) -> None:
+    """A training run's folder is not an evaluation's: its metrics.json (the training curves) would be overwritten."""
+    if os.path.isdir(output_dir) and any(
+        name == "training_args.json" or re.fullmatch(r"checkpoint-\d+", name) for name in os.listdir(output_dir)
+    ):
+        raise ValueError(
+            f"--output_dir {output_dir}: that folder holds a training run, whose metrics.json this evaluation would "
+            f"overwrite; choose another folder (for example a subfolder: --output_dir {output_dir}/eval)."
+        )
 
 
 def load_eval_prompts(args: argparse.Namespace):
