@@ -211,3 +211,11 @@ def test_a_malformed_recipe_is_one_line_naming_the_file_and_line(command, tmp_pa
     assert (
         f"--config {recipe}, line 3, column 18: not valid YAML (mapping values are not allowed here)" in result.stderr
     )
+
+
+def test_estimate_memory_checks_options_fast_but_reads_no_prompt_file(tmp_path):
+    recipe = tmp_path / "recipe.yaml"  # its prompt file lives on the training machine, not here
+    recipe.write_text("model_name_or_path: tiny-flux\ndataset_name: prompts.txt\n")
+    result, imported = run_cli("estimate-memory", "--config", str(recipe), "--learning_rat", "1e-4")
+    assert result.returncode == 2 and imported == []
+    assert "unrecognized argument '--learning_rat'" in result.stderr and "prompts.txt" not in result.stderr

@@ -236,8 +236,11 @@ def load_recipe(path: str):
         raise ValueError(f"--config {path}: cannot read the recipe ({error}).") from None
 
 
-def precheck(argv: list[str], dataclasses_, defaults: dict | None = None) -> None:
-    """Raise a `ValueError` for an unknown option, a wrong value or a missing file in `argv`; imports nothing heavy."""
+def precheck(argv: list[str], dataclasses_, defaults: dict | None = None, check_dataset: bool = True) -> None:
+    """Raise a `ValueError` for an unknown option, a wrong value or a missing file in `argv`; imports nothing heavy.
+
+    `check_dataset=False` leaves the prompt file alone (estimate-memory reads none: a recipe's data file need not be
+    on the machine that estimates it)."""
     specs = all_option_specs(*dataclasses_)
     parser = _Parser(prog="trl-dancegrpo", add_help=False, allow_abbrev=False)
     for spec in specs.values():
@@ -284,7 +287,8 @@ def precheck(argv: list[str], dataclasses_, defaults: dict | None = None) -> Non
     with contextlib.suppress(TypeError, AttributeError):
         check_values(namespace)
         check_sde_window(namespace)
-    check_dataset_name(namespace.dataset_name)
+    if check_dataset:
+        check_dataset_name(namespace.dataset_name)
     reward_funcs = namespace.reward_funcs if isinstance(namespace.reward_funcs, list) else [namespace.reward_funcs]
     for name in reward_funcs:
         check_reward_name(name)

@@ -21,7 +21,6 @@ import torch
 from .configs import MODEL_CONFIGS_DIR, build_meta_pipeline, load_pipeline_config
 
 
-GIB = 2**30
 ENCODER_PREFIXES = ("text_encoder", "image_encoder")
 WEIGHT_FREE_REWARDS = ("brightness", "jpeg_compressibility", "jpeg_incompressibility")
 # pipelines whose prompt embeddings keep each prompt's own tokens: estimated with prompts of the maximum length

@@ -3,8 +3,13 @@
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
-from .estimate import GIB, MemoryEstimate
+
+if TYPE_CHECKING:  # the command checks its options before torch is imported: the estimator is imported when it runs
+    from .estimate import MemoryEstimate
+
+GIB = 2**30
 
 
 CARDS_GB = (24, 40, 48, 80, 141)
@@ -57,7 +62,7 @@ def verdict(peak_bytes: int, card_gb: float) -> str:
     return f"does not fit (needs {peak_bytes / GIB:.1f} GB before overheads)"
 
 
-def changes_for_target(estimate: MemoryEstimate, target_gib: float) -> list[tuple[str, int]]:
+def changes_for_target(estimate: "MemoryEstimate", target_gib: float) -> list[tuple[str, int]]:
     """Changes (and the peak each gives, re-derived from the same run) that bring the process under `target_gib` with
     the overheads `verdict` counts (a change is listed only where the verdict for that size would be "fits"), then
     the changes whose figure needs another run of estimate-memory (peak `None`)."""
@@ -93,14 +98,14 @@ def changes_for_target(estimate: MemoryEstimate, target_gib: float) -> list[tupl
     return fits + advice
 
 
-def suggestion_target(estimate: MemoryEstimate, target_gib: float | None) -> float | None:
+def suggestion_target(estimate: "MemoryEstimate", target_gib: float | None) -> float | None:
     """The size to suggest changes for: `--target_gib`, else the largest card when the run fits none, else none."""
     if target_gib is not None:
         return target_gib
     return None if needed_gib(estimate.peak) <= max(CARDS_GB) else float(max(CARDS_GB))
 
 
-def suggestions(estimate: MemoryEstimate, target_gib: float | None) -> dict | None:
+def suggestions(estimate: "MemoryEstimate", target_gib: float | None) -> dict | None:
     """What `--json` holds under "suggestions" (the report prints the same)."""
     target = suggestion_target(estimate, target_gib)
     if target is None:
@@ -115,7 +120,7 @@ def suggestions(estimate: MemoryEstimate, target_gib: float | None) -> dict | No
     }
 
 
-def to_json(estimate: MemoryEstimate, gpu: str | None = None, target_gib: float | None = None) -> dict:
+def to_json(estimate: "MemoryEstimate", gpu: str | None = None, target_gib: float | None = None) -> dict:
     breakdown = estimate.breakdown
     keys = list(LABELS)[:7]
     result = {
@@ -142,7 +147,7 @@ def to_json(estimate: MemoryEstimate, gpu: str | None = None, target_gib: float 
     return result
 
 
-def seconds_per_iteration(estimate: MemoryEstimate, gpu: str) -> dict:
+def seconds_per_iteration(estimate: "MemoryEstimate", gpu: str) -> dict:
     name, tflops, _ = GPUS[gpu]
     return {
         "gpu": name,
@@ -151,7 +156,7 @@ def seconds_per_iteration(estimate: MemoryEstimate, gpu: str) -> dict:
     }
 
 
-def format_report(estimate: MemoryEstimate, target_gib: float | None = None, gpu: str | None = None) -> str:
+def format_report(estimate: "MemoryEstimate", target_gib: float | None = None, gpu: str | None = None) -> str:
     s, b = estimate.settings, estimate.breakdown
     size = f"{s['height']}x{s['width']}" + (f"x{s['num_frames']}" if "num_frames" in s else "")
     processes = estimate.options["num_processes"]
@@ -249,7 +254,7 @@ def main(argv: list[str]) -> int:
     from ..cli_checks import precheck
 
     try:  # the training options' fast checks (a malformed recipe, a misspelt option), before torch is imported
-        precheck(rest, (ScriptArguments, ModelArguments))
+        precheck(rest, (ScriptArguments, ModelArguments), check_dataset=False)
     except ValueError as error:
         print(f"trl-dancegrpo estimate-memory: error: {error}", file=sys.stderr)
         return 2
