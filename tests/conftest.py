@@ -15,6 +15,7 @@ TRAIN_PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
 # here and runs in the full suite (CI).
 FAMILY_MATRIX_MODULES = {
     "test_editing",
+    "test_flux2_dev",
     "test_qwen3_image_families",
     "test_qwen_image",
     "test_sampler_families",

@@ -206,6 +206,7 @@ def test_tiny_estimate_exact_bytes(tiny_pipeline_path):
         "tiny_hunyuan_video_pipeline",
         "tiny_skyreels_pipeline",
         "tiny_flux2_klein_pipeline",
+        "tiny_flux2_pipeline",
         "tiny_flux_kontext_pipeline",
         "tiny_qwen_image_pipeline",
         "tiny_qwen_image_edit_pipeline",

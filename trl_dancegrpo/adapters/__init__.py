@@ -3,6 +3,7 @@
 from .base import DDIMAdapter, FlowMatchAdapter, PipelineAdapter
 from .flux import FluxAdapter
 from .flux2 import Flux2KleinAdapter
+from .flux2_dev import Flux2Adapter
 from .flux_kontext import FluxKontextAdapter
 from .hunyuan_video import HunyuanVideoAdapter, SkyReelsImageToVideoAdapter
 from .image_base import PackedLatentAdapter, ReferenceImageMixin
@@ -26,6 +27,7 @@ ADAPTERS: list[type[PipelineAdapter]] = [
     WanImageToVideoAdapter,
     ZImageAdapter,
     Flux2KleinAdapter,
+    Flux2Adapter,
     QwenImageAdapter,
     QwenImageEditAdapter,
     QwenImageEditPlusAdapter,
@@ -67,6 +69,7 @@ __all__ = [
     "StableDiffusion3Adapter",
     "StableDiffusionAdapter",
     "VideoAdapter",
+    "Flux2Adapter",
     "Flux2KleinAdapter",
     "Wan22Adapter",
     "WanAdapter",
