@@ -22,6 +22,7 @@ FAMILY_MATRIX_MODULES = {
     "test_sd3",
     "test_video",
     "test_wan22",
+    "test_wan_v2v",
 }
 
 

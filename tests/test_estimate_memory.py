@@ -203,6 +203,7 @@ def test_tiny_estimate_exact_bytes(tiny_pipeline_path):
         "tiny_sd3_pipeline",
         "tiny_wan_pipeline",
         "tiny_wan_i2v_pipeline",
+        "tiny_wan_v2v_pipeline",
         "tiny_hunyuan_video_pipeline",
         "tiny_skyreels_pipeline",
         "tiny_flux2_klein_pipeline",

@@ -350,6 +350,13 @@ def tiny_wan_pipeline(seed: int = 0):
     return WanPipeline(**_wan_components(in_channels=16, seed=seed))
 
 
+def tiny_wan_v2v_pipeline(seed: int = 0):
+    """A `WanVideoToVideoPipeline` (Wan 2.1 video-to-video): the tiny Wan text-to-video components."""
+    from diffusers import WanVideoToVideoPipeline
+
+    return WanVideoToVideoPipeline(**_wan_components(in_channels=16, seed=seed))
+
+
 def tiny_wan_i2v_pipeline(seed: int = 0):
     """A `WanImageToVideoPipeline` (Wan 2.1 image-to-video): conditioning latents and mask on channels, CLIP image."""
     from diffusers import WanImageToVideoPipeline
@@ -900,6 +907,7 @@ TINY_PIPELINES.update(
         "tiny-z-image": tiny_z_image_pipeline,
         "tiny-flux2-klein": tiny_flux2_klein_pipeline,
         "tiny-flux2": tiny_flux2_pipeline,
+        "tiny-wan-v2v": tiny_wan_v2v_pipeline,
         "tiny-qwen-image": tiny_qwen_image_pipeline,
         "tiny-qwen-image-edit": tiny_qwen_image_edit_pipeline,
         "tiny-qwen-image-edit-plus": tiny_qwen_image_edit_plus_pipeline,

@@ -13,6 +13,7 @@ from .stable_diffusion import StableDiffusionAdapter
 from .video_base import VideoAdapter
 from .wan import WanAdapter, WanImageToVideoAdapter
 from .wan22 import Wan22Adapter
+from .wan_v2v import WanVideoToVideoAdapter
 from .z_image import ZImageAdapter
 
 
@@ -25,6 +26,7 @@ ADAPTERS: list[type[PipelineAdapter]] = [
     WanAdapter,
     Wan22Adapter,
     WanImageToVideoAdapter,
+    WanVideoToVideoAdapter,
     ZImageAdapter,
     Flux2KleinAdapter,
     Flux2Adapter,
@@ -74,6 +76,7 @@ __all__ = [
     "Wan22Adapter",
     "WanAdapter",
     "WanImageToVideoAdapter",
+    "WanVideoToVideoAdapter",
     "ZImageAdapter",
     "get_adapter_class",
     "supported_pipelines",
