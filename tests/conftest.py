@@ -15,12 +15,14 @@ TRAIN_PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
 # here and runs in the full suite (CI).
 FAMILY_MATRIX_MODULES = {
     "test_editing",
+    "test_flux2_dev",
     "test_qwen3_image_families",
     "test_qwen_image",
     "test_sampler_families",
     "test_sd3",
     "test_video",
     "test_wan22",
+    "test_wan_v2v",
 }
 
 

@@ -75,6 +75,14 @@ class DanceGRPOConfig(TrainingArguments):
             Frames per video, for video pipelines (`1 + 4k` for the supported video VAEs). `None` uses the family's
             default: 53 for HunyuanVideo (DanceGRPO's recipe), 97 for SkyReels, 81 for Wan. Image pipelines refuse
             other values than `None` and `1`.
+        pipeline_class (`str`, *optional*):
+            A diffusers pipeline class to build from the checkpoint's components instead of the one its
+            `model_index.json` names, for tasks that share a checkpoint: `"WanVideoToVideoPipeline"` trains video-to-video
+            on a Wan 2.1 text-to-video checkpoint. `None` keeps the checkpoint's (or the given pipeline's) class.
+        strength (`float`, *optional*):
+            Video-to-video only (Wan V2V): how far the source video is noised, as the pipeline's `strength`; the
+            rollout runs the last `int(num_inference_steps * strength)` steps of the grid from the source's latents
+            noised to that step. `None` uses the pipeline's default 0.8; other pipelines refuse it.
         train_experts (`list[str]`, *optional*):
             For two-expert models (Wan 2.2 A14B): the experts to train, `"transformer"` (high-noise steps) and/or
             `"transformer_2"` (low-noise steps); the other one samples its steps unchanged. `None` trains both. Other
@@ -236,6 +244,16 @@ class DanceGRPOConfig(TrainingArguments):
     width: int | None = field(default=None, metadata={"help": "Image width; None = the pipeline's default."})
     num_frames: int | None = field(
         default=None, metadata={"help": "Frames per video (video pipelines, 1 + 4k); None = the family's default."}
+    )
+    pipeline_class: str | None = field(
+        default=None,
+        metadata={"help": "Build this diffusers pipeline class from the checkpoint (e.g. WanVideoToVideoPipeline)."},
+    )
+    strength: float | None = field(
+        default=None,
+        metadata={
+            "help": "Video-to-video: how far the source video is noised, in (0, 1]; None = 0.8 (the pipeline's)."
+        },
     )
     train_experts: list[str] | None = field(
         default=None,

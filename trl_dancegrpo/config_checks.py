@@ -97,6 +97,11 @@ def check_values(args) -> None:
         raise ValueError(f"rollout_batch_size must be a positive integer or None, got {args.rollout_batch_size}.")
     if args.num_frames is not None and args.num_frames < 1:
         raise ValueError(f"num_frames must be a positive integer or None, got {args.num_frames}.")
+    strength = getattr(args, "strength", None)
+    if strength is not None and not 0 < strength <= 1:
+        raise ValueError(
+            f"strength must be in (0, 1] (the share of the steps run on the noised source), got {strength}."
+        )
     experts = getattr(args, "train_experts", None)
     if experts is not None and (not experts or set(experts) - {"transformer", "transformer_2"}):
         raise ValueError(

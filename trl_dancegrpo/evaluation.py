@@ -244,7 +244,11 @@ def sample_and_score(
         part = local[offset : offset + batch]
         prompts = [row["prompt"] for row in part]
         images, _ = trainer.generate(
-            prompts, seed=seed, eta=0.0, images=[row.get("image") for row in part], first=start + offset
+            prompts,
+            seed=seed,
+            eta=0.0,
+            images=[row.get(trainer.adapter.conditioning_column) for row in part],
+            first=start + offset,
         )
         if first_sample is None:
             first_sample = images[0].detach().cpu()

@@ -115,7 +115,8 @@ def family_tag(pipeline) -> str | None:
 
 
 def pipeline_task(adapter) -> str:
-    """The Hub `pipeline_tag`: `text-to-image`, `image-to-image` (editing), `text-to-video` or `image-to-video`."""
+    """The Hub `pipeline_tag`: `text-to-image`, `image-to-image` (editing), `text-to-video`, `image-to-video` or
+    `video-to-video`."""
     return adapter.task
 
 
@@ -252,11 +253,12 @@ def _keep_rng_state(device):
 def sample_and_score(trainer, rows: list[dict], base: bool = False):
     """Deterministic samples (eta = 0, seed `args.seed`) of `rows` and their rewards `[N, K]` (NaN: none).
 
-    `base=True` samples with the LoRA adapter disabled: the model before training. Image-to-video rows bring their
-    conditioning image (`row["image"]`).
+    `base=True` samples with the LoRA adapter disabled: the model before training. Image-to-video and editing rows
+    bring their conditioning image (`row["image"]`), video-to-video rows their source (`row["video"]`).
     """
     prompts = [row["prompt"] for row in rows]
-    kwargs = {"images": [row["image"] for row in rows]} if getattr(trainer.adapter, "requires_image", False) else {}
+    adapter = trainer.adapter
+    kwargs = {"images": [row[adapter.conditioning_column] for row in rows]} if adapter.requires_image else {}
     denoiser = trainer.denoiser
     with _keep_rng_state(trainer.accelerator.device):
         if base:
@@ -329,7 +331,11 @@ def _card_imports(task: str, tiny_builder: str | None, denoiser_class: str | Non
     names = ([] if tiny_builder else ["DiffusionPipeline"]) + ([denoiser_class] if denoiser_class else [])
     lines = [] if tiny_builder else ["import torch"]
     lines += [f"from diffusers import {', '.join(names)}"] if names else []
-    helpers = {"text-to-video": "export_to_video", "image-to-video": "export_to_video, load_image"}
+    helpers = {
+        "text-to-video": "export_to_video",
+        "image-to-video": "export_to_video, load_image",
+        "video-to-video": "export_to_video, load_video",
+    }
     helper = helpers.get(task, "load_image" if task == "image-to-image" else None)
     lines += [f"from diffusers.utils import {helper}"] if helper else []
     if tiny_builder:
@@ -411,6 +417,7 @@ def write_model_card(trainer, model_name=None, dataset_name=None, tags=None, lic
         is_video=task.endswith("-to-video"),
         is_edit=task == "image-to-image",
         needs_image=task == "image-to-video",
+        needs_video=task == "video-to-video",
         pipeline_class=type(pipeline).__name__,
         denoiser_name=adapter.denoiser_name,
         denoiser_class=denoiser_class,

@@ -215,7 +215,7 @@ class Sampler:
         num_samples = parts[-1].stop
         device = next(iter(cond.values())).device
         autocast = autocast or contextlib.nullcontext
-        noise = self.initial_noise(first, num_samples, seed, group_size, device)
+        noise = self.adapter.start_latents(self.initial_noise(first, num_samples, seed, group_size, device), cond)
         generators = [torch.Generator().manual_seed(mix_seed(seed, 1, first + i)) for i in range(num_samples)]
         # deterministic steps draw no noise, so each sample's generator gives the same noise to its stochastic steps
         # whether the prefix is shared or not

@@ -350,6 +350,13 @@ def tiny_wan_pipeline(seed: int = 0):
     return WanPipeline(**_wan_components(in_channels=16, seed=seed))
 
 
+def tiny_wan_v2v_pipeline(seed: int = 0):
+    """A `WanVideoToVideoPipeline` (Wan 2.1 video-to-video): the tiny Wan text-to-video components."""
+    from diffusers import WanVideoToVideoPipeline
+
+    return WanVideoToVideoPipeline(**_wan_components(in_channels=16, seed=seed))
+
+
 def tiny_wan_i2v_pipeline(seed: int = 0):
     """A `WanImageToVideoPipeline` (Wan 2.1 image-to-video): conditioning latents and mask on channels, CLIP image."""
     from diffusers import WanImageToVideoPipeline
@@ -642,6 +649,96 @@ def tiny_flux2_klein_pipeline(seed: int = 0, is_distilled: bool = False):
     )
 
 
+_MISTRAL_SPECIAL_TOKENS = (
+    "<s>",
+    "</s>",
+    "<pad>",
+    "[INST]",
+    "[/INST]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+    "[IMG]",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+)
+# the shape of Mistral Small 3's chat template for text turns (content as a list of typed parts, as FLUX.2 sends)
+_MISTRAL_CHAT_TEMPLATE = (
+    "<s>{% for m in messages %}{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{% elif m['role'] == 'user' %}[INST]"
+    "{% endif %}{% for part in m['content'] %}{{ part['text'] }}{% endfor %}{% if m['role'] == 'system' %}"
+    "[/SYSTEM_PROMPT]{% elif m['role'] == 'user' %}[/INST]{% endif %}{% endfor %}"
+)
+
+
+def _pixtral_processor(max_length: int, patch_size: int, image_size: int, spatial_merge_size: int = 1):
+    """A `PixtralProcessor` (FLUX.2 [dev]'s `tokenizer`) whose tokenizer holds the words of the pipeline's system
+    message whole and Mistral's special tokens, with Mistral Small 3's chat template for text turns."""
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from transformers import PixtralImageProcessor, PixtralProcessor
+
+    tokenizer = _whole_word_bpe_tokenizer(
+        [SYSTEM_MESSAGE], _MISTRAL_SPECIAL_TOKENS, model_max_length=max_length, pad_token="<pad>", bos_token="<s>"
+    )
+    return PixtralProcessor(
+        image_processor=PixtralImageProcessor(size={"longest_edge": image_size}, patch_size=patch_size),
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        spatial_merge_size=spatial_merge_size,
+        chat_template=_MISTRAL_CHAT_TEMPLATE,
+    )
+
+
+def tiny_flux2_pipeline(seed: int = 0):
+    """A `Flux2Pipeline` (FLUX.2 [dev]: embedded guidance) with klein's tiny transformer, VAE and scheduler and a
+    31-layer Mistral-3 text encoder of width 16 (the pipeline stacks layers 10, 20 and 30) behind a `PixtralProcessor`
+    whose tokenizer holds the system message's words whole, so its tokens leave room for the prompt within 64."""
+    from diffusers import Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    klein = tiny_flux2_klein_pipeline(seed)
+    klein.transformer.register_to_config(guidance_embeds=True)
+    torch.manual_seed(seed)
+    transformer = type(klein.transformer).from_config(klein.transformer.config)  # with the guidance embedder
+    processor = _pixtral_processor(max_length=64, patch_size=8, image_size=64)
+    tokenizer = processor.tokenizer
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in _MISTRAL_SPECIAL_TOKENS}
+    torch.manual_seed(seed)
+    config = Mistral3Config(
+        text_config={
+            "model_type": "mistral",
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_hidden_layers": 31,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 128,
+            "bos_token_id": ids["<s>"],
+            "eos_token_id": ids["</s>"],
+            "pad_token_id": ids["<pad>"],
+        },
+        vision_config={
+            "model_type": "pixtral",
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "head_dim": 8,
+            "patch_size": 8,
+            "image_size": 64,
+        },
+        image_token_index=ids["[IMG]"],
+        spatial_merge_size=1,
+    )
+    return Flux2Pipeline(
+        scheduler=klein.scheduler,
+        vae=klein.vae,
+        text_encoder=Mistral3ForConditionalGeneration(config),
+        tokenizer=processor,
+        transformer=transformer,
+    )
+
+
 # -- Qwen-Image, Qwen-Image-Edit(-Plus), FLUX.1 Kontext -----------------------------------------------------------------
 _QWEN_SPECIAL_TOKENS = (
     "<|im_start|>",
@@ -664,19 +761,26 @@ def _qwen_image_tokenizer():
     """
     import inspect
 
-    import regex
     from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImagePipeline
-    from transformers import Qwen2Tokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-    byte_to_char = bytes_to_unicode()
-    special = regex.compile("|".join(regex.escape(token) for token in _QWEN_SPECIAL_TOKENS))
     texts = ["Picture 1: "]  # the label QwenImageEditPlusPipeline puts before each image
     for pipeline_class in (QwenImagePipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline):
         # the pipelines set their templates in __init__, which accepts missing components
         components = [None] * (len(inspect.signature(pipeline_class.__init__).parameters) - 1)
         texts.append(pipeline_class(*components).prompt_template_encode)
+    return _whole_word_bpe_tokenizer(texts, _QWEN_SPECIAL_TOKENS)
+
+
+def _whole_word_bpe_tokenizer(texts: list[str], special_tokens, **kwargs):
+    """A byte-level BPE `Qwen2Tokenizer` holding every word of `texts` whole (see `_qwen_image_tokenizer`) and
+    `special_tokens`; other text falls back to bytes."""
+    import regex
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    byte_to_char = bytes_to_unicode()
+    special = regex.compile("|".join(regex.escape(token) for token in special_tokens))
     words = set()
     for text in texts:
         for part in special.split(text):
@@ -689,8 +793,8 @@ def _qwen_image_tokenizer():
             if word[:end] not in vocab:
                 vocab[word[:end]] = len(vocab)
                 merges.append((word[: end - 1], word[end - 1]))
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(_QWEN_SPECIAL_TOKENS)})
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, **kwargs)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)})
     return tokenizer
 
 
@@ -802,6 +906,8 @@ TINY_PIPELINES.update(
         "tiny-wan22-ti2v": tiny_wan22_ti2v_pipeline,
         "tiny-z-image": tiny_z_image_pipeline,
         "tiny-flux2-klein": tiny_flux2_klein_pipeline,
+        "tiny-flux2": tiny_flux2_pipeline,
+        "tiny-wan-v2v": tiny_wan_v2v_pipeline,
         "tiny-qwen-image": tiny_qwen_image_pipeline,
         "tiny-qwen-image-edit": tiny_qwen_image_edit_pipeline,
         "tiny-qwen-image-edit-plus": tiny_qwen_image_edit_plus_pipeline,

@@ -28,7 +28,7 @@ from .hub import ModelCardCallback
 from .rewards.scoring import RewardScorer, resolve_reward_funcs
 from .rollout import Sampler, denoise, index_conditioning, mix_seed, sample_slices
 from .sharding import save_denoiser_state_dict
-from .video import image_key, load_image, log_sample_to_integrations, save_sample, side_by_side
+from .video import load_image, log_sample_to_integrations, save_sample, side_by_side
 
 
 RewardFunc = Callable[..., list]
@@ -214,7 +214,7 @@ class DanceGRPOTrainer(Trainer):
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             self._check_dataset(dataset, name, args)
 
-        self.pipeline = self._load_pipeline(model)
+        self.pipeline = self._load_pipeline(model, args.pipeline_class)
         self.adapter: PipelineAdapter = self._make_adapter(self.pipeline, args)
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             self._check_image_column(dataset, name)
@@ -349,6 +349,12 @@ class DanceGRPOTrainer(Trainer):
             raise ValueError(
                 f"num_frames={args.num_frames} but {type(pipeline).__name__} generates images; leave num_frames unset."
             )
+        if adapter_class.takes_strength:
+            kwargs["strength"] = args.strength
+        elif args.strength is not None:
+            raise ValueError(
+                f"strength is for video-to-video pipelines; {type(pipeline).__name__} samples from noise: leave it unset."
+            )
         if args.train_experts is not None:
             if not adapter_class.has_experts:
                 raise ValueError(
@@ -383,25 +389,27 @@ class DanceGRPOTrainer(Trainer):
         return adapter
 
     def _check_image_column(self, dataset, name: str) -> None:
-        """Image-to-video and editing rows need an `image` (PIL image, path or tensor): the column, no empty entry, no
-        missing file."""
+        """Image-to-video and editing rows need an `image` (PIL image, path or tensor), video-to-video rows a `video`
+        (frames or a video file path): the column, no empty entry, no missing file."""
         if dataset is None or not self.adapter.requires_image:
             return
-        if "image" not in dataset.column_names:
+        key = self.adapter.conditioning_column
+        if key not in dataset.column_names:
+            what = "frames or a video file path" if key == "video" else "PIL images, paths or tensors"
             raise ValueError(
-                f"{type(self.pipeline).__name__} is {self.adapter.task}: {name} needs an 'image' column (PIL images, "
-                f"paths or tensors) next to 'prompt'; its columns are {dataset.column_names}."
+                f"{type(self.pipeline).__name__} is {self.adapter.task}: {name} needs {'an' if key == 'image' else 'a'} "
+                f"'{key}' column ({what}) next to 'prompt'; its columns are {dataset.column_names}."
             )
         if not hasattr(dataset, "with_format"):
             return
         import pyarrow as pa
 
-        column = dataset.with_format("arrow")["image"]  # Arrow data: no image is decoded for these checks
+        column = dataset.with_format("arrow")[key]  # Arrow data: nothing is decoded for these checks
         if column.null_count:
-            raise ValueError(f"Row {_first_null(column)} of {name} has no image (its 'image' is None).")
+            raise ValueError(f"Row {_first_null(column)} of {name} has no {key} (its '{key}' is None).")
         kind = column.type
-        if (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and not pa.types.is_list(kind.value_type):
-            # lists of images (or of paths); a list of lists is an image tensor or array
+        several = (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and not pa.types.is_list(kind.value_type)
+        if key == "image" and several:  # lists of images (or of paths); a list of lists is an image array
             raise ValueError(
                 f"The 'image' column of {name} holds several images per row; {type(self.pipeline).__name__} takes one "
                 "conditioning image per row."
@@ -409,19 +417,43 @@ class DanceGRPOTrainer(Trainer):
         if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
             for i, path in enumerate(column.to_pylist()):
                 if not os.path.isfile(path):
-                    raise ValueError(f"Row {i} of {name}: the image file {path!r} does not exist.")
+                    raise ValueError(f"Row {i} of {name}: the {key} file {path!r} does not exist.")
 
     @staticmethod
-    def _load_pipeline(model):
+    def _load_pipeline(model, pipeline_class: str | None = None):
+        from .adapters import supported_pipelines
+
+        if pipeline_class is not None and pipeline_class not in supported_pipelines():
+            raise ValueError(
+                f"pipeline_class={pipeline_class!r} is not a supported pipeline; choose one of "
+                f"{', '.join(supported_pipelines())}, or leave it unset to keep the checkpoint's."
+            )
         if isinstance(model, str):
             from .loading import load_pipeline
 
-            return load_pipeline(model)
+            model = load_pipeline(model)
         if not hasattr(model, "components"):
             raise TypeError(
                 f"model must be a diffusers pipeline or a Hub id / local path, got {type(model).__name__}. "
                 "To train a bare denoiser, pass the pipeline that holds it."
             )
+        if pipeline_class is not None and type(model).__name__ != pipeline_class:
+            import inspect
+
+            import diffusers
+
+            target = getattr(diffusers, pipeline_class)
+            accepted = inspect.signature(target.__init__).parameters
+            left_out = [
+                name for name, module in model.components.items() if name not in accepted and module is not None
+            ]
+            if left_out:
+                raise ValueError(
+                    f"pipeline_class={pipeline_class!r} has no place for this {type(model).__name__}'s "
+                    f"{', '.join(left_out)}: use a checkpoint of the task {pipeline_class} serves."
+                )
+            # the same modules in the other task's class
+            model = target(**{name: module for name, module in model.components.items() if name in accepted})
         return model
 
     def _prepare_denoiser(self, denoiser, peft_config, args):
@@ -504,10 +536,10 @@ class DanceGRPOTrainer(Trainer):
                     f"(got {'none' if images is None else len(images)} for {len(prompts)} prompts)."
                 )
             images = [
-                load_image(image, f"Sample {i} of the batch (prompt {prompt!r})")
+                self.adapter.load_conditioning(image, f"Sample {i} of the batch (prompt {prompt!r})")
                 for i, (prompt, image) in enumerate(zip(prompts, images))
             ]
-            keys = [(prompt, image_key(image)) for prompt, image in zip(prompts, images)]
+            keys = [(prompt, self.adapter.conditioning_key(image)) for prompt, image in zip(prompts, images)]
         else:
             images, keys = None, list(prompts)
         unique = list(dict.fromkeys(keys))
@@ -614,7 +646,7 @@ class DanceGRPOTrainer(Trainer):
         window = self.sampler.window(args.seed, self._step // args.gradient_accumulation_steps)
         first = self.accelerator.process_index * len(prompts)
         self.model.eval()
-        cond, negative = self._conditioning(prompts, [row.get("image") for row in inputs])
+        cond, negative = self._conditioning(prompts, [row.get(self.adapter.conditioning_column) for row in inputs])
         # The rollout goes part by part, each part exactly one slice of the loss (so the ratio starts at 1). With
         # `overlap_rewards`, each part is scored in a background thread while the next one is sampled.
         parts = sample_slices(len(prompts), args.per_device_train_batch_size, args.rollout_batch_size)

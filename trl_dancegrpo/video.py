@@ -68,6 +68,53 @@ def image_key(image) -> tuple:
     return (image.size, hashlib.sha1(image.tobytes()).hexdigest())
 
 
+def load_video(value, row: str = "the row") -> list:
+    """The source video `value` of a video-to-video row as a list of RGB `PIL.Image.Image` frames.
+
+    Accepts a list of frames (each anything [`load_image`] takes), a `(F, 3, H, W)` tensor (float in [0, 1] or uint8),
+    or a file path: an animated GIF / WebP / TIFF read with PIL, other formats (MP4, ...) with diffusers' `load_video`
+    (which needs `imageio` with its ffmpeg plugin). `row` names the sample in error messages.
+    """
+    from PIL import Image, ImageSequence, UnidentifiedImageError
+
+    if value is None:
+        raise ValueError(f"{row} has no video (the 'video' column is None); video-to-video needs a video per row.")
+    if isinstance(value, torch.Tensor) and value.ndim == 4:
+        value = list(value)
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"{row}: its video has no frames.")
+        return [load_image(frame, f"{row} (frame {i})") for i, frame in enumerate(value)]
+    if isinstance(value, (str, os.PathLike)):
+        path = str(value)
+        if not os.path.isfile(path):
+            raise ValueError(f"{row}: the video file {path!r} does not exist.")
+        try:
+            with Image.open(path) as video:
+                if getattr(video, "n_frames", 1) > 1:
+                    return [frame.convert("RGB") for frame in ImageSequence.Iterator(video)]
+        except (OSError, UnidentifiedImageError):
+            pass  # not an image format: a video container
+        from diffusers.utils import load_video as diffusers_load_video
+
+        try:
+            return diffusers_load_video(path)
+        except (ImportError, OSError, RuntimeError, ValueError) as error:
+            raise ValueError(
+                f"{row}: the video {path!r} could not be read ({type(error).__name__}: {error}); give its frames, an "
+                "animated GIF, or install imageio with imageio-ffmpeg for other formats."
+            ) from None
+    raise ValueError(
+        f"{row}: cannot use a video of type {type(value).__name__}; give a list of frames, a (F, 3, H, W) tensor or a "
+        "file path."
+    )
+
+
+def video_key(frames: list) -> tuple:
+    """A key identifying a source video by its content."""
+    return tuple(image_key(frame) for frame in frames)
+
+
 def frame_difference(prompts, images, **kwargs) -> list[float]:
     """Motion score of each video: the mean absolute difference between consecutive frames, in [0, 1].
 

@@ -3,6 +3,7 @@
 from .base import DDIMAdapter, FlowMatchAdapter, PipelineAdapter
 from .flux import FluxAdapter
 from .flux2 import Flux2KleinAdapter
+from .flux2_dev import Flux2Adapter
 from .flux_kontext import FluxKontextAdapter
 from .hunyuan_video import HunyuanVideoAdapter, SkyReelsImageToVideoAdapter
 from .image_base import PackedLatentAdapter, ReferenceImageMixin
@@ -12,6 +13,7 @@ from .stable_diffusion import StableDiffusionAdapter
 from .video_base import VideoAdapter
 from .wan import WanAdapter, WanImageToVideoAdapter
 from .wan22 import Wan22Adapter
+from .wan_v2v import WanVideoToVideoAdapter
 from .z_image import ZImageAdapter
 
 
@@ -24,8 +26,10 @@ ADAPTERS: list[type[PipelineAdapter]] = [
     WanAdapter,
     Wan22Adapter,
     WanImageToVideoAdapter,
+    WanVideoToVideoAdapter,
     ZImageAdapter,
     Flux2KleinAdapter,
+    Flux2Adapter,
     QwenImageAdapter,
     QwenImageEditAdapter,
     QwenImageEditPlusAdapter,
@@ -67,10 +71,12 @@ __all__ = [
     "StableDiffusion3Adapter",
     "StableDiffusionAdapter",
     "VideoAdapter",
+    "Flux2Adapter",
     "Flux2KleinAdapter",
     "Wan22Adapter",
     "WanAdapter",
     "WanImageToVideoAdapter",
+    "WanVideoToVideoAdapter",
     "ZImageAdapter",
     "get_adapter_class",
     "supported_pipelines",

@@ -56,6 +56,8 @@ class PipelineAdapter:
     default_eta: ClassVar[float] = 0.3  # the family's recipe noise level for `sde_type="dancegrpo"` (DanceGRPO's FLUX)
     sde_types: ClassVar[tuple[str, ...]] = ("dancegrpo",)  # the `sde_type`s `step` implements
     has_experts: ClassVar[bool] = False  # several denoisers, one per range of steps (Wan 2.2): takes `train_experts`
+    conditioning_column: ClassVar[str] = "image"  # the dataset column of the conditioning (video-to-video: "video")
+    takes_strength: ClassVar[bool] = False  # starts from the noised source (video-to-video): takes `strength`
 
     @classmethod
     def accepts(cls, pipeline) -> bool:
@@ -141,6 +143,23 @@ class PipelineAdapter:
     def encode_images(self, images: list) -> Conditioning:
         """Conditioning of RGB PIL images (adapters with `requires_image` only), one row per image."""
         raise NotImplementedError
+
+    def load_conditioning(self, value, row: str):
+        """A row's conditioning as `encode_images` takes it (an RGB PIL image; video-to-video: a list of frames)."""
+        from ..video import load_image
+
+        return load_image(value, row)
+
+    def conditioning_key(self, value) -> tuple:
+        """A key identifying a loaded conditioning by its content (rows of a group are decoded to distinct objects)."""
+        from ..video import image_key
+
+        return image_key(value)
+
+    def start_latents(self, noise: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The rollout's first latents from the initial noise: the noise itself, except where sampling starts from a
+        noised source (video-to-video)."""
+        return noise
 
     def negative_conditioning(self) -> Conditioning:
         """The unconditional branch of CFG: the empty prompt, one row."""

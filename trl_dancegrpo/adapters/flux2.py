@@ -62,10 +62,18 @@ class Flux2KleinAdapter(FlowMatchAdapter):
         prompt_embeds, text_ids = pipeline.encode_prompt(
             prompt=list(prompts),
             device=pipeline.text_encoder.device,
-            max_sequence_length=min(self.max_sequence_length, pipeline.tokenizer.model_max_length),
+            max_sequence_length=min(self.max_sequence_length, self.text_tokenizer().model_max_length),
             text_encoder_out_layers=self.text_encoder_out_layers,
         )
         return {"prompt_embeds": prompt_embeds, "text_ids": text_ids}
+
+    def text_tokenizer(self):
+        """The tokenizer of the prompts (its `model_max_length` caps theirs: the tiny test models' is small)."""
+        return self.pipeline.tokenizer
+
+    def guidance_input(self, latents: torch.Tensor) -> torch.Tensor | None:
+        """The transformer's `guidance` argument: none for klein (CFG or no guidance)."""
+        return None
 
     def initial_noise(self, num_samples, generator, device, dtype) -> torch.Tensor:
         return self.pipeline._pack_latents(super().initial_noise(num_samples, generator, device, dtype))
@@ -76,7 +84,7 @@ class Flux2KleinAdapter(FlowMatchAdapter):
         return denoiser(
             hidden_states=latents,
             timestep=sigma.to(latents.dtype),  # FLUX.2 takes t / 1000 = sigma
-            guidance=None,
+            guidance=self.guidance_input(latents),
             encoder_hidden_states=cond["prompt_embeds"],
             txt_ids=cond["text_ids"],
             img_ids=image_ids,
@@ -85,9 +93,8 @@ class Flux2KleinAdapter(FlowMatchAdapter):
 
     def decode(self, latents) -> torch.Tensor:
         pipeline, vae = self.pipeline, self.pipeline.vae
-        _, latent_h, latent_w = self.latent_shape
         ids = self._latent_ids.to(latents.device).expand(latents.shape[0], -1, -1)
-        latents = pipeline._unpack_latents_with_ids(latents, ids, latent_h, latent_w).to(vae.dtype)
+        latents = pipeline._unpack_latents_with_ids(latents, ids).to(vae.dtype)  # FLUX.2 [dev]'s takes no sizes
         # undo the batch normalisation of the patchified latents, then the 2x2 patches, as the pipeline does
         mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents)
         std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents)

@@ -115,6 +115,15 @@ def _processor(class_name: str, config: dict):
 
     from ..tiny import _qwen_image_tokenizer
 
+    if class_name == "PixtralProcessor":  # FLUX.2 [dev]'s prompt processor: a stand-in tokenizer, Mistral's template
+        from ..tiny import _pixtral_processor
+
+        return _pixtral_processor(
+            config.get("model_max_length", 512),
+            config.get("patch_size", 14),
+            1540,
+            config.get("spatial_merge_size", 1),
+        )
     if class_name not in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor"):
         return getattr(transformers, class_name)(**config)
     image_config = dict(config.get("image_processor", config))

@@ -132,8 +132,12 @@ def reward_model_bytes(reward_funcs: list[str], dtype: torch.dtype) -> tuple[int
 
 
 def _placeholder_images(adapter, count: int):
+    """Conditioning placeholders of the training size: an image per row, or for video-to-video a clip of
+    `num_frames` frames."""
     from PIL import Image
 
+    if adapter.conditioning_column == "video":
+        return [[Image.new("RGB", (adapter.width, adapter.height))] * adapter.num_frames for _ in range(count)]
     return [Image.new("RGB", (adapter.width, adapter.height)) for _ in range(count)]
 
 
@@ -155,6 +159,11 @@ class _Run:
         self.args, self.model_args, self.script_args = args, model_args, script_args
         self.num_processes = num_processes
         self.config = load_pipeline_config(model_args.model_name_or_path)
+        if getattr(args, "pipeline_class", None):  # the checkpoint's components in another task's pipeline class
+            self.config = {
+                **self.config,
+                "model_index": {**self.config["model_index"], "_class_name": args.pipeline_class},
+            }
         pipeline = build_meta_pipeline(self.config)
         if hasattr(pipeline, "_get_t5_prompt_embeds") and type(pipeline).__name__.startswith("Wan"):
             pipeline._get_t5_prompt_embeds = _untrimmed_t5_prompt_embeds(pipeline)
