@@ -926,6 +926,27 @@ _QWEN3_VL_TEXT_CHAT_TEMPLATE = (
 )
 
 
+def _qwen3_vl_processor(max_length: int, min_pixels: int, max_pixels: int, patch_size: int = 16, merge_size: int = 2):
+    """A `Qwen3VLProcessor` (Qwen-Image 2.1's `processor`) whose tokenizer holds the words of the pipeline's
+    text-to-image template whole (the pipeline drops the system turn's tokens, which it counts with the processor's
+    chat template) and Qwen's vision tokens; other text falls back to bytes."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    # the pipeline's `prompt_template_t2i` (set in its __init__, which needs a processor to count the system turn)
+    template = (
+        "<|im_start|>system\nComprehend and analyze the provided prompt.<|im_end|>\n<|im_start|>user\n<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    tokenizer = _whole_word_bpe_tokenizer([template], _QWEN_SPECIAL_TOKENS, model_max_length=max_length)
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    return Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size, patch_size=patch_size, merge_size=merge_size),
+        tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(size=size, patch_size=patch_size, merge_size=merge_size),
+        chat_template=_QWEN3_VL_TEXT_CHAT_TEMPLATE,
+    )
+
+
 def tiny_qwen_image21_pipeline(seed: int = 0):
     """A `QwenImage21Pipeline` (Qwen-Image 2.1) from its real classes: a two-block single-stream transformer on
     8-channel latents, a 16x RGBA video VAE (four downsampling stages of width 8), a two-layer Qwen3-VL (one-block
@@ -937,28 +958,11 @@ def tiny_qwen_image21_pipeline(seed: int = 0):
         QwenImage21Pipeline,
         QwenImage21Transformer2DModel,
     )
-    from transformers import (
-        Qwen2VLImageProcessor,
-        Qwen3VLConfig,
-        Qwen3VLForConditionalGeneration,
-        Qwen3VLProcessor,
-        Qwen3VLVideoProcessor,
-    )
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    # the pipeline's text-to-image template (`prompt_template_t2i`, set in its __init__, which needs the processor)
-    texts = [
-        "<|im_start|>system\nComprehend and analyze the provided prompt.<|im_end|>\n<|im_start|>user\n<|im_end|>\n"
-        "<|im_start|>assistant\n"
-    ]
-    tokenizer = _whole_word_bpe_tokenizer(texts, _QWEN_SPECIAL_TOKENS, model_max_length=128)
+    processor = _qwen3_vl_processor(max_length=128, min_pixels=32 * 32, max_pixels=64 * 64)
+    tokenizer = processor.tokenizer
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in _QWEN_SPECIAL_TOKENS}
-    size = {"shortest_edge": 32 * 32, "longest_edge": 64 * 64}
-    processor = Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessor(size=size, patch_size=16, merge_size=2),
-        tokenizer=tokenizer,
-        video_processor=Qwen3VLVideoProcessor(size=size, patch_size=16, merge_size=2),
-        chat_template=_QWEN3_VL_TEXT_CHAT_TEMPLATE,
-    )
     torch.manual_seed(seed)
     transformer = QwenImage21Transformer2DModel(
         in_channels=8,

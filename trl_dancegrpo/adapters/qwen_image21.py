@@ -35,6 +35,7 @@ class QwenImage21Adapter(QwenImageAdapter):
 
     pipeline_class_names = ("QwenImage21Pipeline",)
     default_guidance_scale = 1.0  # QwenImage21Pipeline's `true_cfg_scale` default
+    max_sequence_length = None  # the pipeline keeps every prompt token (no limit)
     # the single-stream block's projections (attention and SwiGLU MLP), as the transformer's tensor-parallel plan
     default_lora_target_modules = [
         "attn.to_q",
