@@ -100,3 +100,39 @@ def test_composite_over_white():
     torch.testing.assert_close(composite_over_white(rgba), expected)
     rgb = torch.rand(2, 3, 4, 4)
     assert composite_over_white(rgb) is rgb
+
+
+def test_sigma_grid_is_the_pipelines(tiny_pipeline_path, tmp_path, caplog):
+    """The checkpoint's `sample_sigmas` when their length is the step count (the pipeline's default grid); otherwise
+    `linspace(1, 1/T, T)` with a warning (what the pipeline uses without them). The eta-0 rollout matches the pipeline
+    sampling on its configured grid."""
+    from diffusers import DiffusionPipeline
+
+    pipeline = DiffusionPipeline.from_pretrained(tiny_pipeline_path(NAME))
+    default = make_trainer(pipeline, tmp_path, num_inference_steps=3).adapter.sigmas
+    pipeline.register_to_config(sample_sigmas=[1.0, 0.6, 0.25])
+    trainer = make_trainer(pipeline, tmp_path, num_inference_steps=3)
+    configured = trainer.adapter.sigmas
+    assert len(configured) == 4 and configured[-1] == 0 and not torch.allclose(configured, default)
+    images, _ = trainer.generate(["a blue house"], seed=0)
+    noise = trainer.sampler.initial_noise(0, 1, 0, 1, "cpu")
+    # 40 steps asked: the pipeline's configured grid decides
+    expected = trainer.pipeline(**{**CALL, "num_inference_steps": 40}, latents=noise).images
+    torch.testing.assert_close(images, composite_over_white(expected), rtol=1e-4, atol=1e-4)
+    with caplog.at_level("WARNING"):
+        other = make_trainer(pipeline, tmp_path, num_inference_steps=4).adapter.sigmas
+    assert "sample_sigmas have 3 steps" in caplog.text and len(other) == 5
+
+
+def test_every_parameter_gets_a_gradient(tiny_pipeline_path, tmp_path):
+    """Nothing is declared unused (`unused_parameter_prefixes` is empty): a backward reaches every parameter, as DDP
+    needs, through rows of two prompt lengths."""
+    trainer = make_trainer(tiny_pipeline_path(NAME), tmp_path, max_steps=1)
+    model, adapter = trainer.model, trainer.adapter
+    assert adapter.unused_parameter_prefixes() == []
+    model.requires_grad_(True)
+    cond = adapter.encode_prompts(["a cat", "a much longer prompt"])
+    noise = adapter.initial_noise(2, torch.Generator().manual_seed(0), "cpu", torch.float32)
+    adapter.predict(model, noise, torch.tensor([0, 1]), cond).square().mean().backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
