@@ -18,6 +18,7 @@ FAMILY_MATRIX_MODULES = {
     "test_flux2_dev",
     "test_qwen3_image_families",
     "test_qwen_image",
+    "test_qwen_image21",
     "test_sampler_families",
     "test_sd3",
     "test_video",

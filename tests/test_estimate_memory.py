@@ -212,6 +212,7 @@ def test_tiny_estimate_exact_bytes(tiny_pipeline_path):
         "tiny_qwen_image_pipeline",
         "tiny_qwen_image_edit_pipeline",
         "tiny_qwen_image_edit_plus_pipeline",
+        "tiny_qwen_image21_pipeline",
         "tiny_z_image_pipeline",
         "tiny_wan22_ti2v_pipeline",
     ],

@@ -914,3 +914,114 @@ TINY_PIPELINES.update(
         "tiny-flux-kontext": tiny_flux_kontext_pipeline,
     }
 )
+
+
+# -- Qwen-Image 2.1 ------------------------------------------------------------------------------------------------------
+# the Qwen3-VL chat template's rendering of text turns (the pipeline only renders its system message with it)
+_QWEN3_VL_TEXT_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _qwen3_vl_processor(max_length: int, min_pixels: int, max_pixels: int, patch_size: int = 16, merge_size: int = 2):
+    """A `Qwen3VLProcessor` (Qwen-Image 2.1's `processor`) whose tokenizer holds the words of the pipeline's
+    text-to-image template whole (the pipeline drops the system turn's tokens, which it counts with the processor's
+    chat template) and Qwen's vision tokens; other text falls back to bytes."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    # the pipeline's `prompt_template_t2i` (set in its __init__, which needs a processor to count the system turn)
+    template = (
+        "<|im_start|>system\nComprehend and analyze the provided prompt.<|im_end|>\n<|im_start|>user\n<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    tokenizer = _whole_word_bpe_tokenizer([template], _QWEN_SPECIAL_TOKENS, model_max_length=max_length)
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    return Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size, patch_size=patch_size, merge_size=merge_size),
+        tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(size=size, patch_size=patch_size, merge_size=merge_size),
+        chat_template=_QWEN3_VL_TEXT_CHAT_TEMPLATE,
+    )
+
+
+def tiny_qwen_image21_pipeline(seed: int = 0):
+    """A `QwenImage21Pipeline` (Qwen-Image 2.1) from its real classes: a two-block single-stream transformer on
+    8-channel latents, a 16x RGBA video VAE (four downsampling stages of width 8), a two-layer Qwen3-VL (one-block
+    vision tower) behind a `Qwen3VLProcessor` whose tokenizer holds the template's words whole (the pipeline drops
+    the system turn's tokens, counted with the processor's chat template). For 32-64 px (multiples of 32)."""
+    from diffusers import (
+        AutoencoderKLQwenImage21,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImage21Pipeline,
+        QwenImage21Transformer2DModel,
+    )
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    processor = _qwen3_vl_processor(max_length=128, min_pixels=32 * 32, max_pixels=64 * 64)
+    tokenizer = processor.tokenizer
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in _QWEN_SPECIAL_TOKENS}
+    torch.manual_seed(seed)
+    transformer = QwenImage21Transformer2DModel(
+        in_channels=8,
+        out_channels=8,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        context_in_dim=16,
+        mlp_ratio=2,
+        axes_dims_rope=(4, 6, 6),
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLQwenImage21(
+        base_dim=8,
+        decoder_base_dim=8,
+        z_dim=8,
+        dim_mult=[1, 1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, False, False, False],
+        latents_mean=[0.1, -0.2, 0.0, 0.3, 0.05, -0.1, 0.2, 0.0],  # not the identity: the tests see the normalisation
+        latents_std=[1.5, 0.8, 1.0, 1.2, 0.9, 1.1, 1.3, 0.7],
+    )
+    torch.manual_seed(seed)
+    config = Qwen3VLConfig(
+        text_config={
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [1, 1, 2]},
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 1024,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_heads": 2,
+            "out_hidden_size": 16,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "num_position_embeddings": 16,
+            "deepstack_visual_indexes": [0],
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    return QwenImage21Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift_terminal=None),
+        vae=vae,
+        text_encoder=Qwen3VLForConditionalGeneration(config),
+        processor=processor,
+        transformer=transformer,
+    )
+
+
+TINY_PIPELINES["tiny-qwen-image21"] = tiny_qwen_image21_pipeline

@@ -8,6 +8,7 @@ from .flux_kontext import FluxKontextAdapter
 from .hunyuan_video import HunyuanVideoAdapter, SkyReelsImageToVideoAdapter
 from .image_base import PackedLatentAdapter, ReferenceImageMixin
 from .qwen_image import QwenImageAdapter, QwenImageEditAdapter, QwenImageEditPlusAdapter
+from .qwen_image21 import QwenImage21Adapter
 from .sd3 import StableDiffusion3Adapter
 from .stable_diffusion import StableDiffusionAdapter
 from .video_base import VideoAdapter
@@ -33,6 +34,7 @@ ADAPTERS: list[type[PipelineAdapter]] = [
     QwenImageAdapter,
     QwenImageEditAdapter,
     QwenImageEditPlusAdapter,
+    QwenImage21Adapter,
     FluxKontextAdapter,
 ]
 
@@ -63,6 +65,7 @@ __all__ = [
     "HunyuanVideoAdapter",
     "PackedLatentAdapter",
     "PipelineAdapter",
+    "QwenImage21Adapter",
     "QwenImageAdapter",
     "QwenImageEditAdapter",
     "QwenImageEditPlusAdapter",

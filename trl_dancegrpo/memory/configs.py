@@ -124,6 +124,18 @@ def _processor(class_name: str, config: dict):
             1540,
             config.get("spatial_merge_size", 1),
         )
+    if class_name == "Qwen3VLProcessor":  # Qwen-Image 2.1's: a stand-in tokenizer, the chat template's text turns
+        from ..tiny import _qwen3_vl_processor
+
+        image_config = config.get("image_processor", config)
+        size = image_config.get("size", {})
+        return _qwen3_vl_processor(
+            131072,  # prompts are not cut (the pipeline has no limit)
+            size.get("shortest_edge", 65536),
+            size.get("longest_edge", 16777216),
+            image_config.get("patch_size", 16),
+            image_config.get("merge_size", 2),
+        )
     if class_name not in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor"):
         return getattr(transformers, class_name)(**config)
     image_config = dict(config.get("image_processor", config))

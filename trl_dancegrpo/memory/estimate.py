@@ -24,7 +24,13 @@ from .configs import MODEL_CONFIGS_DIR, build_meta_pipeline, load_pipeline_confi
 ENCODER_PREFIXES = ("text_encoder", "image_encoder")
 WEIGHT_FREE_REWARDS = ("brightness", "jpeg_compressibility", "jpeg_incompressibility")
 # pipelines whose prompt embeddings keep each prompt's own tokens: estimated with prompts of the maximum length
-OWN_TOKEN_PIPELINES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline", "ZImagePipeline")
+OWN_TOKEN_PIPELINES = (
+    "QwenImagePipeline",
+    "QwenImageEditPipeline",
+    "QwenImageEditPlusPipeline",
+    "QwenImage21Pipeline",
+    "ZImagePipeline",
+)
 
 
 def tensor_bytes(tensors) -> int:
