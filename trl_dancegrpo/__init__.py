@@ -8,7 +8,7 @@ __version__ = "0.1.0.dev0"
 __all__ = ["DanceGRPOConfig", "DanceGRPOTrainer", "compute_advantages"]
 
 # Imported on first use: `python -m trl_dancegrpo` checks its options before torch and transformers are loaded.
-_LAZY = {"DanceGRPOConfig": ".config", "DanceGRPOTrainer": ".trainer", "compute_advantages": ".trainer"}
+_LAZY = {"DanceGRPOConfig": ".config", "DanceGRPOTrainer": ".trainer", "compute_advantages": ".objectives"}
 
 
 def __getattr__(name: str):

@@ -23,9 +23,27 @@ from transformers.utils import logging
 from trl.trainer.utils import RepeatSampler
 
 from . import checkpoints
-from .adapters import PipelineAdapter, get_adapter_class
+from .adapters import PipelineAdapter
 from .config import DanceGRPOConfig
 from .hub import ModelCardCallback
+from .models import (  # noqa: F401  (cast_module: re-exported)
+    ENCODER_COMPONENTS,
+    cast_module,
+    make_adapter,
+    place_frozen_modules,
+    prepare_denoiser,
+    resolve_pipeline,
+    training_dtype,
+)
+from .objectives import (  # noqa: F401  (compute_advantages, best_of_n_indices: re-exported, importable from here)
+    best_of_n_indices,
+    clipped_mask,
+    clipped_policy_loss,
+    compute_advantages,
+    gaussian_kl,
+    policy_metrics,
+    rollout_metrics,
+)
 from .rewards.scoring import RewardScorer, resolve_reward_funcs
 from .rollout import Sampler, denoise, index_conditioning, mix_seed, sample_slices
 from .sharding import save_denoiser_state_dict
@@ -33,66 +51,8 @@ from .video import image_key, load_image, log_sample_to_integrations, save_sampl
 
 
 RewardFunc = Callable[..., list]
-ENCODER_COMPONENTS = ("text_encoder", "image_encoder")  # pipeline components `offload_text_encoders` keeps on the CPU
 logger = logging.get_logger(__name__)
 TRAINING_ARGS_JSON = "training_args.json"
-
-
-def compute_advantages(
-    rewards: torch.Tensor,
-    num_generations: int,
-    weights: torch.Tensor,
-    aggregation: str = "normalize_then_sum",
-    adv_clip_max: float | None = None,
-) -> torch.Tensor:
-    """Group-relative advantages from per-reward scores.
-
-    Args:
-        rewards (`torch.Tensor`): `[N, K]`, N samples in consecutive groups of `num_generations`, K rewards; NaN marks
-            a score that does not count (not applicable, or a failed sample). NaN scores are left out of their group's
-            statistics and contribute 0 to the advantage.
-        num_generations (`int`): Group size G.
-        weights (`torch.Tensor`): `[K]` reward weights.
-        aggregation (`str`): `"normalize_then_sum"`: `A = sum_k w_k (r_k - mean_k) / (std_k + 1e-8)` with per-group,
-            per-reward statistics (the paper); `"sum_then_normalize"`: the weighted sum is normalised per group.
-        adv_clip_max (`float`, *optional*): Clamp to `[-adv_clip_max, adv_clip_max]`.
-
-    Returns:
-        `torch.Tensor`: `[N]` advantages, float32. Standard deviations are unbiased (as `torch.std`); a group with
-        fewer than two valid scores for a reward gets 0 from it.
-    """
-    rewards = rewards.float()
-    weights = weights.to(rewards)
-    if aggregation == "sum_then_normalize":
-        applicable = ~torch.isnan(rewards)
-        total = (torch.nan_to_num(rewards) * weights).sum(dim=1, keepdim=True)
-        total[~applicable.any(dim=1)] = float("nan")
-        return compute_advantages(total, num_generations, torch.ones(1), "normalize_then_sum", adv_clip_max)
-    grouped = rewards.view(-1, num_generations, rewards.shape[1])  # [groups, G, K]
-    valid = ~torch.isnan(grouped)
-    count = valid.sum(dim=1, keepdim=True)
-    mean = torch.nansum(grouped, dim=1, keepdim=True) / count.clamp_min(1)
-    centered = torch.where(valid, grouped - mean, torch.zeros_like(grouped))
-    std = (centered.pow(2).sum(dim=1, keepdim=True) / (count - 1).clamp_min(1)).sqrt()
-    normalized = torch.where(valid & (count > 1), centered / (std + 1e-8), torch.zeros_like(grouped))
-    advantages = (normalized * weights).sum(dim=2).view(-1)
-    if adv_clip_max is not None:
-        advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
-    return advantages
-
-
-def best_of_n_indices(advantages: torch.Tensor, num_generations: int, best_of_n: int) -> torch.Tensor:
-    """Indices of the `best_of_n // 2` highest- and `best_of_n // 2` lowest-advantage samples of each group.
-
-    `advantages` holds whole consecutive groups of `num_generations`; the indices come back in increasing order (ties
-    keep the earlier sample).
-    """
-    k = best_of_n // 2
-    grouped = advantages.view(-1, num_generations)
-    order = torch.sort(grouped, dim=1, descending=True, stable=True).indices
-    chosen = torch.cat([order[:, :k], order[:, -k:]], dim=1).sort(dim=1).values
-    offsets = torch.arange(grouped.shape[0], device=advantages.device).unsqueeze(1) * num_generations
-    return (chosen + offsets).flatten()
 
 
 class EpochSeededRepeatSampler(RepeatSampler):
@@ -119,14 +79,6 @@ def _first_null(column) -> int:
     import pyarrow.compute as pc
 
     return pc.index(pc.is_null(column), True).as_py()
-
-
-def cast_module(module: torch.nn.Module, dtype: torch.dtype) -> None:
-    """`module.to(dtype=dtype)`, without diffusers' warning about float32 modules when the model has none to keep."""
-    if getattr(module, "_keep_in_fp32_modules", None):
-        module.to(dtype=dtype)
-    else:
-        torch.nn.Module.to(module, dtype=dtype)
 
 
 class TrackerConfig(FrozenDict):
@@ -221,8 +173,8 @@ class DanceGRPOTrainer(Trainer):
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             self._check_dataset(dataset, name, args)
 
-        self.pipeline = self._load_pipeline(model)
-        self.adapter: PipelineAdapter = self._make_adapter(self.pipeline, args)
+        self.pipeline = resolve_pipeline(model)
+        self.adapter: PipelineAdapter = make_adapter(self.pipeline, args)
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             self._check_image_column(dataset, name)
         self.sampler = Sampler(
@@ -236,7 +188,8 @@ class DanceGRPOTrainer(Trainer):
         )
 
         set_seed(args.seed)  # the LoRA's random initialisation is reproducible, as the Trainer's own model_init is
-        denoiser = self._prepare_denoiser(self.adapter.denoiser, peft_config, args)
+        self.is_lora = peft_config is not None
+        denoiser = prepare_denoiser(self.adapter, self.adapter.denoiser, peft_config, args)
         super().__init__(
             model=denoiser,
             args=args,
@@ -259,13 +212,8 @@ class DanceGRPOTrainer(Trainer):
                 f"{type(self.pipeline).__name__} has two experts, which train under DDP (or on one GPU), not FSDP: "
                 "launch with a DDP accelerate config (examples/accelerate/ddp.yaml)."
             )
-        self.weight_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-        for name, module in self.adapter.frozen_modules().items():
-            # offloaded encoders wait on the CPU and visit the GPU only to encode (see `_encoders_on_device`)
-            offload = args.offload_text_encoders and name.startswith(ENCODER_COMPONENTS)
-            module.to("cpu" if offload else self.accelerator.device)
-            if self.weight_dtype != torch.float32:
-                cast_module(module, self.weight_dtype)
+        self.weight_dtype = training_dtype(args)
+        place_frozen_modules(self.adapter, self.accelerator.device, self.weight_dtype, args.offload_text_encoders)
         self._prompt_cache = {}  # row key -> its conditioning on the CPU, with `cache_prompt_embeddings`
         self._reward_offload_lock = threading.Lock()
         for func in self.reward_funcs:
@@ -297,6 +245,9 @@ class DanceGRPOTrainer(Trainer):
         the shards (transformers keeps it in `self.model`; FSDP2 shards the module in place).
         """
         return self.model if self.is_fsdp_enabled else self.accelerator.unwrap_model(self.model)
+
+    # model construction: models.py (resolve_pipeline, make_adapter, prepare_denoiser), shared with estimate-memory
+    _make_adapter = staticmethod(make_adapter)
 
     # -- construction helpers -----------------------------------------------------------------------------------------
     @staticmethod
@@ -346,49 +297,6 @@ class DanceGRPOTrainer(Trainer):
                     f"Row {i} of {name} has the prompt {prompt!r} ({type(prompt).__name__}); prompts must be strings."
                 )
 
-    @staticmethod
-    def _make_adapter(pipeline, args: DanceGRPOConfig) -> PipelineAdapter:
-        adapter_class = get_adapter_class(pipeline)
-        kwargs = {}
-        if adapter_class.is_video:
-            kwargs["num_frames"] = args.num_frames
-        elif args.num_frames not in (None, 1):
-            raise ValueError(
-                f"num_frames={args.num_frames} but {type(pipeline).__name__} generates images; leave num_frames unset."
-            )
-        if args.train_experts is not None:
-            if not adapter_class.has_experts:
-                raise ValueError(
-                    f"train_experts is for two-expert models (Wan 2.2 A14B); {type(pipeline).__name__} has one "
-                    "denoiser: leave train_experts unset."
-                )
-            kwargs["train_experts"] = args.train_experts
-        adapter = adapter_class(
-            pipeline,
-            args.num_inference_steps,
-            height=args.height,
-            width=args.width,
-            guidance_scale=args.guidance_scale,
-            shift=args.shift,
-            **kwargs,
-        )
-        adapter.set_sde_type(args.sde_type)
-        # The paper updates once per prompt batch when CFG is on: one rollout feeds exactly one optimizer step.
-        once_per_batch = args.num_iterations == 1 and args.steps_per_generation == args.gradient_accumulation_steps
-        if adapter.use_cfg and not once_per_batch:
-            raise ValueError(
-                f"{type(pipeline).__name__} trains with classifier-free guidance (guidance_scale "
-                f"{adapter.guidance_scale}), and with CFG DanceGRPO updates once per prompt batch: set num_iterations=1 "
-                "and leave steps_per_generation unset (= gradient_accumulation_steps), or train without CFG "
-                "(guidance_scale=1)."
-            )
-        vae = getattr(pipeline, "vae", None)
-        if args.vae_tiling:
-            vae.enable_tiling()
-        if args.vae_slicing:
-            vae.enable_slicing()
-        return adapter
-
     def _check_image_column(self, dataset, name: str) -> None:
         """Image-to-video and editing rows need an `image` (PIL image, path or tensor): the column, no empty entry, no
         missing file."""
@@ -417,60 +325,6 @@ class DanceGRPOTrainer(Trainer):
             for i, path in enumerate(column.to_pylist()):
                 if not os.path.isfile(path):
                     raise ValueError(f"Row {i} of {name}: the image file {path!r} does not exist.")
-
-    @staticmethod
-    def _load_pipeline(model):
-        if isinstance(model, str):
-            from .loading import load_pipeline
-
-            return load_pipeline(model)
-        if not hasattr(model, "components"):
-            raise TypeError(
-                f"model must be a diffusers pipeline or a Hub id / local path, got {type(model).__name__}. "
-                "To train a bare denoiser, pass the pipeline that holds it."
-            )
-        return model
-
-    def _prepare_denoiser(self, denoiser, peft_config, args):
-        for module in self.adapter.frozen_modules().values():
-            module.requires_grad_(False).eval()
-        self.is_lora = peft_config is not None
-        if self.is_lora:
-            weight_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-            denoiser.requires_grad_(False)
-            cast_module(denoiser, weight_dtype)
-            if peft_config.target_modules is None:
-                peft_config.target_modules = list(self.adapter.default_lora_target_modules)
-            if getattr(denoiser, "peft_config", None):
-                raise ValueError(
-                    f"The {self.adapter.denoiser_name} already has LoRA adapters {sorted(denoiser.peft_config)} (from "
-                    "load_lora_weights or an earlier trainer). Pass a freshly loaded pipeline with peft_config, or fuse "
-                    "the loaded LoRA first (pipeline.fuse_lora(); pipeline.unload_lora_weights())."
-                )
-            denoiser.add_adapter(peft_config)
-            for param in denoiser.parameters():  # trainable LoRA weights in float32, as diffusers' training scripts
-                if param.requires_grad:
-                    param.data = param.data.float()
-        else:
-            denoiser.requires_grad_(True)
-        # parameters that never reach the output (SD3's last context queries) stay frozen: DDP needs every trained
-        # parameter to get a gradient
-        unused = tuple(f"{prefix}." for prefix in self.adapter.unused_parameter_prefixes())
-        for name, param in denoiser.named_parameters():
-            if name.startswith(unused):
-                param.requires_grad_(False)
-        if not any(p.requires_grad for p in denoiser.parameters()):
-            raise ValueError(
-                "No trainable parameter: check peft_config.target_modules against the denoiser's modules."
-            )
-        # Dropout would make the re-scored log-prob differ from the rollout's (ratio != 1): run without it.
-        denoiser.eval()
-        if args.gradient_checkpointing:
-            denoiser.enable_gradient_checkpointing()
-            args.gradient_checkpointing = False  # done: transformers' Trainer would call an API diffusers lacks
-            if hasattr(args, "activation_checkpointing"):
-                args.activation_checkpointing = False
-        return denoiser
 
     # -- data -------------------------------------------------------------------------------------------------------
     def _get_train_sampler(self, dataset=None):
@@ -690,23 +544,11 @@ class DanceGRPOTrainer(Trainer):
 
     def _log_rollout_metrics(self, rewards, failed, advantages, rollout_time, reward_time) -> None:
         metrics = self._metrics["train"]
-        for k, name in enumerate(self.reward_func_names):
-            column = rewards[:, k]
-            column = column[~torch.isnan(column)]
-            if len(column):
-                metrics[f"rewards/{name}/mean"].append(column.mean().item())
-                metrics[f"rewards/{name}/std"].append(column.std().item() if len(column) > 1 else 0.0)
-        # a sample that no reward applies to (all None) has no reward: it is not logged as 0
-        scored = ~failed & ~torch.isnan(rewards).all(dim=1)
-        weighted = (torch.nan_to_num(rewards) * self.reward_weights).sum(dim=1)[scored]
-        if len(weighted):
-            metrics["reward"].append(weighted.mean().item())
-            grouped_std = torch.nan_to_num(rewards).mul(self.reward_weights).sum(1).view(-1, self.args.num_generations)
-            metrics["reward_std"].append(grouped_std.std(dim=1).mean().item())
-        metrics["advantages/mean"].append(advantages.mean().item())
-        metrics["advantages/std"].append(advantages.std().item())
-        metrics["advantages/abs_mean"].append(advantages.abs().mean().item())
-        metrics["num_failed_samples"].append(float(failed.sum().item()))
+        logged = rollout_metrics(
+            rewards, failed, advantages, self.reward_func_names, self.reward_weights, self.args.num_generations
+        )
+        for key, value in logged.items():
+            metrics[key].append(value)
         metrics["timing/rollout"].append(rollout_time)
         metrics["timing/reward"].append(reward_time)
 
@@ -815,7 +657,7 @@ class DanceGRPOTrainer(Trainer):
         scale = 1.0 / (num_samples * num_steps * accumulation)
         total_loss = torch.zeros((), device=self.accelerator.device)
         stats = defaultdict(list)
-        model.eval()  # no dropout: see _prepare_denoiser
+        model.eval()  # no dropout: see models.prepare_denoiser
         num_backward = num_steps * len(slices)
         for j in range(num_steps):
             for n, s in enumerate(slices):
@@ -825,16 +667,8 @@ class DanceGRPOTrainer(Trainer):
                     loss = self._step_loss(model, chunk, s, j, stats) * scale
                     self.accelerator.backward(loss)
                 total_loss += loss.detach()
-        metrics = self._metrics["train"]
-        ratios = torch.cat(stats["ratio"])
-        metrics["ratio/mean"].append(ratios.mean().item())
-        metrics["ratio/min"].append(ratios.min().item())
-        metrics["ratio/max"].append(ratios.max().item())
-        metrics["clip_ratio"].append(torch.cat(stats["clipped"]).float().mean().item())
-        log_ratio = torch.cat(stats["log_ratio"])
-        metrics["approx_kl"].append(((log_ratio.exp() - 1) - log_ratio).mean().item())
-        if stats["kl"]:
-            metrics["kl"].append(torch.cat(stats["kl"]).mean().item())
+        for key, value in policy_metrics(stats).items():
+            self._metrics["train"][key].append(value)
         return total_loss * accumulation  # reported loss is per micro-step
 
     def _step_loss(self, model, chunk, s, j, stats) -> torch.Tensor:
@@ -842,19 +676,14 @@ class DanceGRPOTrainer(Trainer):
         step, rows, step_index, x_t, cond = self._rescore(model, chunk, s, j)
         old_log_prob = chunk["log_probs"][s][rows, step_index]
         advantages = chunk["advantages"][s]
-        log_ratio = step.log_prob - old_log_prob
-        ratio = torch.exp(log_ratio)
-        clipped_ratio = ratio.clamp(1 - args.epsilon, 1 + args.epsilon)
-        per_sample = torch.maximum(-advantages * ratio, -advantages * clipped_ratio)
+        per_sample, ratio, log_ratio = clipped_policy_loss(step.log_prob, old_log_prob, advantages, args.epsilon)
         if args.beta > 0:
             kl = self._kl_to_reference(x_t, step_index, cond, chunk["negative_cond"], step)
             per_sample = per_sample + args.beta * kl
             stats["kl"].append(kl.detach())
         stats["ratio"].append(ratio.detach())
         stats["log_ratio"].append(log_ratio.detach())
-        stats["clipped"].append(
-            ((ratio > 1 + args.epsilon) & (advantages > 0)) | ((ratio < 1 - args.epsilon) & (advantages < 0))
-        )
+        stats["clipped"].append(clipped_mask(ratio, advantages, args.epsilon))
         return per_sample.sum()
 
     def _kl_to_reference(self, x_t, step_index, cond, negative_cond, step) -> torch.Tensor:
@@ -870,8 +699,7 @@ class DanceGRPOTrainer(Trainer):
                 finally:
                     denoiser.enable_adapters()
             ref = self.adapter.step(ref_output, x_t, step_index, self.sampler.eta, prev_sample=step.prev_sample)
-        squared = (step.prev_sample_mean - ref.prev_sample_mean).pow(2).flatten(1).mean(1)
-        return squared / (2 * step.std_dev.flatten().pow(2).expand_as(squared))
+        return gaussian_kl(step.prev_sample_mean, ref.prev_sample_mean, step.std_dev)
 
     # -- logging, evaluation, saving ----------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

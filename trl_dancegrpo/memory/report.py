@@ -206,7 +206,7 @@ def main(argv: list[str]) -> int:
     if own.num_processes < 1:
         print("trl-dancegrpo estimate-memory: error: --num_processes must be at least 1", file=sys.stderr)
         return 2
-    from ..cli import make_parser
+    from ..arguments import make_parser
     from .estimate import estimate_memory
 
     parser = make_parser()
