@@ -6,6 +6,10 @@ diffusers pipeline; the *denoiser* is its bare trained module (transformer or UN
 `self.model` is that denoiser as `Trainer` wraps it (DDP, FSDP), and `trainer.denoiser` unwraps it again.
 """
 
+import contextlib
+import threading
+from collections.abc import Callable
+
 import torch
 
 from .adapters import PipelineAdapter, get_adapter_class
@@ -138,8 +142,25 @@ def place_frozen_modules(adapter: PipelineAdapter, device, dtype: torch.dtype, o
     """Move the frozen components to `device` (the text/image encoders to the CPU with `offload_text_encoders`) and
     cast them to `dtype` (left as loaded when it is float32)."""
     for name, module in adapter.frozen_modules().items():
-        # offloaded encoders wait on the CPU and visit the GPU only to encode (see the trainer's `_encoders_on_device`)
+        # offloaded encoders wait on the CPU and visit the GPU only to encode (see `on_device_while_used`)
         offload = offload_text_encoders and name.startswith(ENCODER_COMPONENTS)
         module.to("cpu" if offload else device)
         if dtype != torch.float32:
             cast_module(module, dtype)
+
+
+@contextlib.contextmanager
+def on_device_while_used(moves: list[Callable], device, lock: threading.Lock | None = None):
+    """Offloading: each `move(device)` on entry and `move("cpu")` on exit (`module.to` of the offloaded encoders,
+    `move_to` of the offloaded reward models). Nothing to move: nothing done, no lock taken."""
+    if not moves:
+        yield
+        return
+    with lock if lock is not None else contextlib.nullcontext():
+        for move in moves:
+            move(device)
+        try:
+            yield
+        finally:
+            for move in moves:
+                move("cpu")

@@ -25,11 +25,12 @@ from trl.trainer.utils import RepeatSampler
 from . import checkpoints
 from .adapters import PipelineAdapter
 from .config import DanceGRPOConfig
+from .encoding import PromptEncoder
 from .hub import ModelCardCallback
 from .models import (  # noqa: F401  (cast_module: re-exported)
-    ENCODER_COMPONENTS,
     cast_module,
     make_adapter,
+    on_device_while_used,
     place_frozen_modules,
     prepare_denoiser,
     resolve_pipeline,
@@ -47,7 +48,7 @@ from .objectives import (  # noqa: F401  (compute_advantages, best_of_n_indices:
 from .rewards.scoring import RewardScorer, resolve_reward_funcs
 from .rollout import Sampler, denoise, index_conditioning, mix_seed, sample_slices
 from .sharding import save_denoiser_state_dict
-from .video import image_key, load_image, log_sample_to_integrations, save_sample, side_by_side
+from .video import load_image, log_sample_to_integrations, save_sample, side_by_side
 
 
 RewardFunc = Callable[..., list]
@@ -214,7 +215,9 @@ class DanceGRPOTrainer(Trainer):
             )
         self.weight_dtype = training_dtype(args)
         place_frozen_modules(self.adapter, self.accelerator.device, self.weight_dtype, args.offload_text_encoders)
-        self._prompt_cache = {}  # row key -> its conditioning on the CPU, with `cache_prompt_embeddings`
+        self.prompt_encoder = PromptEncoder(
+            self.adapter, self.accelerator.device, args.cache_prompt_embeddings, args.offload_text_encoders
+        )
         self._reward_offload_lock = threading.Lock()
         for func in self.reward_funcs:
             if hasattr(func, "set_device"):
@@ -228,7 +231,6 @@ class DanceGRPOTrainer(Trainer):
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._step = 0
         self._buffered_inputs = None
-        self._negative_cond = None
         self._latest_sample = None  # (prompt, sample) of the latest rollout, for `log_samples`
         denoiser_config = getattr(self.denoiser, "_internal_dict", None)
         if isinstance(denoiser_config, FrozenDict) and not isinstance(denoiser_config, TrackerConfig):
@@ -353,64 +355,12 @@ class DanceGRPOTrainer(Trainer):
 
     # -- rollout and rewards ------------------------------------------------------------------------------------------
     def _conditioning(self, prompts: list[str], images: list | None = None):
-        """Conditioning of each sample, encoded once per distinct row and indexed per sample.
+        """Conditioning of each sample and the negative one (see `encoding.PromptEncoder`)."""
+        return self.prompt_encoder(prompts, images)
 
-        A row is its prompt, and for image-to-video and editing also its conditioning image (compared by content: the
-        samples of a group arrive as separately decoded copies). `images` is ignored by text-conditioned models.
-        """
-        if self.adapter.requires_image:
-            if images is None or len(images) != len(prompts):
-                raise ValueError(
-                    f"{type(self.pipeline).__name__} is {self.adapter.task}: it needs one conditioning image per prompt "
-                    f"(got {'none' if images is None else len(images)} for {len(prompts)} prompts)."
-                )
-            images = [
-                load_image(image, f"Sample {i} of the batch (prompt {prompt!r})")
-                for i, (prompt, image) in enumerate(zip(prompts, images))
-            ]
-            keys = [(prompt, image_key(image)) for prompt, image in zip(prompts, images)]
-        else:
-            images, keys = None, list(prompts)
-        unique = list(dict.fromkeys(keys))
-        cache = self._prompt_cache if self.args.cache_prompt_embeddings else {}
-        missing = [key for key in unique if key not in cache]
-        rows = [keys.index(key) for key in missing]
-        encoded = None
-        with torch.no_grad(), self._encoders_on_device():
-            if missing:
-                encoded = self.adapter.encode_conditioning(
-                    [prompts[r] for r in rows], None if images is None else [images[r] for r in rows]
-                )
-            if self.adapter.use_cfg and self._negative_cond is None:
-                self._negative_cond = {
-                    k: v.to(self.accelerator.device) for k, v in self.adapter.negative_conditioning().items()
-                }
-        if self.args.cache_prompt_embeddings:
-            for i, key in enumerate(missing):
-                cache[key] = {name: value[i : i + 1].cpu() for name, value in encoded.items()}
-            cond = {
-                name: torch.cat([cache[key][name] for key in unique]).to(self.accelerator.device)
-                for name in cache[unique[0]]
-            }
-        else:
-            cond = {name: value.to(self.accelerator.device) for name, value in encoded.items()}
-        index = torch.tensor([unique.index(key) for key in keys], device=self.accelerator.device)
-        return index_conditioning(cond, index), (self._negative_cond if self.adapter.use_cfg else None)
-
-    @contextlib.contextmanager
-    def _encoders_on_device(self):
-        """With `offload_text_encoders`, the text and image encoders are on the accelerator only inside this context."""
-        if not self.args.offload_text_encoders:
-            yield
-            return
-        encoders = [m for n, m in self.adapter.frozen_modules().items() if n.startswith(ENCODER_COMPONENTS)]
-        for module in encoders:
-            module.to(self.accelerator.device)
-        try:
-            yield
-        finally:
-            for module in encoders:
-                module.to("cpu")
+    @property
+    def _prompt_cache(self) -> dict:
+        return self.prompt_encoder.cache
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seed: int = 0, eta: float = 0.0, group_size: int = 1, images=None):
@@ -443,21 +393,15 @@ class DanceGRPOTrainer(Trainer):
         with self._rewards_on_device():
             return self.reward_scorer(prompts, images, columns)
 
-    @contextlib.contextmanager
     def _rewards_on_device(self):
         """With `offload_reward_models`, the model rewards are on the accelerator only inside this context."""
         rewards = [func for func in self.reward_funcs if hasattr(func, "move_to")]
-        if not self.args.offload_reward_models or not rewards:
-            yield
-            return
-        with self._reward_offload_lock:  # overlapping rewards score from a thread, one part at a time
-            for func in rewards:
-                func.move_to(self.accelerator.device)
-            try:
-                yield
-            finally:
-                for func in rewards:
-                    func.move_to("cpu")
+        if not self.args.offload_reward_models:
+            rewards = []
+        # overlapping rewards score from a thread, one part at a time
+        return on_device_while_used(
+            [func.move_to for func in rewards], self.accelerator.device, self._reward_offload_lock
+        )
 
     def _generate_and_score(self, inputs: list[dict]) -> dict:
         args, device = self.args, self.accelerator.device
