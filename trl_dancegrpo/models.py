@@ -7,7 +7,6 @@ diffusers pipeline; the *denoiser* is its bare trained module (transformer or UN
 """
 
 import contextlib
-import threading
 from collections.abc import Callable
 
 import torch
@@ -150,7 +149,7 @@ def place_frozen_modules(adapter: PipelineAdapter, device, dtype: torch.dtype, o
 
 
 @contextlib.contextmanager
-def on_device_while_used(moves: list[Callable], device, lock: threading.Lock | None = None):
+def on_device_while_used(moves: list[Callable], device, lock: contextlib.AbstractContextManager | None = None):
     """Offloading: each `move(device)` on entry and `move("cpu")` on exit (`module.to` of the offloaded encoders,
     `move_to` of the offloaded reward models). Nothing to move: nothing done, no lock taken."""
     if not moves:

@@ -1,7 +1,13 @@
-"""DanceGRPOTrainer: GRPO for diffusers pipelines (rollout -> rewards -> group-relative advantages -> clipped loss)."""
+"""DanceGRPOTrainer: GRPO for diffusers pipelines. One rollout feeds `steps_per_generation` micro-steps:
+
+encode (`encoding.PromptEncoder`) -> sample (`rollout.TrajectorySampler`) -> score (the rewards) -> advantages and
+best-of-n (`objectives`) -> optimize (`_policy_step`: per trained step, the log-prob recomputed by
+`TrajectorySampler.recompute_transition`, the PPO-clip loss and KL term of `objectives`) -> log. Model construction is
+in `models.py`, the dataset checks in `config_checks.py`. `self.model` is the denoiser as `Trainer` wraps it (DDP,
+FSDP); `self.denoiser` is the same module unwrapped, for the forwards outside the loss.
+"""
 
 import contextlib
-import json
 import math
 import os
 import pickle
@@ -25,8 +31,9 @@ from trl.trainer.utils import RepeatSampler
 from . import checkpoints
 from .adapters import PipelineAdapter
 from .config import DanceGRPOConfig
+from .config_checks import check_dataset, check_image_column
 from .encoding import PromptEncoder
-from .hub import ModelCardCallback
+from .hub import ModelCardCallback, TrackerConfig
 from .models import (  # noqa: F401  (cast_module: re-exported)
     cast_module,
     make_adapter,
@@ -46,7 +53,7 @@ from .objectives import (  # noqa: F401  (compute_advantages, best_of_n_indices:
     rollout_metrics,
 )
 from .rewards.scoring import RewardScorer, resolve_reward_funcs
-from .rollout import Sampler, denoise, index_conditioning, mix_seed, sample_slices
+from .rollout import TrajectorySampler, denoise, index_conditioning, mix_seed, sample_slices, split_batch
 from .sharding import save_denoiser_state_dict
 from .video import load_image, log_sample_to_integrations, save_sample, side_by_side
 
@@ -56,8 +63,9 @@ logger = logging.get_logger(__name__)
 TRAINING_ARGS_JSON = "training_args.json"
 
 
-class EpochSeededRepeatSampler(RepeatSampler):
-    """TRL's `RepeatSampler` whose shuffling depends only on (seed, epoch), not on how often it was iterated before.
+class PromptSampler(RepeatSampler):
+    """The prompt sampler (which dataset rows each rollout gets; trajectories are `rollout.TrajectorySampler`'s job):
+    TRL's `RepeatSampler` whose shuffling depends only on (seed, epoch), not on how often it was iterated before.
 
     The Trainer calls `set_epoch` at every epoch, so a run resumed from a checkpoint sees the same prompt order as
     one that never stopped.
@@ -76,24 +84,7 @@ class EpochSeededRepeatSampler(RepeatSampler):
         return super().__iter__()
 
 
-def _first_null(column) -> int:
-    import pyarrow.compute as pc
-
-    return pc.index(pc.is_null(column), True).as_py()
-
-
-class TrackerConfig(FrozenDict):
-    """A diffusers model config that transformers' reporting callbacks can serialise.
-
-    TensorBoard's, MLflow's and Trackio's callbacks call `model.config.to_json_string()` / `to_dict()`, which
-    transformers configs have and diffusers' `FrozenDict` lacks (an AttributeError at the first step otherwise).
-    """
-
-    def to_dict(self) -> dict:
-        return dict(self)
-
-    def to_json_string(self) -> str:
-        return json.dumps(dict(self), indent=2, sort_keys=True, default=str)
+EpochSeededRepeatSampler = PromptSampler  # its earlier name
 
 
 class DanceGRPOTrainer(Trainer):
@@ -172,13 +163,13 @@ class DanceGRPOTrainer(Trainer):
         else:
             self.reward_weights = torch.tensor(args.reward_weights, dtype=torch.float32)
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-            self._check_dataset(dataset, name, args)
+            check_dataset(dataset, name, args)
 
         self.pipeline = resolve_pipeline(model)
         self.adapter: PipelineAdapter = make_adapter(self.pipeline, args)
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-            self._check_image_column(dataset, name)
-        self.sampler = Sampler(
+            check_image_column(dataset, name, self.adapter)
+        self.sampler = TrajectorySampler(
             self.adapter,
             eta=args.eta if args.eta is not None else self.adapter.eta_for(args.sde_type),
             window_size=args.sde_window_size,
@@ -229,7 +220,7 @@ class DanceGRPOTrainer(Trainer):
 
             self.ref_denoiser = copy.deepcopy(self.model).requires_grad_(False).eval()
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._step = 0
+        self._micro_step = 0
         self._buffered_inputs = None
         self._latest_sample = None  # (prompt, sample) of the latest rollout, for `log_samples`
         denoiser_config = getattr(self.denoiser, "_internal_dict", None)
@@ -251,89 +242,12 @@ class DanceGRPOTrainer(Trainer):
     # model construction: models.py (resolve_pipeline, make_adapter, prepare_denoiser), shared with estimate-memory
     _make_adapter = staticmethod(make_adapter)
 
-    # -- construction helpers -----------------------------------------------------------------------------------------
-    @staticmethod
-    def _check_dataset(dataset, name: str, args: DanceGRPOConfig) -> None:
-        if dataset is None:
-            return
-        if isinstance(dataset, dict) and all(hasattr(split, "column_names") for split in dataset.values()):
-            raise TypeError(
-                f"{name} is a DatasetDict with the splits {sorted(dataset)}: pick a split, e.g. "
-                f"dataset[{next(iter(dataset), 'train')!r}] (load_dataset(..., split='train'))."
-            )
-        if not hasattr(dataset, "__len__") or not hasattr(dataset, "column_names"):
-            raise TypeError(f"{name} must be a datasets.Dataset with a 'prompt' column, got {type(dataset).__name__}.")
-        if len(dataset) == 0:
-            raise ValueError(f"{name} is empty: it needs at least one prompt.")
-        if "prompt" not in dataset.column_names:
-            raise ValueError(
-                f"{name} has no 'prompt' column (columns: {dataset.column_names}); rename the prompt column to "
-                "'prompt', e.g. dataset.rename_column('caption', 'prompt')."
-            )
-        DanceGRPOTrainer._check_prompts(dataset, name)
-        needed = args.generation_batch_size // args.num_generations
-        if name == "train_dataset" and len(dataset) < needed:
-            raise ValueError(
-                f"train_dataset has {len(dataset)} prompts but one rollout uses {needed} distinct prompts "
-                f"(generation batch {args.generation_batch_size} / num_generations {args.num_generations}); add "
-                "prompts or lower per_device_train_batch_size."
-            )
-
-    @staticmethod
-    def _check_prompts(dataset, name: str) -> None:
-        """Every prompt a string: a None or a number found now, with its row, not when that row is sampled hours in."""
-        if hasattr(dataset, "with_format"):
-            import pyarrow as pa
-
-            column = dataset.with_format("arrow")["prompt"]  # Arrow data: the column's type settles most cases
-            if column.null_count:
-                raise ValueError(f"Row {_first_null(column)} of {name} has no prompt (its 'prompt' is None).")
-            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-                return
-            prompts = column.to_pylist()
-        else:
-            prompts = [row["prompt"] for row in dataset]
-        for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str):
-                raise ValueError(
-                    f"Row {i} of {name} has the prompt {prompt!r} ({type(prompt).__name__}); prompts must be strings."
-                )
-
-    def _check_image_column(self, dataset, name: str) -> None:
-        """Image-to-video and editing rows need an `image` (PIL image, path or tensor): the column, no empty entry, no
-        missing file."""
-        if dataset is None or not self.adapter.requires_image:
-            return
-        if "image" not in dataset.column_names:
-            raise ValueError(
-                f"{type(self.pipeline).__name__} is {self.adapter.task}: {name} needs an 'image' column (PIL images, "
-                f"paths or tensors) next to 'prompt'; its columns are {dataset.column_names}."
-            )
-        if not hasattr(dataset, "with_format"):
-            return
-        import pyarrow as pa
-
-        column = dataset.with_format("arrow")["image"]  # Arrow data: no image is decoded for these checks
-        if column.null_count:
-            raise ValueError(f"Row {_first_null(column)} of {name} has no image (its 'image' is None).")
-        kind = column.type
-        if (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and not pa.types.is_list(kind.value_type):
-            # lists of images (or of paths); a list of lists is an image tensor or array
-            raise ValueError(
-                f"The 'image' column of {name} holds several images per row; {type(self.pipeline).__name__} takes one "
-                "conditioning image per row."
-            )
-        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-            for i, path in enumerate(column.to_pylist()):
-                if not os.path.isfile(path):
-                    raise ValueError(f"Row {i} of {name}: the image file {path!r} does not exist.")
-
     # -- data -------------------------------------------------------------------------------------------------------
     def _get_train_sampler(self, dataset=None):
         # Each prompt appears num_generations times in a row, and each generation batch is repeated for all the
         # micro-steps that consume it (TRL's GRPO scheme); groups may straddle processes.
         args = self.args
-        return EpochSeededRepeatSampler(
+        return PromptSampler(
             data_source=dataset if dataset is not None else self.train_dataset,
             mini_repeat_count=args.num_generations,
             batch_size=args.generation_batch_size // args.num_generations,
@@ -406,8 +320,8 @@ class DanceGRPOTrainer(Trainer):
     def _generate_and_score(self, inputs: list[dict]) -> dict:
         args, device = self.args, self.accelerator.device
         prompts = [row["prompt"] for row in inputs]
-        seed = mix_seed(args.seed, self._step)  # a new seed per rollout, reproducible from the step
-        window = self.sampler.window(args.seed, self._step // args.gradient_accumulation_steps)
+        seed = mix_seed(args.seed, self._micro_step)  # a new seed per rollout, reproducible from the step
+        window = self.sampler.window(args.seed, self._micro_step // args.gradient_accumulation_steps)
         first = self.accelerator.process_index * len(prompts)
         self.model.eval()
         cond, negative = self._conditioning(prompts, [row.get("image") for row in inputs])
@@ -500,7 +414,7 @@ class DanceGRPOTrainer(Trainer):
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         # The micro-step counter seeds every rollout; it is re-derived from the (possibly restored) global step at
         # the first micro-step, so a resumed run draws the same noise as one that never stopped.
-        self._step = None
+        self._micro_step = None
         self._buffered_inputs = None
         self._resumed_rollout = None
         checkpoints.check_output_dir(self.args, resume_from_checkpoint, self.is_world_process_zero())
@@ -514,17 +428,17 @@ class DanceGRPOTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         args = self.args
-        if self._step is None:
-            self._step = self.state.global_step * args.gradient_accumulation_steps
+        if self._micro_step is None:
+            self._micro_step = self.state.global_step * args.gradient_accumulation_steps
             self._restore_rollout()
-        if self._step % (args.steps_per_generation * args.num_iterations) == 0 or self._buffered_inputs is None:
+        if self._micro_step % (args.steps_per_generation * args.num_iterations) == 0 or self._buffered_inputs is None:
             batch = self._generate_and_score(inputs)
-            self._buffered_inputs = self._split(batch, args.steps_per_generation)
+            self._buffered_inputs = split_batch(batch, args.steps_per_generation)
             if args.best_of_n:  # the kept samples were sampled in other batches than the loss will see them in
                 for buffered in self._buffered_inputs:
-                    self._rescore_log_probs(model, buffered)
-        chunk = self._buffered_inputs[self._step % args.steps_per_generation]
-        self._step += 1
+                    self._recompute_old_log_probs(model, buffered)
+        chunk = self._buffered_inputs[self._micro_step % args.steps_per_generation]
+        self._micro_step += 1
         start = time.perf_counter()
         loss = self._policy_step(model, chunk)
         self._metrics["train"]["timing/train"].append(time.perf_counter() - start)
@@ -534,12 +448,12 @@ class DanceGRPOTrainer(Trainer):
         """Continue on the rollout saved with the checkpoint when the resumed step is inside its reuse."""
         saved, self._resumed_rollout = self._resumed_rollout, None
         args = self.args
-        if saved is None or self._step % (args.steps_per_generation * args.num_iterations) == 0:
+        if saved is None or self._micro_step % (args.steps_per_generation * args.num_iterations) == 0:
             return
-        if saved["step"] != self._step:
+        if saved["step"] != self._micro_step:
             raise ValueError(
                 f"The checkpoint's rollout buffer belongs to micro-step {saved['step']}, the resumed run is at "
-                f"{self._step}: were gradient_accumulation_steps or steps_per_generation changed? Resume with the "
+                f"{self._micro_step}: were gradient_accumulation_steps or steps_per_generation changed? Resume with the "
                 "settings of the original run."
             )
         self._buffered_inputs = saved["chunks"]
@@ -547,26 +461,14 @@ class DanceGRPOTrainer(Trainer):
     def _rollout_buffer_to_save(self) -> list[dict] | None:
         """The buffered rollout if later optimizer steps still train on it (a checkpoint inside its reuse)."""
         args = self.args
-        if self._buffered_inputs is None or self._step is None:
+        if self._buffered_inputs is None or self._micro_step is None:
             return None
-        if self._step % (args.steps_per_generation * args.num_iterations) == 0:
+        if self._micro_step % (args.steps_per_generation * args.num_iterations) == 0:
             return None
         return self._buffered_inputs
 
-    @staticmethod
-    def _split(batch: dict, num_chunks: int) -> list[dict]:
-        size = batch["advantages"].shape[0] // num_chunks
-        chunks = []
-        for i in range(num_chunks):
-            part = slice(i * size, (i + 1) * size)
-            chunk = {key: value[part] for key, value in batch.items() if isinstance(value, torch.Tensor)}
-            chunk["cond"] = index_conditioning(batch["cond"], part)
-            chunk["negative_cond"] = batch["negative_cond"]
-            chunks.append(chunk)
-        return chunks
-
     @torch.no_grad()
-    def _rescore_log_probs(self, model, chunk: dict) -> None:
+    def _recompute_old_log_probs(self, model, chunk: dict) -> None:
         """Recompute, in place, the old log-probs of the trained steps in exactly the loss's batches (no gradient).
 
         Best-of-n drops samples after the rollout, so the kept ones were sampled in other batch compositions than the
@@ -576,20 +478,10 @@ class DanceGRPOTrainer(Trainer):
         num_samples, num_steps = chunk["train_steps"].shape
         for s in sample_slices(num_samples, num_samples, self.args.rollout_batch_size):
             for j in range(num_steps):
-                step, rows, step_index, _, _ = self._rescore(model, chunk, s, j)
+                step, rows, step_index, _, _ = self.sampler.recompute_transition(
+                    model, chunk, s, j, self.accelerator.autocast
+                )
                 chunk["log_probs"][s][rows, step_index] = step.log_prob
-
-    def _rescore(self, model, chunk: dict, s: slice, j: int):
-        """Re-score the j-th trained transition of the samples `s` under `model`: the step, and what it was built on."""
-        step_index = chunk["train_steps"][s, j]
-        rows = torch.arange(step_index.shape[0], device=step_index.device)
-        latents = chunk["latents"][s]
-        x_t, x_next = latents[rows, step_index], latents[rows, step_index + 1]
-        cond = index_conditioning(chunk["cond"], s)
-        with self.accelerator.autocast():
-            output = denoise(self.adapter, model, x_t, step_index, cond, chunk["negative_cond"])
-        step = self.adapter.step(output, x_t, step_index, self.sampler.eta, prev_sample=x_next)
-        return step, rows, step_index, x_t, cond
 
     def _policy_step(self, model, chunk: dict) -> torch.Tensor:
         """PPO-clip loss on the chosen steps of each sample, one backward per (step, slice): memory stays flat."""
@@ -617,7 +509,9 @@ class DanceGRPOTrainer(Trainer):
 
     def _step_loss(self, model, chunk, s, j, stats) -> torch.Tensor:
         args = self.args
-        step, rows, step_index, x_t, cond = self._rescore(model, chunk, s, j)
+        step, rows, step_index, x_t, cond = self.sampler.recompute_transition(
+            model, chunk, s, j, self.accelerator.autocast
+        )
         old_log_prob = chunk["log_probs"][s][rows, step_index]
         advantages = chunk["advantages"][s]
         per_sample, ratio, log_ratio = clipped_policy_loss(step.log_prob, old_log_prob, advantages, args.epsilon)
@@ -849,7 +743,7 @@ class DanceGRPOTrainer(Trainer):
             if rollout is not None:  # every process its own part of the rollout
                 os.makedirs(staging, exist_ok=True)
                 suffix = f"_{self.accelerator.process_index}" if self.accelerator.num_processes > 1 else ""
-                checkpoints.save_rollout_buffer(staging, self._step, rollout, suffix)
+                checkpoints.save_rollout_buffer(staging, self._micro_step, rollout, suffix)
         if self.args.should_save:
             for callback in [*self.callback_handler.callbacks, self.control]:
                 if isinstance(callback, ExportableState):

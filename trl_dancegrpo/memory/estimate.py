@@ -227,10 +227,10 @@ class _Run:
     @property
     def num_train_steps(self) -> int:
         """Trained steps per sample, as the trainer's sampler counts them."""
-        from ..rollout import Sampler
+        from ..rollout import TrajectorySampler
 
         args = self.args
-        sampler = Sampler(
+        sampler = TrajectorySampler(
             self.adapter, self.eta, window_size=args.sde_window_size, timestep_fraction=args.timestep_fraction
         )
         return sampler.num_train_steps
