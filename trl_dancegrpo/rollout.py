@@ -40,10 +40,14 @@ class Trajectory:
         latents (`torch.Tensor`): `[N, T + 1, *latent_shape]`, the initial noise followed by the latent after each step.
         log_probs (`torch.Tensor`): `[N, T]` float32, the log-prob of each transition under the sampling policy (0 for
             deterministic steps).
+        window (`range`, *optional*): The stochastic steps, decided once per rollout (`TrajectorySampler.rollout`).
+        train_steps (`torch.Tensor`, *optional*): `[N, J]`, the steps of each sample that are trained on.
     """
 
     latents: torch.Tensor
     log_probs: torch.Tensor
+    window: range | None = None
+    train_steps: torch.Tensor | None = None
 
     @property
     def final_latents(self) -> torch.Tensor:
@@ -209,6 +213,29 @@ class TrajectorySampler:
             generator = torch.Generator().manual_seed(mix_seed(seed, i // group_size))
             noises.append(self.adapter.initial_noise(1, generator, device, torch.float32))
         return torch.cat(noises)
+
+    def rollout(
+        self,
+        denoiser,
+        cond,
+        negative_cond,
+        first: int,
+        seed: int,
+        parts: list[slice],
+        window_seed: int,
+        optimizer_step: int,
+        **kwargs,
+    ) -> Trajectory:
+        """A training rollout: its SDE window decided once (from `window_seed` and `optimizer_step`, see `window`),
+        the samples drawn (`sample`, whose keyword arguments `kwargs` takes), and the trained steps of each sample;
+        the window and the trained steps come back with the trajectory."""
+        window = self.window(window_seed, optimizer_step)
+        trajectory = self.sample(
+            denoiser, cond, negative_cond, first=first, seed=seed, parts=parts, window=window, **kwargs
+        )
+        trajectory.window = window
+        trajectory.train_steps = self.train_steps(window, first, parts[-1].stop, seed)
+        return trajectory
 
     @torch.no_grad()
     def sample(

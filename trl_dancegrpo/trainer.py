@@ -321,7 +321,6 @@ class DanceGRPOTrainer(Trainer):
         args, device = self.args, self.accelerator.device
         prompts = [row["prompt"] for row in inputs]
         seed = mix_seed(args.seed, self._micro_step)  # a new seed per rollout, reproducible from the step
-        window = self.sampler.window(args.seed, self._micro_step // args.gradient_accumulation_steps)
         first = self.accelerator.process_index * len(prompts)
         self.model.eval()
         cond, negative = self._conditioning(prompts, [row.get("image") for row in inputs])
@@ -341,14 +340,15 @@ class DanceGRPOTrainer(Trainer):
 
         try:
             start = time.perf_counter()
-            trajectory = self.sampler.sample(
+            trajectory = self.sampler.rollout(
                 self.denoiser,
                 cond,
                 negative,
                 first=first,
                 seed=seed,
                 parts=parts,
-                window=window,
+                window_seed=args.seed,
+                optimizer_step=self._micro_step // args.gradient_accumulation_steps,
                 group_size=args.num_generations if args.init_same_noise else 1,
                 autocast=self.accelerator.autocast,
                 on_part=on_part,
@@ -384,13 +384,13 @@ class DanceGRPOTrainer(Trainer):
         self._log_rollout_metrics(masked, failed, advantages, rollout_time, reward_time)
 
         if args.sde_window_size is not None:
-            self._metrics["train"]["sde_window/start"].append(float(window.start))
+            self._metrics["train"]["sde_window/start"].append(float(trajectory.window.start))
         batch = {
             "latents": trajectory.latents,
             "log_probs": trajectory.log_probs,
             "advantages": advantages[process_slice].to(device),
             # per sample, a random subset of the window's steps (without one: of all but the last step) to train on
-            "train_steps": self.sampler.train_steps(window, first, len(prompts), seed).to(device),
+            "train_steps": trajectory.train_steps.to(device),
             "cond": cond,
             "negative_cond": negative,
         }
