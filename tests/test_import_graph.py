@@ -85,7 +85,8 @@ def test_no_import_circle():
 
 
 @pytest.mark.parametrize(
-    "module", ["memory.estimate", "memory.report", "memory.fake", "models", "objectives", "arguments"]
+    "module",
+    ["memory.estimate", "memory.report", "memory.fake", "models", "objectives", "arguments", "encoding", "rollout"],
 )
 def test_no_upward_import(module):
     imported = import_graph()[f"trl_dancegrpo.{module}"]
