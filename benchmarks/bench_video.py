@@ -201,7 +201,7 @@ def run_one(options: dict) -> dict:
     metrics = trainer._metrics["train"]
 
     def iteration():
-        trainer._step, trainer._buffered_inputs = 0, None
+        trainer._micro_step, trainer._buffered_inputs = 0, None
         trainer.training_step(trainer.model, inputs)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)

@@ -9,5 +9,5 @@ __all__ = ["DanceGRPOConfig", "DanceGRPOTrainer", "compute_advantages"]
 
 # Imported on first use: `python -m trl_dancegrpo` checks its options before torch and transformers are loaded.
 __getattr__, __dir__ = lazy_attributes(
-    __name__, {"DanceGRPOConfig": ".config", "DanceGRPOTrainer": ".trainer", "compute_advantages": ".trainer"}
+    __name__, {"DanceGRPOConfig": ".config", "DanceGRPOTrainer": ".trainer", "compute_advantages": ".objectives"}
 )

@@ -3,10 +3,14 @@
 `DanceGRPOConfig.__post_init__` runs them first, and the command line runs them on the parsed options before it
 imports anything heavy, so a wrong value is reported in a fraction of a second (see `cli_checks.py`). Checks that
 need the number of processes or the device stay in `DanceGRPOConfig.__post_init__`.
+
+The checks of the datasets (`check_dataset`, `check_image_column`) are here too: the trainer's constructor runs them
+before it loads the pipeline (the image column: right after, once the adapter says whether images are needed).
 """
 
 import json
 import math
+import os
 import warnings
 
 
@@ -155,3 +159,92 @@ def check_reward_values(args) -> None:
     if args.reward_retries < 0:
         raise ValueError(f"reward_retries must be >= 0, got {args.reward_retries}.")
     parse_reward_kwargs(args.reward_kwargs)
+
+
+# -- datasets ------------------------------------------------------------------------------------------------------
+def _first_null(column) -> int:
+    import pyarrow.compute as pc
+
+    return pc.index(pc.is_null(column), True).as_py()
+
+
+def check_dataset(dataset, name: str, args) -> None:
+    """A training or evaluation dataset (`name`) the trainer can use: a `datasets.Dataset` with string prompts, enough
+    distinct prompts for one rollout (`args`: the `DanceGRPOConfig`). `None` passes."""
+    if dataset is None:
+        return
+    if isinstance(dataset, dict) and all(hasattr(split, "column_names") for split in dataset.values()):
+        raise TypeError(
+            f"{name} is a DatasetDict with the splits {sorted(dataset)}: pick a split, e.g. "
+            f"dataset[{next(iter(dataset), 'train')!r}] (load_dataset(..., split='train'))."
+        )
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "column_names"):
+        raise TypeError(f"{name} must be a datasets.Dataset with a 'prompt' column, got {type(dataset).__name__}.")
+    if len(dataset) == 0:
+        raise ValueError(f"{name} is empty: it needs at least one prompt.")
+    if "prompt" not in dataset.column_names:
+        raise ValueError(
+            f"{name} has no 'prompt' column (columns: {dataset.column_names}); rename the prompt column to "
+            "'prompt', e.g. dataset.rename_column('caption', 'prompt')."
+        )
+    _check_prompts(dataset, name)
+    needed = args.generation_batch_size // args.num_generations
+    if name == "train_dataset" and len(dataset) < needed:
+        raise ValueError(
+            f"train_dataset has {len(dataset)} prompts but one rollout uses {needed} distinct prompts "
+            f"(generation batch {args.generation_batch_size} / num_generations {args.num_generations}); add "
+            "prompts or lower per_device_train_batch_size."
+        )
+
+
+def _check_prompts(dataset, name: str) -> None:
+    """Every prompt a string: a None or a number found now, with its row, not when that row is sampled hours in."""
+    if hasattr(dataset, "with_format"):
+        import pyarrow as pa
+
+        column = dataset.with_format("arrow")["prompt"]  # Arrow data: the column's type settles most cases
+        if column.null_count:
+            raise ValueError(f"Row {_first_null(column)} of {name} has no prompt (its 'prompt' is None).")
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            return
+        prompts = column.to_pylist()
+    else:
+        prompts = [row["prompt"] for row in dataset]
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise ValueError(
+                f"Row {i} of {name} has the prompt {prompt!r} ({type(prompt).__name__}); prompts must be strings."
+            )
+
+
+def check_image_column(dataset, name: str, adapter) -> None:
+    """Image-to-video and editing rows need an `image` (PIL image, path or tensor), video-to-video rows a `video`
+    (frames or a video file path): the column, no empty entry, no missing file."""
+    if dataset is None or not adapter.requires_image:
+        return
+    key = adapter.conditioning_column
+    pipeline = type(adapter.pipeline).__name__
+    if key not in dataset.column_names:
+        what = "frames or a video file path" if key == "video" else "PIL images, paths or tensors"
+        raise ValueError(
+            f"{pipeline} is {adapter.task}: {name} needs {'an' if key == 'image' else 'a'} '{key}' column ({what}) "
+            f"next to 'prompt'; its columns are {dataset.column_names}."
+        )
+    if not hasattr(dataset, "with_format"):
+        return
+    import pyarrow as pa
+
+    column = dataset.with_format("arrow")[key]  # Arrow data: nothing is decoded for these checks
+    if column.null_count:
+        raise ValueError(f"Row {_first_null(column)} of {name} has no {key} (its '{key}' is None).")
+    kind = column.type
+    several = (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and not pa.types.is_list(kind.value_type)
+    if key == "image" and several:  # lists of images (or of paths); a list of lists is an image array
+        raise ValueError(
+            f"The 'image' column of {name} holds several images per row; {pipeline} takes one conditioning image per "
+            "row."
+        )
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        for i, path in enumerate(column.to_pylist()):
+            if not os.path.isfile(path):
+                raise ValueError(f"Row {i} of {name}: the {key} file {path!r} does not exist.")

@@ -17,6 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+from diffusers.configuration_utils import FrozenDict
 from transformers import TrainerCallback
 
 from .sharding import plain_class
@@ -515,3 +516,17 @@ def push_from_checkpoint(trainer, checkpoint_folder: str) -> None:
         trainer.push_in_progress = PushInProgress(jobs)
     else:
         trainer.push_in_progress.jobs.extend(jobs)
+
+
+class TrackerConfig(FrozenDict):
+    """A diffusers model config that transformers' reporting callbacks can serialise.
+
+    TensorBoard's, MLflow's and Trackio's callbacks call `model.config.to_json_string()` / `to_dict()`, which
+    transformers configs have and diffusers' `FrozenDict` lacks (an AttributeError at the first step otherwise).
+    """
+
+    def to_dict(self) -> dict:
+        return dict(self)
+
+    def to_json_string(self) -> str:
+        return json.dumps(dict(self), indent=2, sort_keys=True, default=str)

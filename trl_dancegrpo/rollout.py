@@ -1,6 +1,6 @@
 """The sampler: the one denoising loop, and everything that decides what a rollout samples.
 
-[`Sampler`] owns, for a batch of samples identified by their index in the global batch:
+[`TrajectorySampler`] (not to be confused with the trainer's `PromptSampler`, which picks the dataset rows) owns, for a batch of samples identified by their index in the global batch:
 - the initial noise (shared by the samples of a group) and the SDE noise, drawn per sample from its global index, so
   results do not depend on how the batch is split into parts, slices or processes;
 - which steps are stochastic: the SDE window (all steps but the last without one), every other step a deterministic
@@ -10,7 +10,8 @@
 - the parts of the rollout (each part is exactly one slice of the loss, so the ratio starts at 1) and which steps of
   each sample are trained.
 
-Its building block [`denoise`] is used again by the loss to re-score stored transitions, so that the rollout and the
+Its building block [`denoise`] is used again by the loss to recompute the log-probs of stored transitions
+(`TrajectorySampler.recompute_transition`), so that the rollout and the
 training forward compute exactly the same thing on the same batch composition.
 """
 
@@ -39,10 +40,14 @@ class Trajectory:
         latents (`torch.Tensor`): `[N, T + 1, *latent_shape]`, the initial noise followed by the latent after each step.
         log_probs (`torch.Tensor`): `[N, T]` float32, the log-prob of each transition under the sampling policy (0 for
             deterministic steps).
+        window (`range`, *optional*): The stochastic steps, decided once per rollout (`TrajectorySampler.rollout`).
+        train_steps (`torch.Tensor`, *optional*): `[N, J]`, the steps of each sample that are trained on.
     """
 
     latents: torch.Tensor
     log_probs: torch.Tensor
+    window: range | None = None
+    train_steps: torch.Tensor | None = None
 
     @property
     def final_latents(self) -> torch.Tensor:
@@ -72,6 +77,20 @@ def index_conditioning(cond: Conditioning, index) -> Conditioning:
     return {key: value[index] for key, value in cond.items()}
 
 
+def split_batch(batch: dict, num_chunks: int) -> list[dict]:
+    """A rollout batch (tensors with one row per sample, `cond`, `negative_cond`) cut into `num_chunks` equal chunks,
+    one per micro-step that trains on it."""
+    size = batch["advantages"].shape[0] // num_chunks
+    chunks = []
+    for i in range(num_chunks):
+        part = slice(i * size, (i + 1) * size)
+        chunk = {key: value[part] for key, value in batch.items() if isinstance(value, torch.Tensor)}
+        chunk["cond"] = index_conditioning(batch["cond"], part)
+        chunk["negative_cond"] = batch["negative_cond"]
+        chunks.append(chunk)
+    return chunks
+
+
 def denoise(
     adapter: PipelineAdapter,
     denoiser: torch.nn.Module,
@@ -94,7 +113,7 @@ def denoise(
     return adapter.combine_guidance(uncond, text)
 
 
-class Sampler:
+class TrajectorySampler:
     """Samples trajectories for a batch: noise per global sample index, the SDE window, the shared prefix, the parts.
 
     Args:
@@ -125,6 +144,24 @@ class Sampler:
         self.window_schedule = window_schedule
         self.window_interval = window_interval
         self.timestep_fraction = timestep_fraction
+
+    # -- the loss's forward ----------------------------------------------------------------------------------------
+    def recompute_transition(self, denoiser, batch: dict, s: slice, j: int, autocast=contextlib.nullcontext):
+        """The j-th trained transition of the samples `s` of a stored rollout `batch`, recomputed under `denoiser`.
+
+        `batch` holds `latents` `[N, T + 1, ...]`, `train_steps` `[N, J]`, `cond` and `negative_cond`. Returns the
+        step (its `log_prob` is the transition's log-prob under `denoiser`), the row index, the step indices, the
+        latents the step started from and the samples' conditioning.
+        """
+        step_index = batch["train_steps"][s, j]
+        rows = torch.arange(step_index.shape[0], device=step_index.device)
+        latents = batch["latents"][s]
+        x_t, x_next = latents[rows, step_index], latents[rows, step_index + 1]
+        cond = index_conditioning(batch["cond"], s)
+        with autocast():
+            output = denoise(self.adapter, denoiser, x_t, step_index, cond, batch["negative_cond"])
+        step = self.adapter.step(output, x_t, step_index, self.eta, prev_sample=x_next)
+        return step, rows, step_index, x_t, cond
 
     # -- which steps --------------------------------------------------------------------------------------------------
     def window(self, seed: int, step: int) -> range:
@@ -176,6 +213,29 @@ class Sampler:
             generator = torch.Generator().manual_seed(mix_seed(seed, i // group_size))
             noises.append(self.adapter.initial_noise(1, generator, device, torch.float32))
         return torch.cat(noises)
+
+    def rollout(
+        self,
+        denoiser,
+        cond,
+        negative_cond,
+        first: int,
+        seed: int,
+        parts: list[slice],
+        window_seed: int,
+        optimizer_step: int,
+        **kwargs,
+    ) -> Trajectory:
+        """A training rollout: its SDE window decided once (from `window_seed` and `optimizer_step`, see `window`),
+        the samples drawn (`sample`, whose keyword arguments `kwargs` takes), and the trained steps of each sample;
+        the window and the trained steps come back with the trajectory."""
+        window = self.window(window_seed, optimizer_step)
+        trajectory = self.sample(
+            denoiser, cond, negative_cond, first=first, seed=seed, parts=parts, window=window, **kwargs
+        )
+        trajectory.window = window
+        trajectory.train_steps = self.train_steps(window, first, parts[-1].stop, seed)
+        return trajectory
 
     @torch.no_grad()
     def sample(
@@ -282,3 +342,6 @@ class Sampler:
         step_index = torch.full((latents.shape[0],), i, device=latents.device, dtype=torch.long)
         output = denoise(self.adapter, denoiser, latents, step_index, cond, negative_cond)
         return self.adapter.step(output, latents, step_index, eta, generator=generator)
+
+
+Sampler = TrajectorySampler  # its earlier name

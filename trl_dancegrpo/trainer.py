@@ -1,7 +1,13 @@
-"""DanceGRPOTrainer: GRPO for diffusers pipelines (rollout -> rewards -> group-relative advantages -> clipped loss)."""
+"""DanceGRPOTrainer: GRPO for diffusers pipelines. One rollout feeds `steps_per_generation` micro-steps:
+
+encode (`encoding.PromptEncoder`) -> sample (`rollout.TrajectorySampler`) -> score (the rewards) -> advantages and
+best-of-n (`objectives`) -> optimize (`_policy_step`: per trained step, the log-prob recomputed by
+`TrajectorySampler.recompute_transition`, the PPO-clip loss and KL term of `objectives`) -> log. Model construction is
+in `models.py`, the dataset checks in `config_checks.py`. `self.model` is the denoiser as `Trainer` wraps it (DDP,
+FSDP); `self.denoiser` is the same module unwrapped, for the forwards outside the loss.
+"""
 
 import contextlib
-import json
 import os
 import shutil
 import threading
@@ -21,81 +27,43 @@ from transformers.utils import logging
 from trl.trainer.utils import RepeatSampler
 
 from . import checkpoints
-from .adapters import PipelineAdapter, get_adapter_class
+from .adapters import PipelineAdapter
 from .config import DanceGRPOConfig
-from .config_checks import check_reward_weights_count
-from .hub import ModelCardCallback
+from .config_checks import check_dataset, check_image_column, check_reward_weights_count
+from .encoding import PromptEncoder
+from .hub import ModelCardCallback, TrackerConfig
+from .models import (  # noqa: F401  (cast_module: re-exported)
+    cast_module,
+    make_adapter,
+    on_device_while_used,
+    place_frozen_modules,
+    prepare_denoiser,
+    resolve_pipeline,
+    training_dtype,
+)
+from .objectives import (  # noqa: F401  (compute_advantages, best_of_n_indices: re-exported, importable from here)
+    best_of_n_indices,
+    clipped_mask,
+    clipped_policy_loss,
+    compute_advantages,
+    gaussian_kl,
+    policy_metrics,
+    rollout_metrics,
+)
 from .rewards.scoring import RewardScorer, resolve_reward_funcs
-from .rollout import Sampler, denoise, index_conditioning, mix_seed, sample_slices
+from .rollout import TrajectorySampler, denoise, index_conditioning, mix_seed, sample_slices, split_batch
 from .sharding import save_denoiser_state_dict
 from .video import load_image, log_sample_to_integrations, save_sample, side_by_side
 
 
 RewardFunc = Callable[..., list]
-ENCODER_COMPONENTS = ("text_encoder", "image_encoder")  # pipeline components `offload_text_encoders` keeps on the CPU
 logger = logging.get_logger(__name__)
 TRAINING_ARGS_JSON = "training_args.json"
 
 
-def compute_advantages(
-    rewards: torch.Tensor,
-    num_generations: int,
-    weights: torch.Tensor,
-    aggregation: str = "normalize_then_sum",
-    adv_clip_max: float | None = None,
-) -> torch.Tensor:
-    """Group-relative advantages from per-reward scores.
-
-    Args:
-        rewards (`torch.Tensor`): `[N, K]`, N samples in consecutive groups of `num_generations`, K rewards; NaN marks
-            a score that does not count (not applicable, or a failed sample). NaN scores are left out of their group's
-            statistics and contribute 0 to the advantage.
-        num_generations (`int`): Group size G.
-        weights (`torch.Tensor`): `[K]` reward weights.
-        aggregation (`str`): `"normalize_then_sum"`: `A = sum_k w_k (r_k - mean_k) / (std_k + 1e-8)` with per-group,
-            per-reward statistics (the paper); `"sum_then_normalize"`: the weighted sum is normalised per group.
-        adv_clip_max (`float`, *optional*): Clamp to `[-adv_clip_max, adv_clip_max]`.
-
-    Returns:
-        `torch.Tensor`: `[N]` advantages, float32. Standard deviations are unbiased (as `torch.std`); a group with
-        fewer than two valid scores for a reward gets 0 from it.
-    """
-    rewards = rewards.float()
-    weights = weights.to(rewards)
-    if aggregation == "sum_then_normalize":
-        applicable = ~torch.isnan(rewards)
-        total = (torch.nan_to_num(rewards) * weights).sum(dim=1, keepdim=True)
-        total[~applicable.any(dim=1)] = float("nan")
-        return compute_advantages(total, num_generations, torch.ones(1), "normalize_then_sum", adv_clip_max)
-    grouped = rewards.view(-1, num_generations, rewards.shape[1])  # [groups, G, K]
-    valid = ~torch.isnan(grouped)
-    count = valid.sum(dim=1, keepdim=True)
-    mean = torch.nansum(grouped, dim=1, keepdim=True) / count.clamp_min(1)
-    centered = torch.where(valid, grouped - mean, torch.zeros_like(grouped))
-    std = (centered.pow(2).sum(dim=1, keepdim=True) / (count - 1).clamp_min(1)).sqrt()
-    normalized = torch.where(valid & (count > 1), centered / (std + 1e-8), torch.zeros_like(grouped))
-    advantages = (normalized * weights).sum(dim=2).view(-1)
-    if adv_clip_max is not None:
-        advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
-    return advantages
-
-
-def best_of_n_indices(advantages: torch.Tensor, num_generations: int, best_of_n: int) -> torch.Tensor:
-    """Indices of the `best_of_n // 2` highest- and `best_of_n // 2` lowest-advantage samples of each group.
-
-    `advantages` holds whole consecutive groups of `num_generations`; the indices come back in increasing order (ties
-    keep the earlier sample).
-    """
-    k = best_of_n // 2
-    grouped = advantages.view(-1, num_generations)
-    order = torch.sort(grouped, dim=1, descending=True, stable=True).indices
-    chosen = torch.cat([order[:, :k], order[:, -k:]], dim=1).sort(dim=1).values
-    offsets = torch.arange(grouped.shape[0], device=advantages.device).unsqueeze(1) * num_generations
-    return (chosen + offsets).flatten()
-
-
-class EpochSeededRepeatSampler(RepeatSampler):
-    """TRL's `RepeatSampler` whose shuffling depends only on (seed, epoch), not on how often it was iterated before.
+class PromptSampler(RepeatSampler):
+    """The prompt sampler (which dataset rows each rollout gets; trajectories are `rollout.TrajectorySampler`'s job):
+    TRL's `RepeatSampler` whose shuffling depends only on (seed, epoch), not on how often it was iterated before.
 
     The Trainer calls `set_epoch` at every epoch, so a run resumed from a checkpoint sees the same prompt order as
     one that never stopped.
@@ -114,32 +82,7 @@ class EpochSeededRepeatSampler(RepeatSampler):
         return super().__iter__()
 
 
-def _first_null(column) -> int:
-    import pyarrow.compute as pc
-
-    return pc.index(pc.is_null(column), True).as_py()
-
-
-def cast_module(module: torch.nn.Module, dtype: torch.dtype) -> None:
-    """`module.to(dtype=dtype)`, without diffusers' warning about float32 modules when the model has none to keep."""
-    if getattr(module, "_keep_in_fp32_modules", None):
-        module.to(dtype=dtype)
-    else:
-        torch.nn.Module.to(module, dtype=dtype)
-
-
-class TrackerConfig(FrozenDict):
-    """A diffusers model config that transformers' reporting callbacks can serialise.
-
-    TensorBoard's, MLflow's and Trackio's callbacks call `model.config.to_json_string()` / `to_dict()`, which
-    transformers configs have and diffusers' `FrozenDict` lacks (an AttributeError at the first step otherwise).
-    """
-
-    def to_dict(self) -> dict:
-        return dict(self)
-
-    def to_json_string(self) -> str:
-        return json.dumps(dict(self), indent=2, sort_keys=True, default=str)
+EpochSeededRepeatSampler = PromptSampler  # its earlier name
 
 
 class DanceGRPOTrainer(Trainer):
@@ -212,13 +155,13 @@ class DanceGRPOTrainer(Trainer):
         weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(self.reward_funcs)
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-            self._check_dataset(dataset, name, args)
+            check_dataset(dataset, name, args)
 
-        self.pipeline = self._load_pipeline(model, args.pipeline_class)
-        self.adapter: PipelineAdapter = self._make_adapter(self.pipeline, args)
+        self.pipeline = resolve_pipeline(model, args.pipeline_class)
+        self.adapter: PipelineAdapter = make_adapter(self.pipeline, args)
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-            self._check_image_column(dataset, name)
-        self.sampler = Sampler(
+            check_image_column(dataset, name, self.adapter)
+        self.sampler = TrajectorySampler(
             self.adapter,
             eta=args.eta if args.eta is not None else self.adapter.eta_for(args.sde_type),
             window_size=args.sde_window_size,
@@ -229,7 +172,8 @@ class DanceGRPOTrainer(Trainer):
         )
 
         set_seed(args.seed)  # the LoRA's random initialisation is reproducible, as the Trainer's own model_init is
-        denoiser = self._prepare_denoiser(self.adapter.denoiser, peft_config, args)
+        self.is_lora = peft_config is not None
+        denoiser = prepare_denoiser(self.adapter, self.adapter.denoiser, peft_config, args)
         super().__init__(
             model=denoiser,
             args=args,
@@ -252,14 +196,11 @@ class DanceGRPOTrainer(Trainer):
                 f"{type(self.pipeline).__name__} has two experts, which train under DDP (or on one GPU), not FSDP: "
                 "launch with a DDP accelerate config (examples/accelerate/ddp.yaml)."
             )
-        self.weight_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-        for name, module in self.adapter.frozen_modules().items():
-            # offloaded encoders wait on the CPU and visit the GPU only to encode (see `_encoders_on_device`)
-            offload = args.offload_text_encoders and name.startswith(ENCODER_COMPONENTS)
-            module.to("cpu" if offload else self.accelerator.device)
-            if self.weight_dtype != torch.float32:
-                cast_module(module, self.weight_dtype)
-        self._prompt_cache = {}  # row key -> its conditioning on the CPU, with `cache_prompt_embeddings`
+        self.weight_dtype = training_dtype(args)
+        place_frozen_modules(self.adapter, self.accelerator.device, self.weight_dtype, args.offload_text_encoders)
+        self.prompt_encoder = PromptEncoder(
+            self.adapter, self.accelerator.device, args.cache_prompt_embeddings, args.offload_text_encoders
+        )
         self._reward_offload_lock = threading.Lock()
         for func in self.reward_funcs:
             if hasattr(func, "set_device"):
@@ -271,9 +212,8 @@ class DanceGRPOTrainer(Trainer):
 
             self.ref_denoiser = copy.deepcopy(self.model).requires_grad_(False).eval()
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._step = 0
+        self._micro_step = 0
         self._buffered_inputs = None
-        self._negative_cond = None
         self._latest_sample = None  # (prompt, sample) of the latest rollout, for `log_samples`
         denoiser_config = getattr(self.denoiser, "_internal_dict", None)
         if isinstance(denoiser_config, FrozenDict) and not isinstance(denoiser_config, TrackerConfig):
@@ -291,218 +231,15 @@ class DanceGRPOTrainer(Trainer):
         """
         return self.model if self.is_fsdp_enabled else self.accelerator.unwrap_model(self.model)
 
-    # -- construction helpers -----------------------------------------------------------------------------------------
-    @staticmethod
-    def _check_dataset(dataset, name: str, args: DanceGRPOConfig) -> None:
-        if dataset is None:
-            return
-        if isinstance(dataset, dict) and all(hasattr(split, "column_names") for split in dataset.values()):
-            raise TypeError(
-                f"{name} is a DatasetDict with the splits {sorted(dataset)}: pick a split, e.g. "
-                f"dataset[{next(iter(dataset), 'train')!r}] (load_dataset(..., split='train'))."
-            )
-        if not hasattr(dataset, "__len__") or not hasattr(dataset, "column_names"):
-            raise TypeError(f"{name} must be a datasets.Dataset with a 'prompt' column, got {type(dataset).__name__}.")
-        if len(dataset) == 0:
-            raise ValueError(f"{name} is empty: it needs at least one prompt.")
-        if "prompt" not in dataset.column_names:
-            raise ValueError(
-                f"{name} has no 'prompt' column (columns: {dataset.column_names}); rename the prompt column to "
-                "'prompt', e.g. dataset.rename_column('caption', 'prompt')."
-            )
-        DanceGRPOTrainer._check_prompts(dataset, name)
-        needed = args.generation_batch_size // args.num_generations
-        if name == "train_dataset" and len(dataset) < needed:
-            raise ValueError(
-                f"train_dataset has {len(dataset)} prompts but one rollout uses {needed} distinct prompts "
-                f"(generation batch {args.generation_batch_size} / num_generations {args.num_generations}); add "
-                "prompts or lower per_device_train_batch_size."
-            )
-
-    @staticmethod
-    def _check_prompts(dataset, name: str) -> None:
-        """Every prompt a string: a None or a number found now, with its row, not when that row is sampled hours in."""
-        if hasattr(dataset, "with_format"):
-            import pyarrow as pa
-
-            column = dataset.with_format("arrow")["prompt"]  # Arrow data: the column's type settles most cases
-            if column.null_count:
-                raise ValueError(f"Row {_first_null(column)} of {name} has no prompt (its 'prompt' is None).")
-            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-                return
-            prompts = column.to_pylist()
-        else:
-            prompts = [row["prompt"] for row in dataset]
-        for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str):
-                raise ValueError(
-                    f"Row {i} of {name} has the prompt {prompt!r} ({type(prompt).__name__}); prompts must be strings."
-                )
-
-    @staticmethod
-    def _make_adapter(pipeline, args: DanceGRPOConfig) -> PipelineAdapter:
-        adapter_class = get_adapter_class(pipeline)
-        kwargs = {}
-        if adapter_class.is_video:
-            kwargs["num_frames"] = args.num_frames
-        elif args.num_frames not in (None, 1):
-            raise ValueError(
-                f"num_frames={args.num_frames} but {type(pipeline).__name__} generates images; leave num_frames unset."
-            )
-        if adapter_class.takes_strength:
-            kwargs["strength"] = args.strength
-        elif args.strength is not None:
-            raise ValueError(
-                f"strength is for video-to-video pipelines; {type(pipeline).__name__} samples from noise: leave it unset."
-            )
-        if args.train_experts is not None:
-            if not adapter_class.has_experts:
-                raise ValueError(
-                    f"train_experts is for two-expert models (Wan 2.2 A14B); {type(pipeline).__name__} has one "
-                    "denoiser: leave train_experts unset."
-                )
-            kwargs["train_experts"] = args.train_experts
-        adapter = adapter_class(
-            pipeline,
-            args.num_inference_steps,
-            height=args.height,
-            width=args.width,
-            guidance_scale=args.guidance_scale,
-            shift=args.shift,
-            **kwargs,
-        )
-        adapter.set_sde_type(args.sde_type)
-        # The paper updates once per prompt batch when CFG is on: one rollout feeds exactly one optimizer step.
-        once_per_batch = args.num_iterations == 1 and args.steps_per_generation == args.gradient_accumulation_steps
-        if adapter.use_cfg and not once_per_batch:
-            raise ValueError(
-                f"{type(pipeline).__name__} trains with classifier-free guidance (guidance_scale "
-                f"{adapter.guidance_scale}), and with CFG DanceGRPO updates once per prompt batch: set num_iterations=1 "
-                "and leave steps_per_generation unset (= gradient_accumulation_steps), or train without CFG "
-                "(guidance_scale=1)."
-            )
-        vae = getattr(pipeline, "vae", None)
-        if args.vae_tiling:
-            vae.enable_tiling()
-        if args.vae_slicing:
-            vae.enable_slicing()
-        return adapter
-
-    def _check_image_column(self, dataset, name: str) -> None:
-        """Image-to-video and editing rows need an `image` (PIL image, path or tensor), video-to-video rows a `video`
-        (frames or a video file path): the column, no empty entry, no missing file."""
-        if dataset is None or not self.adapter.requires_image:
-            return
-        key = self.adapter.conditioning_column
-        if key not in dataset.column_names:
-            what = "frames or a video file path" if key == "video" else "PIL images, paths or tensors"
-            raise ValueError(
-                f"{type(self.pipeline).__name__} is {self.adapter.task}: {name} needs {'an' if key == 'image' else 'a'} "
-                f"'{key}' column ({what}) next to 'prompt'; its columns are {dataset.column_names}."
-            )
-        if not hasattr(dataset, "with_format"):
-            return
-        import pyarrow as pa
-
-        column = dataset.with_format("arrow")[key]  # Arrow data: nothing is decoded for these checks
-        if column.null_count:
-            raise ValueError(f"Row {_first_null(column)} of {name} has no {key} (its '{key}' is None).")
-        kind = column.type
-        several = (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and not pa.types.is_list(kind.value_type)
-        if key == "image" and several:  # lists of images (or of paths); a list of lists is an image array
-            raise ValueError(
-                f"The 'image' column of {name} holds several images per row; {type(self.pipeline).__name__} takes one "
-                "conditioning image per row."
-            )
-        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-            for i, path in enumerate(column.to_pylist()):
-                if not os.path.isfile(path):
-                    raise ValueError(f"Row {i} of {name}: the {key} file {path!r} does not exist.")
-
-    @staticmethod
-    def _load_pipeline(model, pipeline_class: str | None = None):
-        from .adapters import supported_pipelines
-
-        if pipeline_class is not None and pipeline_class not in supported_pipelines():
-            raise ValueError(
-                f"pipeline_class={pipeline_class!r} is not a supported pipeline; choose one of "
-                f"{', '.join(supported_pipelines())}, or leave it unset to keep the checkpoint's."
-            )
-        if isinstance(model, str):
-            from .loading import load_pipeline
-
-            model = load_pipeline(model)
-        if not hasattr(model, "components"):
-            raise TypeError(
-                f"model must be a diffusers pipeline or a Hub id / local path, got {type(model).__name__}. "
-                "To train a bare denoiser, pass the pipeline that holds it."
-            )
-        if pipeline_class is not None and type(model).__name__ != pipeline_class:
-            import inspect
-
-            import diffusers
-
-            target = getattr(diffusers, pipeline_class)
-            accepted = inspect.signature(target.__init__).parameters
-            left_out = [
-                name for name, module in model.components.items() if name not in accepted and module is not None
-            ]
-            if left_out:
-                raise ValueError(
-                    f"pipeline_class={pipeline_class!r} has no place for this {type(model).__name__}'s "
-                    f"{', '.join(left_out)}: use a checkpoint of the task {pipeline_class} serves."
-                )
-            # the same modules in the other task's class
-            model = target(**{name: module for name, module in model.components.items() if name in accepted})
-        return model
-
-    def _prepare_denoiser(self, denoiser, peft_config, args):
-        for module in self.adapter.frozen_modules().values():
-            module.requires_grad_(False).eval()
-        self.is_lora = peft_config is not None
-        if self.is_lora:
-            weight_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-            denoiser.requires_grad_(False)
-            cast_module(denoiser, weight_dtype)
-            if peft_config.target_modules is None:
-                peft_config.target_modules = list(self.adapter.default_lora_target_modules)
-            if getattr(denoiser, "peft_config", None):
-                raise ValueError(
-                    f"The {self.adapter.denoiser_name} already has LoRA adapters {sorted(denoiser.peft_config)} (from "
-                    "load_lora_weights or an earlier trainer). Pass a freshly loaded pipeline with peft_config, or fuse "
-                    "the loaded LoRA first (pipeline.fuse_lora(); pipeline.unload_lora_weights())."
-                )
-            denoiser.add_adapter(peft_config)
-            for param in denoiser.parameters():  # trainable LoRA weights in float32, as diffusers' training scripts
-                if param.requires_grad:
-                    param.data = param.data.float()
-        else:
-            denoiser.requires_grad_(True)
-        # parameters that never reach the output (SD3's last context queries) stay frozen: DDP needs every trained
-        # parameter to get a gradient
-        unused = tuple(f"{prefix}." for prefix in self.adapter.unused_parameter_prefixes())
-        for name, param in denoiser.named_parameters():
-            if name.startswith(unused):
-                param.requires_grad_(False)
-        if not any(p.requires_grad for p in denoiser.parameters()):
-            raise ValueError(
-                "No trainable parameter: check peft_config.target_modules against the denoiser's modules."
-            )
-        # Dropout would make the re-scored log-prob differ from the rollout's (ratio != 1): run without it.
-        denoiser.eval()
-        if args.gradient_checkpointing:
-            denoiser.enable_gradient_checkpointing()
-            args.gradient_checkpointing = False  # done: transformers' Trainer would call an API diffusers lacks
-            if hasattr(args, "activation_checkpointing"):
-                args.activation_checkpointing = False
-        return denoiser
+    # model construction: models.py (resolve_pipeline, make_adapter, prepare_denoiser), shared with estimate-memory
+    _make_adapter = staticmethod(make_adapter)
 
     # -- data -------------------------------------------------------------------------------------------------------
     def _get_train_sampler(self, dataset=None):
         # Each prompt appears num_generations times in a row, and each generation batch is repeated for all the
         # micro-steps that consume it (TRL's GRPO scheme); groups may straddle processes.
         args = self.args
-        return EpochSeededRepeatSampler(
+        return PromptSampler(
             data_source=dataset if dataset is not None else self.train_dataset,
             mini_repeat_count=args.num_generations,
             batch_size=args.generation_batch_size // args.num_generations,
@@ -524,64 +261,12 @@ class DanceGRPOTrainer(Trainer):
 
     # -- rollout and rewards ------------------------------------------------------------------------------------------
     def _conditioning(self, prompts: list[str], images: list | None = None):
-        """Conditioning of each sample, encoded once per distinct row and indexed per sample.
+        """Conditioning of each sample and the negative one (see `encoding.PromptEncoder`)."""
+        return self.prompt_encoder(prompts, images)
 
-        A row is its prompt, and for image-to-video and editing also its conditioning image (compared by content: the
-        samples of a group arrive as separately decoded copies). `images` is ignored by text-conditioned models.
-        """
-        if self.adapter.requires_image:
-            if images is None or len(images) != len(prompts):
-                raise ValueError(
-                    f"{type(self.pipeline).__name__} is {self.adapter.task}: it needs one conditioning image per prompt "
-                    f"(got {'none' if images is None else len(images)} for {len(prompts)} prompts)."
-                )
-            images = [
-                self.adapter.load_conditioning(image, f"Sample {i} of the batch (prompt {prompt!r})")
-                for i, (prompt, image) in enumerate(zip(prompts, images))
-            ]
-            keys = [(prompt, self.adapter.conditioning_key(image)) for prompt, image in zip(prompts, images)]
-        else:
-            images, keys = None, list(prompts)
-        unique = list(dict.fromkeys(keys))
-        cache = self._prompt_cache if self.args.cache_prompt_embeddings else {}
-        missing = [key for key in unique if key not in cache]
-        rows = [keys.index(key) for key in missing]
-        encoded = None
-        with torch.no_grad(), self._encoders_on_device():
-            if missing:
-                encoded = self.adapter.encode_conditioning(
-                    [prompts[r] for r in rows], None if images is None else [images[r] for r in rows]
-                )
-            if self.adapter.use_cfg and self._negative_cond is None:
-                self._negative_cond = {
-                    k: v.to(self.accelerator.device) for k, v in self.adapter.negative_conditioning().items()
-                }
-        if self.args.cache_prompt_embeddings:
-            for i, key in enumerate(missing):
-                cache[key] = {name: value[i : i + 1].cpu() for name, value in encoded.items()}
-            cond = {
-                name: torch.cat([cache[key][name] for key in unique]).to(self.accelerator.device)
-                for name in cache[unique[0]]
-            }
-        else:
-            cond = {name: value.to(self.accelerator.device) for name, value in encoded.items()}
-        index = torch.tensor([unique.index(key) for key in keys], device=self.accelerator.device)
-        return index_conditioning(cond, index), (self._negative_cond if self.adapter.use_cfg else None)
-
-    @contextlib.contextmanager
-    def _encoders_on_device(self):
-        """With `offload_text_encoders`, the text and image encoders are on the accelerator only inside this context."""
-        if not self.args.offload_text_encoders:
-            yield
-            return
-        encoders = [m for n, m in self.adapter.frozen_modules().items() if n.startswith(ENCODER_COMPONENTS)]
-        for module in encoders:
-            module.to(self.accelerator.device)
-        try:
-            yield
-        finally:
-            for module in encoders:
-                module.to("cpu")
+    @property
+    def _prompt_cache(self) -> dict:
+        return self.prompt_encoder.cache
 
     @torch.no_grad()
     def generate(
@@ -623,27 +308,20 @@ class DanceGRPOTrainer(Trainer):
         with self._rewards_on_device():
             return self.reward_scorer(prompts, images, columns)
 
-    @contextlib.contextmanager
     def _rewards_on_device(self):
         """With `offload_reward_models`, the model rewards are on the accelerator only inside this context."""
         rewards = [func for func in self.reward_funcs if hasattr(func, "move_to")]
-        if not self.args.offload_reward_models or not rewards:
-            yield
-            return
-        with self._reward_offload_lock:  # overlapping rewards score from a thread, one part at a time
-            for func in rewards:
-                func.move_to(self.accelerator.device)
-            try:
-                yield
-            finally:
-                for func in rewards:
-                    func.move_to("cpu")
+        if not self.args.offload_reward_models:
+            rewards = []
+        # overlapping rewards score from a thread, one part at a time
+        return on_device_while_used(
+            [func.move_to for func in rewards], self.accelerator.device, self._reward_offload_lock
+        )
 
     def _generate_and_score(self, inputs: list[dict]) -> dict:
         args, device = self.args, self.accelerator.device
         prompts = [row["prompt"] for row in inputs]
-        seed = mix_seed(args.seed, self._step)  # a new seed per rollout, reproducible from the step
-        window = self.sampler.window(args.seed, self._step // args.gradient_accumulation_steps)
+        seed = mix_seed(args.seed, self._micro_step)  # a new seed per rollout, reproducible from the step
         first = self.accelerator.process_index * len(prompts)
         self.model.eval()
         cond, negative = self._conditioning(prompts, [row.get(self.adapter.conditioning_column) for row in inputs])
@@ -663,14 +341,15 @@ class DanceGRPOTrainer(Trainer):
 
         try:
             start = time.perf_counter()
-            trajectory = self.sampler.sample(
+            trajectory = self.sampler.rollout(
                 self.denoiser,
                 cond,
                 negative,
                 first=first,
                 seed=seed,
                 parts=parts,
-                window=window,
+                window_seed=args.seed,
+                optimizer_step=self._micro_step // args.gradient_accumulation_steps,
                 group_size=args.num_generations if args.init_same_noise else 1,
                 autocast=self.accelerator.autocast,
                 on_part=on_part,
@@ -706,13 +385,13 @@ class DanceGRPOTrainer(Trainer):
         self._log_rollout_metrics(masked, failed, advantages, rollout_time, reward_time)
 
         if args.sde_window_size is not None:
-            self._metrics["train"]["sde_window/start"].append(float(window.start))
+            self._metrics["train"]["sde_window/start"].append(float(trajectory.window.start))
         batch = {
             "latents": trajectory.latents,
             "log_probs": trajectory.log_probs,
             "advantages": advantages[process_slice].to(device),
             # per sample, a random subset of the window's steps (without one: of all but the last step) to train on
-            "train_steps": self.sampler.train_steps(window, first, len(prompts), seed).to(device),
+            "train_steps": trajectory.train_steps.to(device),
             "cond": cond,
             "negative_cond": negative,
         }
@@ -724,23 +403,11 @@ class DanceGRPOTrainer(Trainer):
 
     def _log_rollout_metrics(self, rewards, failed, advantages, rollout_time, reward_time) -> None:
         metrics = self._metrics["train"]
-        for k, name in enumerate(self.reward_func_names):
-            column = rewards[:, k]
-            column = column[~torch.isnan(column)]
-            if len(column):
-                metrics[f"rewards/{name}/mean"].append(column.mean().item())
-                metrics[f"rewards/{name}/std"].append(column.std().item() if len(column) > 1 else 0.0)
-        # a sample that no reward applies to (all None) has no reward: it is not logged as 0
-        scored = ~failed & ~torch.isnan(rewards).all(dim=1)
-        weighted = (torch.nan_to_num(rewards) * self.reward_weights).sum(dim=1)[scored]
-        if len(weighted):
-            metrics["reward"].append(weighted.mean().item())
-            grouped_std = torch.nan_to_num(rewards).mul(self.reward_weights).sum(1).view(-1, self.args.num_generations)
-            metrics["reward_std"].append(grouped_std.std(dim=1).mean().item())
-        metrics["advantages/mean"].append(advantages.mean().item())
-        metrics["advantages/std"].append(advantages.std().item())
-        metrics["advantages/abs_mean"].append(advantages.abs().mean().item())
-        metrics["num_failed_samples"].append(float(failed.sum().item()))
+        logged = rollout_metrics(
+            rewards, failed, advantages, self.reward_func_names, self.reward_weights, self.args.num_generations
+        )
+        for key, value in logged.items():
+            metrics[key].append(value)
         metrics["timing/rollout"].append(rollout_time)
         metrics["timing/reward"].append(reward_time)
 
@@ -748,7 +415,7 @@ class DanceGRPOTrainer(Trainer):
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         # The micro-step counter seeds every rollout; it is re-derived from the (possibly restored) global step at
         # the first micro-step, so a resumed run draws the same noise as one that never stopped.
-        self._step = None
+        self._micro_step = None
         self._buffered_inputs = None
         self._resumed_rollout = None
         checkpoints.check_output_dir(self.args, resume_from_checkpoint, self.is_world_process_zero())
@@ -762,17 +429,17 @@ class DanceGRPOTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         args = self.args
-        if self._step is None:
-            self._step = self.state.global_step * args.gradient_accumulation_steps
+        if self._micro_step is None:
+            self._micro_step = self.state.global_step * args.gradient_accumulation_steps
             self._restore_rollout()
-        if self._step % (args.steps_per_generation * args.num_iterations) == 0 or self._buffered_inputs is None:
+        if self._micro_step % (args.steps_per_generation * args.num_iterations) == 0 or self._buffered_inputs is None:
             batch = self._generate_and_score(inputs)
-            self._buffered_inputs = self._split(batch, args.steps_per_generation)
+            self._buffered_inputs = split_batch(batch, args.steps_per_generation)
             if args.best_of_n:  # the kept samples were sampled in other batches than the loss will see them in
                 for buffered in self._buffered_inputs:
-                    self._rescore_log_probs(model, buffered)
-        chunk = self._buffered_inputs[self._step % args.steps_per_generation]
-        self._step += 1
+                    self._recompute_old_log_probs(model, buffered)
+        chunk = self._buffered_inputs[self._micro_step % args.steps_per_generation]
+        self._micro_step += 1
         start = time.perf_counter()
         loss = self._policy_step(model, chunk)
         self._metrics["train"]["timing/train"].append(time.perf_counter() - start)
@@ -782,12 +449,12 @@ class DanceGRPOTrainer(Trainer):
         """Continue on the rollout saved with the checkpoint when the resumed step is inside its reuse."""
         saved, self._resumed_rollout = self._resumed_rollout, None
         args = self.args
-        if saved is None or self._step % (args.steps_per_generation * args.num_iterations) == 0:
+        if saved is None or self._micro_step % (args.steps_per_generation * args.num_iterations) == 0:
             return
-        if saved["step"] != self._step:
+        if saved["step"] != self._micro_step:
             raise ValueError(
                 f"The checkpoint's rollout buffer belongs to micro-step {saved['step']}, the resumed run is at "
-                f"{self._step}: were gradient_accumulation_steps or steps_per_generation changed? Resume with the "
+                f"{self._micro_step}: were gradient_accumulation_steps or steps_per_generation changed? Resume with the "
                 "settings of the original run."
             )
         self._buffered_inputs = saved["chunks"]
@@ -795,26 +462,14 @@ class DanceGRPOTrainer(Trainer):
     def _rollout_buffer_to_save(self) -> list[dict] | None:
         """The buffered rollout if later optimizer steps still train on it (a checkpoint inside its reuse)."""
         args = self.args
-        if self._buffered_inputs is None or self._step is None:
+        if self._buffered_inputs is None or self._micro_step is None:
             return None
-        if self._step % (args.steps_per_generation * args.num_iterations) == 0:
+        if self._micro_step % (args.steps_per_generation * args.num_iterations) == 0:
             return None
         return self._buffered_inputs
 
-    @staticmethod
-    def _split(batch: dict, num_chunks: int) -> list[dict]:
-        size = batch["advantages"].shape[0] // num_chunks
-        chunks = []
-        for i in range(num_chunks):
-            part = slice(i * size, (i + 1) * size)
-            chunk = {key: value[part] for key, value in batch.items() if isinstance(value, torch.Tensor)}
-            chunk["cond"] = index_conditioning(batch["cond"], part)
-            chunk["negative_cond"] = batch["negative_cond"]
-            chunks.append(chunk)
-        return chunks
-
     @torch.no_grad()
-    def _rescore_log_probs(self, model, chunk: dict) -> None:
+    def _recompute_old_log_probs(self, model, chunk: dict) -> None:
         """Recompute, in place, the old log-probs of the trained steps in exactly the loss's batches (no gradient).
 
         Best-of-n drops samples after the rollout, so the kept ones were sampled in other batch compositions than the
@@ -824,20 +479,10 @@ class DanceGRPOTrainer(Trainer):
         num_samples, num_steps = chunk["train_steps"].shape
         for s in sample_slices(num_samples, num_samples, self.args.rollout_batch_size):
             for j in range(num_steps):
-                step, rows, step_index, _, _ = self._rescore(model, chunk, s, j)
+                step, rows, step_index, _, _ = self.sampler.recompute_transition(
+                    model, chunk, s, j, self.accelerator.autocast
+                )
                 chunk["log_probs"][s][rows, step_index] = step.log_prob
-
-    def _rescore(self, model, chunk: dict, s: slice, j: int):
-        """Re-score the j-th trained transition of the samples `s` under `model`: the step, and what it was built on."""
-        step_index = chunk["train_steps"][s, j]
-        rows = torch.arange(step_index.shape[0], device=step_index.device)
-        latents = chunk["latents"][s]
-        x_t, x_next = latents[rows, step_index], latents[rows, step_index + 1]
-        cond = index_conditioning(chunk["cond"], s)
-        with self.accelerator.autocast():
-            output = denoise(self.adapter, model, x_t, step_index, cond, chunk["negative_cond"])
-        step = self.adapter.step(output, x_t, step_index, self.sampler.eta, prev_sample=x_next)
-        return step, rows, step_index, x_t, cond
 
     def _policy_step(self, model, chunk: dict) -> torch.Tensor:
         """PPO-clip loss on the chosen steps of each sample, one backward per (step, slice): memory stays flat."""
@@ -849,7 +494,7 @@ class DanceGRPOTrainer(Trainer):
         scale = 1.0 / (num_samples * num_steps * accumulation)
         total_loss = torch.zeros((), device=self.accelerator.device)
         stats = defaultdict(list)
-        model.eval()  # no dropout: see _prepare_denoiser
+        model.eval()  # no dropout: see models.prepare_denoiser
         num_backward = num_steps * len(slices)
         for j in range(num_steps):
             for n, s in enumerate(slices):
@@ -859,36 +504,25 @@ class DanceGRPOTrainer(Trainer):
                     loss = self._step_loss(model, chunk, s, j, stats) * scale
                     self.accelerator.backward(loss)
                 total_loss += loss.detach()
-        metrics = self._metrics["train"]
-        ratios = torch.cat(stats["ratio"])
-        metrics["ratio/mean"].append(ratios.mean().item())
-        metrics["ratio/min"].append(ratios.min().item())
-        metrics["ratio/max"].append(ratios.max().item())
-        metrics["clip_ratio"].append(torch.cat(stats["clipped"]).float().mean().item())
-        log_ratio = torch.cat(stats["log_ratio"])
-        metrics["approx_kl"].append(((log_ratio.exp() - 1) - log_ratio).mean().item())
-        if stats["kl"]:
-            metrics["kl"].append(torch.cat(stats["kl"]).mean().item())
+        for key, value in policy_metrics(stats).items():
+            self._metrics["train"][key].append(value)
         return total_loss * accumulation  # reported loss is per micro-step
 
     def _step_loss(self, model, chunk, s, j, stats) -> torch.Tensor:
         args = self.args
-        step, rows, step_index, x_t, cond = self._rescore(model, chunk, s, j)
+        step, rows, step_index, x_t, cond = self.sampler.recompute_transition(
+            model, chunk, s, j, self.accelerator.autocast
+        )
         old_log_prob = chunk["log_probs"][s][rows, step_index]
         advantages = chunk["advantages"][s]
-        log_ratio = step.log_prob - old_log_prob
-        ratio = torch.exp(log_ratio)
-        clipped_ratio = ratio.clamp(1 - args.epsilon, 1 + args.epsilon)
-        per_sample = torch.maximum(-advantages * ratio, -advantages * clipped_ratio)
+        per_sample, ratio, log_ratio = clipped_policy_loss(step.log_prob, old_log_prob, advantages, args.epsilon)
         if args.beta > 0:
             kl = self._kl_to_reference(x_t, step_index, cond, chunk["negative_cond"], step)
             per_sample = per_sample + args.beta * kl
             stats["kl"].append(kl.detach())
         stats["ratio"].append(ratio.detach())
         stats["log_ratio"].append(log_ratio.detach())
-        stats["clipped"].append(
-            ((ratio > 1 + args.epsilon) & (advantages > 0)) | ((ratio < 1 - args.epsilon) & (advantages < 0))
-        )
+        stats["clipped"].append(clipped_mask(ratio, advantages, args.epsilon))
         return per_sample.sum()
 
     def _kl_to_reference(self, x_t, step_index, cond, negative_cond, step) -> torch.Tensor:
@@ -904,8 +538,7 @@ class DanceGRPOTrainer(Trainer):
                 finally:
                     denoiser.enable_adapters()
             ref = self.adapter.step(ref_output, x_t, step_index, self.sampler.eta, prev_sample=step.prev_sample)
-        squared = (step.prev_sample_mean - ref.prev_sample_mean).pow(2).flatten(1).mean(1)
-        return squared / (2 * step.std_dev.flatten().pow(2).expand_as(squared))
+        return gaussian_kl(step.prev_sample_mean, ref.prev_sample_mean, step.std_dev)
 
     # -- logging, evaluation, saving ----------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -1115,7 +748,7 @@ class DanceGRPOTrainer(Trainer):
             if rollout is not None:  # every process its own part of the rollout
                 os.makedirs(staging, exist_ok=True)
                 suffix = f"_{self.accelerator.process_index}" if self.accelerator.num_processes > 1 else ""
-                checkpoints.save_rollout_buffer(staging, self._step, rollout, suffix)
+                checkpoints.save_rollout_buffer(staging, self._micro_step, rollout, suffix)
         if self.args.should_save:
             for callback in [*self.callback_handler.callbacks, self.control]:
                 if isinstance(callback, ExportableState):

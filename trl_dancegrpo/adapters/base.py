@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import torch
 
+from ..config_checks import SDE_TYPES  # noqa: F401  (one list of the SDE variants; re-exported)
 from ..sde import (
     SDEStepOutput,
     cps_step_with_logprob,
@@ -22,7 +23,6 @@ from ..sde import (
 
 Conditioning = dict[str, torch.Tensor]  # batch-first tensors, one row per prompt (or per sample once expanded)
 
-SDE_TYPES = ("dancegrpo", "flow_grpo", "cps")
 # the noise scale of the field's SDE variants in their public recipes (Flow-GRPO: a = 0.7; Flow-GRPO's CPS: 0.8)
 SDE_TYPE_DEFAULT_ETA = {"flow_grpo": 0.7, "cps": 0.8}
 
@@ -345,3 +345,15 @@ class DDIMAdapter(PipelineAdapter):
     def step(self, model_output, latents, step_index, eta, prev_sample=None, generator=None) -> SDEStepOutput:
         timestep = self.timesteps.to(latents.device)[step_index]
         return ddim_step_with_logprob(self.scheduler, model_output, timestep, latents, eta, prev_sample, generator)
+
+
+class WanVAELatentsMixin:
+    """Adapters whose latents live in the space of a Wan-family VAE (Wan, Qwen-Image): per-channel statistics from
+    the VAE config map them to the VAE's latents (`latents * std + mean`)."""
+
+    def _latent_statistics(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.pipeline.vae.config
+        shape = (1, config.z_dim, 1, 1, 1)
+        mean = torch.tensor(config.latents_mean).view(shape).to(latents.device, latents.dtype)
+        std = torch.tensor(config.latents_std).view(shape).to(latents.device, latents.dtype)
+        return mean, std

@@ -4,7 +4,7 @@ channel, and true classifier-free guidance with a norm rescale."""
 
 import torch
 
-from .base import JOINT_ATTENTION_LORA_TARGETS, Conditioning
+from .base import JOINT_ATTENTION_LORA_TARGETS, Conditioning, WanVAELatentsMixin
 from .image_base import PackedLatentAdapter, ReferenceImageMixin
 
 
@@ -17,7 +17,7 @@ def pad_tokens(tensor: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([tensor, padding], dim=1)
 
 
-class QwenImageAdapter(PackedLatentAdapter):
+class QwenImageAdapter(WanVAELatentsMixin, PackedLatentAdapter):
     """Qwen-Image. Prompts go through the pipeline's own `encode_prompt` (its system template, whose tokens are
     dropped from the hidden states); they vary in length, so every row carries its mask (`prompt_embeds_mask`) and
     shorter rows are zero-padded.
@@ -116,13 +116,6 @@ class QwenImageAdapter(PackedLatentAdapter):
         return output[:, : latents.shape[1]]  # the noisy tokens' prediction
 
     # -- latents -----------------------------------------------------------------------------------------------------
-    def _latent_statistics(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        config = self.pipeline.vae.config
-        shape = (1, config.z_dim, 1, 1, 1)
-        mean = torch.tensor(config.latents_mean).view(shape).to(latents.device, latents.dtype)
-        std = torch.tensor(config.latents_std).view(shape).to(latents.device, latents.dtype)
-        return mean, std
-
     def decode(self, latents) -> torch.Tensor:
         vae = self.pipeline.vae
         latents = self.unpack(latents).to(vae.dtype)  # (N, C, 1, h, w): the VAE is a video VAE

@@ -4,11 +4,11 @@ are served by `wan22.py`."""
 
 import torch
 
-from .base import Conditioning
+from .base import Conditioning, WanVAELatentsMixin
 from .video_base import VideoAdapter
 
 
-class WanAdapter(VideoAdapter):
+class WanAdapter(WanVAELatentsMixin, VideoAdapter):
     """Wan text-to-video with one transformer (Wan 2.1; Wan 2.2 TI2V-5B, whose `expand_timesteps` gives every latent
     token its own timestep), trained with CFG (the model has no guidance embedding)."""
 
@@ -78,13 +78,6 @@ class WanAdapter(VideoAdapter):
             encoder_hidden_states_image=cond.get("image_embeds"),
             return_dict=False,
         )[0]
-
-    def _latent_statistics(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        config = self.pipeline.vae.config
-        shape = (1, config.z_dim, 1, 1, 1)
-        mean = torch.tensor(config.latents_mean).view(shape).to(latents.device, latents.dtype)
-        std = torch.tensor(config.latents_std).view(shape).to(latents.device, latents.dtype)
-        return mean, std
 
     def latents_to_vae(self, latents: torch.Tensor) -> torch.Tensor:
         mean, std = self._latent_statistics(latents)

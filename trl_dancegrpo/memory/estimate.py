@@ -14,7 +14,6 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import torch
 
@@ -148,10 +147,10 @@ def _placeholder_images(adapter, count: int):
 
 
 def _training_loss(step, old_log_prob, advantages, epsilon: float) -> torch.Tensor:
-    # the trainer's PPO-clip loss on one slice (its exact form does not change what autograd keeps)
-    ratio = torch.exp(step.log_prob - old_log_prob)
-    clipped = ratio.clamp(1 - epsilon, 1 + epsilon)
-    return torch.maximum(-advantages * ratio, -advantages * clipped).sum()
+    """The trainer's PPO-clip loss on one slice (`objectives.clipped_policy_loss`, summed as the trainer does)."""
+    from ..objectives import clipped_policy_loss
+
+    return clipped_policy_loss(step.log_prob, old_log_prob, advantages, epsilon)[0].sum()
 
 
 class _Run:
@@ -160,7 +159,7 @@ class _Run:
     def __init__(self, script_args, args, model_args, num_processes: int):
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        from ..trainer import DanceGRPOTrainer
+        from ..models import cast_module, make_adapter, prepare_denoiser, training_dtype
 
         self.args, self.model_args, self.script_args = args, model_args, script_args
         self.num_processes = num_processes
@@ -188,7 +187,7 @@ class _Run:
                 f"text tokens): {pipeline_name} keeps each prompt's own tokens; real prompts are shorter, so the "
                 "figures are an upper bound"
             )
-        self.adapter = DanceGRPOTrainer._make_adapter(pipeline, args)
+        self.adapter = make_adapter(pipeline, args)
         if self.adapter.has_experts:
             if num_processes > 1:
                 raise ValueError(
@@ -200,21 +199,18 @@ class _Run:
         if hasattr(self.adapter, "preprocess_images"):
             self.adapter.preprocess_images = _outside_fake_mode(self.adapter.preprocess_images)
         self.eta = args.eta if args.eta is not None else self.adapter.eta_for(args.sde_type)
-        self.weight_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-        from ..cli import lora_config
+        self.weight_dtype = training_dtype(args)
+        from ..arguments import lora_config
 
         peft_config = lora_config(model_args)
         # the trainer's own preparation (frozen parts, LoRA in float32, gradient checkpointing), on the meta device
-        from ..trainer import cast_module
-
         model_dtype = getattr(torch, model_args.dtype)
         for module in self.adapter.frozen_modules().values():
             cast_module(module, model_dtype if self.weight_dtype == torch.float32 else self.weight_dtype)
         cast_module(self.adapter.denoiser, model_dtype)
         self.gradient_checkpointing = args.gradient_checkpointing  # the preparation turns the flag off once applied
-        trainer_like = SimpleNamespace(adapter=self.adapter)
-        self.denoiser = DanceGRPOTrainer._prepare_denoiser(trainer_like, self.adapter.denoiser, peft_config, args)
-        self.is_lora = trainer_like.is_lora
+        self.denoiser = prepare_denoiser(self.adapter, self.adapter.denoiser, peft_config, args)
+        self.is_lora = peft_config is not None
         self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
         from .fake import make_fake
 
@@ -245,10 +241,10 @@ class _Run:
     @property
     def num_train_steps(self) -> int:
         """Trained steps per sample, as the trainer's sampler counts them."""
-        from ..rollout import Sampler
+        from ..rollout import TrajectorySampler
 
         args = self.args
-        sampler = Sampler(
+        sampler = TrajectorySampler(
             self.adapter, self.eta, window_size=args.sde_window_size, timestep_fraction=args.timestep_fraction
         )
         return sampler.num_train_steps

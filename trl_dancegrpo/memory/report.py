@@ -250,7 +250,7 @@ def main(argv: list[str]) -> int:
     if own.num_processes < 1:
         print("trl-dancegrpo estimate-memory: error: --num_processes must be at least 1", file=sys.stderr)
         return 2
-    from ..cli import ModelArguments, ScriptArguments, make_parser
+    from ..arguments import ModelArguments, ScriptArguments, make_parser
     from ..cli_checks import precheck
 
     try:  # the training options' fast checks (a malformed recipe, a misspelt option), before torch is imported

@@ -215,3 +215,26 @@ def split_qwen2_vl_reward_weights(weights: dict, keep_other_keys: bool) -> tuple
         elif key.startswith("visual.") or keep_other_keys:  # `visual.` in transformers < 4.52
             backbone[key] = value
     return backbone, head
+
+
+def build_qwen2_vl_backbone(base_dir: str, backbone_weights: dict, device, dtype, checkpoint_name: str):
+    """Transformers' `Qwen2VLModel` of the base config in `base_dir`, loaded with a reward checkpoint's backbone
+    weights (VideoAlign, HPSv3), frozen and in eval mode; returns it and its text config.
+
+    The embeddings take the checkpoint's vocabulary size (the tokenizer grew by the reward tokens). A checkpoint that
+    does not fit the architecture is a `ValueError` naming `checkpoint_name` and the keys that differ.
+    """
+    from transformers import AutoConfig, Qwen2VLModel
+
+    config = AutoConfig.from_pretrained(base_dir)
+    text_config = getattr(config, "text_config", config)
+    text_config.vocab_size = backbone_weights["language_model.embed_tokens.weight"].shape[0]
+    with torch.device(device):  # built directly on the device, in its dtype; random weights are overwritten
+        model = Qwen2VLModel._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    incompatible = model.load_state_dict(backbone_weights, strict=False)
+    if incompatible.missing_keys or incompatible.unexpected_keys:
+        raise ValueError(
+            f"The {checkpoint_name} checkpoint does not match the Qwen2-VL architecture of the base config "
+            f"{base_dir!r}: missing {incompatible.missing_keys[:5]}, unexpected {incompatible.unexpected_keys[:5]}."
+        )
+    return model.eval().requires_grad_(False), text_config

@@ -26,7 +26,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._base import ModelReward
-from ._loading import load_state_dict, local_or_hub_dir, local_or_hub_file, source_key, split_qwen2_vl_reward_weights
+from ._loading import (
+    build_qwen2_vl_backbone,
+    load_state_dict,
+    local_or_hub_dir,
+    local_or_hub_file,
+    source_key,
+    split_qwen2_vl_reward_weights,
+)
 
 
 HPSV3_REPO_ID = "MizzenAI/HPSv3"
@@ -144,7 +151,7 @@ class HPSv3Reward(ModelReward):
         local_or_hub_file(self.checkpoint_path, HPSV3_REPO_ID, "HPSv3.safetensors", argument="checkpoint_path")
 
     def _load(self, device: torch.device, dtype: torch.dtype) -> _LoadedHPSv3:
-        from transformers import AutoConfig, AutoProcessor, Qwen2VLModel
+        from transformers import AutoProcessor
 
         checkpoint = local_or_hub_file(
             self.checkpoint_path, HPSV3_REPO_ID, "HPSv3.safetensors", argument="checkpoint_path"
@@ -157,21 +164,11 @@ class HPSv3Reward(ModelReward):
         processor = AutoProcessor.from_pretrained(base_dir, padding_side="right")
         processor.tokenizer.add_special_tokens({"additional_special_tokens": [REWARD_TOKEN]})
         backbone_weights, head_weights = convert_hpsv3_state_dict(load_state_dict(checkpoint))
-        config = AutoConfig.from_pretrained(base_dir)
-        text_config = getattr(config, "text_config", config)
-        text_config.vocab_size = backbone_weights["language_model.embed_tokens.weight"].shape[0]
-        with torch.device(device):  # built directly on the device, in its dtype; random weights are overwritten
-            model = Qwen2VLModel._from_config(config, dtype=dtype, attn_implementation="sdpa")
-        incompatible = model.load_state_dict(backbone_weights, strict=False)
-        if incompatible.missing_keys or incompatible.unexpected_keys:
-            raise ValueError(
-                f"The HPSv3 checkpoint does not match the Qwen2-VL architecture of the base config {base_dir!r}: "
-                f"missing {incompatible.missing_keys[:5]}, unexpected {incompatible.unexpected_keys[:5]}."
-            )
+        model, _ = build_qwen2_vl_backbone(base_dir, backbone_weights, device, dtype, "HPSv3")
         head = ranknet_head(head_weights["0.weight"].shape[1], head_weights["5.weight"].shape[0])
         head.load_state_dict(head_weights, strict=True)
         return _LoadedHPSv3(
-            model=model.eval().requires_grad_(False),
+            model=model,
             head=head.to(device=device, dtype=torch.float32).eval().requires_grad_(False),
             processor=processor,
             reward_token_id=processor.tokenizer.convert_tokens_to_ids(REWARD_TOKEN),

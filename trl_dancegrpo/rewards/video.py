@@ -31,7 +31,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._base import ModelReward
-from ._loading import load_state_dict, local_or_hub_dir, source_key, split_qwen2_vl_reward_weights
+from ._loading import (
+    build_qwen2_vl_backbone,
+    load_state_dict,
+    local_or_hub_dir,
+    source_key,
+    split_qwen2_vl_reward_weights,
+)
 from ._preprocessing import check_images, check_prompts
 
 
@@ -309,7 +315,7 @@ class VideoAlignReward(ModelReward):
         )
 
     def _load(self, device: torch.device, dtype: torch.dtype) -> _LoadedVideoAlign:
-        from transformers import AutoConfig, AutoProcessor, Qwen2VLModel
+        from transformers import AutoProcessor
 
         reward_dir = local_or_hub_dir(
             self.model_name_or_path, ["model_config.json", "checkpoint-*/model.pth"], argument="model_name_or_path"
@@ -341,22 +347,11 @@ class VideoAlignReward(ModelReward):
         backbone_weights, head_weights = convert_videoalign_state_dict(
             load_state_dict(self._checkpoint_file(reward_dir)), videoalign_config.get("peft_lora_config"), dtype
         )
-        config = AutoConfig.from_pretrained(base_dir)
-        text_config = getattr(config, "text_config", config)
-        # VideoAlign resized the embeddings to the tokenizer with its reward tokens.
-        text_config.vocab_size = backbone_weights["language_model.embed_tokens.weight"].shape[0]
-        with torch.device(device):  # built directly on the device, in its dtype; random weights are overwritten
-            model = Qwen2VLModel._from_config(config, dtype=dtype, attn_implementation="sdpa")
-        incompatible = model.load_state_dict(backbone_weights, strict=False)
-        if incompatible.missing_keys or incompatible.unexpected_keys:
-            raise ValueError(
-                "The VideoAlign checkpoint does not match the Qwen2-VL architecture of the base config "
-                f"{base_dir!r}: missing {incompatible.missing_keys[:5]}, unexpected {incompatible.unexpected_keys[:5]}."
-            )
+        model, text_config = build_qwen2_vl_backbone(base_dir, backbone_weights, device, dtype, "VideoAlign")
         head = nn.Linear(text_config.hidden_size, output_dim, bias=False)
         head.load_state_dict(head_weights, strict=True)
         return _LoadedVideoAlign(
-            model=model.eval().requires_grad_(False),
+            model=model,
             head=head.to(device=device, dtype=torch.float32).eval().requires_grad_(False),
             processor=processor,
             special_token_ids=special_token_ids,
