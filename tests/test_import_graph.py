@@ -86,7 +86,17 @@ def test_no_import_circle():
 
 @pytest.mark.parametrize(
     "module",
-    ["memory.estimate", "memory.report", "memory.fake", "models", "objectives", "arguments", "encoding", "rollout"],
+    [
+        "memory.estimate",
+        "memory.report",
+        "memory.fake",
+        "models",
+        "objectives",
+        "arguments",
+        "encoding",
+        "rollout",
+        "eval_sampling",
+    ],
 )
 def test_no_upward_import(module):
     imported = import_graph()[f"trl_dancegrpo.{module}"]

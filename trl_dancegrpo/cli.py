@@ -18,12 +18,15 @@ import weakref
 # re-exported: `from trl_dancegrpo.cli import ScriptArguments, make_parser` keeps working
 from .arguments import (  # noqa: F401
     CHANGED_DEFAULTS_GROUP,
+    DEMO_PROMPTS,
     INHERITED_GROUP,
     OTHER_GROUP,
     SUBCOMMANDS,
     ModelArguments,
     ScriptArguments,
     config_sections,
+    load_model,
+    load_prompts,
     lora_config,
     make_parser,
     print_help,
@@ -32,17 +35,6 @@ from .arguments import (  # noqa: F401
 
 # Nothing heavy at the top: the options are checked (cli_checks.precheck) before torch and transformers are imported.
 
-
-DEMO_PROMPTS = [
-    "a cat on a sofa",
-    "a red car in the rain",
-    "a lighthouse at night",
-    "a bowl of fruit",
-    "a snowy mountain",
-    "a city street",
-    "a forest path",
-    "a portrait of an old man",
-]
 
 # Settings of the built-in demo; every one can still be overridden on the command line.
 TINY_DEMO_DEFAULTS = {
@@ -62,42 +54,6 @@ TINY_DEMO_DEFAULTS = {
     "save_strategy": "no",
     "report_to": "none",
 }
-
-
-def load_prompts(script_args: ScriptArguments):
-    """The training prompts as a `datasets.Dataset` with a `prompt` column."""
-    from datasets import Dataset, load_dataset
-
-    from .cli_checks import check_dataset_name
-
-    name = script_args.dataset_name
-    if name is None:
-        return Dataset.from_dict({"prompt": DEMO_PROMPTS})
-    check_dataset_name(name)  # a missing local file is not looked up on the Hub
-    if os.path.isfile(name):
-        extension = os.path.splitext(name)[1].lower().lstrip(".")
-        if extension == "txt":
-            with open(name, encoding="utf-8") as handle:
-                prompts = [line.strip() for line in handle if line.strip()]
-            return Dataset.from_dict({"prompt": prompts})
-        builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(extension)
-        if builder is None:
-            raise ValueError(
-                f"--dataset_name {name}: unsupported file type; use .txt, .json, .jsonl, .csv or .parquet."
-            )
-        return load_dataset(builder, data_files=name, split="train")
-    return load_dataset(name, script_args.dataset_config, split=script_args.dataset_train_split)
-
-
-def load_model(model_args: ModelArguments):
-    import torch
-
-    from .loading import load_pipeline
-    from .tiny import TINY_PIPELINES, build_tiny_pipeline
-
-    if model_args.model_name_or_path in TINY_PIPELINES:
-        return build_tiny_pipeline(model_args.model_name_or_path)
-    return load_pipeline(model_args.model_name_or_path, dtype=getattr(torch, model_args.dtype))
 
 
 def save_metrics(trainer, output_dir: str) -> None:

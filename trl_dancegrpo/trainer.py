@@ -585,7 +585,7 @@ class DanceGRPOTrainer(Trainer):
         `{prefix}_rewards/<name>/<category>/mean` per category. The sampling and scoring are those of
         `trl-dancegrpo evaluate` (`trl_dancegrpo.evaluation.sample_and_score`).
         """
-        from .evaluation import sample_and_score, summarize
+        from .eval_sampling import sample_and_score, summarize
 
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
