@@ -16,6 +16,8 @@ Built in, by registry name:
   served behind an OpenAI-compatible API (vLLM, sglang) asked a question about each image (async);
 - `"videoalign_vq"`, `"videoalign_mq"`, `"videoalign_ta"`: [`VideoAlignReward`], video quality, motion quality and
   text alignment of VideoAlign (one shared Qwen2-VL model);
+- `"shapes_geneval"`, `"shapes_geneval_dense"`: GenEval-style strict and partial-credit scores on the synthetic shapes
+  domain (rule-based: color segmentation and connected components; see `trl_dancegrpo.rewards.shapes`);
 - `"jpeg_compressibility"`, `"jpeg_incompressibility"`, `"brightness"`: weight-free rewards.
 
 Wrappers: [`BinaryReward`] (thresholded to 0/1) and [`per_frame`] (an image reward on every frame of a video).
@@ -28,6 +30,7 @@ from .hpsv3 import HPSv3Reward
 from .image import AestheticReward, CLIPScoreReward, HPSReward, PickScoreReward
 from .imagereward import ImageReward
 from .registry import REWARD_REGISTRY, get_reward, register_reward
+from .shapes import shapes_geneval, shapes_geneval_dense
 from .simple import brightness, jpeg_compressibility, jpeg_incompressibility
 from .video import VideoAlignReward
 from .vlm import VLMJudge, VLMJudgeError
@@ -57,4 +60,6 @@ __all__ = [
     "per_frame",
     "register_reward",
     "reward_name",
+    "shapes_geneval",
+    "shapes_geneval_dense",
 ]

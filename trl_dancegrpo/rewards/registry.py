@@ -6,6 +6,7 @@ from collections.abc import Callable
 from .hpsv3 import HPSv3Reward
 from .image import AestheticReward, CLIPScoreReward, HPSReward, PickScoreReward
 from .imagereward import ImageReward
+from .shapes import shapes_geneval, shapes_geneval_dense
 from .simple import brightness, jpeg_compressibility, jpeg_incompressibility
 from .video import VideoAlignReward
 from .vlm import VLMJudge, instruction_following_judge, unifiedreward_judge, vqascore_judge
@@ -35,6 +36,8 @@ REWARD_REGISTRY: dict[str, Callable[..., Callable]] = {
     "jpeg_compressibility": _plain(jpeg_compressibility),
     "jpeg_incompressibility": _plain(jpeg_incompressibility),
     "pickscore": PickScoreReward,
+    "shapes_geneval": _plain(shapes_geneval),
+    "shapes_geneval_dense": _plain(shapes_geneval_dense),
     "unifiedreward": unifiedreward_judge,
     "videoalign_mq": _videoalign("MQ"),
     "videoalign_ta": _videoalign("TA"),
@@ -67,9 +70,9 @@ def get_reward(name: str, **kwargs) -> Callable:
     Keyword arguments are passed to the constructor of class-based rewards (e.g.
     `get_reward("hpsv2.1", checkpoint_path="HPS_v2.1_compressed.pt")`). Registered names:
     `aesthetic`, `brightness`, `clip_score`, `hpsv2`, `hpsv2.1`, `hpsv3`, `imagereward`, `jpeg_compressibility`,
-    `jpeg_incompressibility`, `pickscore`, `unifiedreward`, `videoalign_mq`, `videoalign_ta`, `videoalign_vq`,
-    `vlm_instruction_following`, `vlm_judge`, `vqascore` (the VLM judges need `base_url=` and, except `unifiedreward`,
-    `model=`).
+    `jpeg_incompressibility`, `pickscore`, `shapes_geneval`, `shapes_geneval_dense`, `unifiedreward`, `videoalign_mq`,
+    `videoalign_ta`, `videoalign_vq`, `vlm_instruction_following`, `vlm_judge`, `vqascore` (the VLM judges need
+    `base_url=` and, except `unifiedreward`, `model=`).
     """
     if name in REWARD_REGISTRY:
         return REWARD_REGISTRY[name](**kwargs)
