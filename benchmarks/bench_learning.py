@@ -199,18 +199,25 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=8, help="Sampler steps T.")
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--small", action="store_true", help="Train the small build (the slow test's).")
+    parser.add_argument("--model_name_or_path", help="Another saved shapes pipeline instead of the cached build.")
     parser.add_argument("--output_dir", default="bench-learning")
+    parser.add_argument("--report_only", action="store_true", help="Print the table and plot of results.json.")
     args = parser.parse_args(argv)
     if args.max_steps % args.eval_every:
         parser.error("--max_steps must be a multiple of --eval_every")
-    settings = ShapesBuildSettings.small() if args.small else ShapesBuildSettings()
-    path = shapes_pipeline_path(settings)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    settings = ShapesBuildSettings.small() if args.small else ShapesBuildSettings()
+    path = args.model_name_or_path or (None if args.report_only else shapes_pipeline_path(settings))
+    results_file = output_dir / "results.json"
+    if args.report_only:
+        report(json.loads(results_file.read_text())["results"], output_dir)
+        return
     results = {}
     for variant in args.variants:
-        results[variant] = [run(path, variant, seed, args) for seed in args.seeds]
-        (output_dir / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+        for seed in args.seeds:  # saved after every run: an interrupted benchmark keeps what finished
+            results.setdefault(variant, []).append(run(path, variant, seed, args))
+            results_file.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     report(results, output_dir)
 
 
