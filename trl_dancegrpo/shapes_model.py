@@ -295,6 +295,7 @@ def evaluate_shapes(generate, prompts: list[str], categories: list[str], seeds=(
     """Mean strict and dense scores, overall and per category, of `generate(prompts, seed) -> images`."""
     from .rewards.shapes import shapes_geneval, shapes_geneval_dense
 
+    prompts, categories = list(prompts), list(categories)
     strict, dense = [], []
     for seed in seeds:
         images = generate(prompts, seed)
