@@ -157,6 +157,9 @@ def report(results: dict, output_dir: Path) -> None:
         speed = statistics.mean(h[-1]["wall_s"] / h[-1]["compute"] * 1e4 for h in runs)
 
         def mean_sd(values):
+            values = [v for v in values if v == v]  # NaN: the run ended before that compute
+            if not values:
+                return "n/a"
             return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0:.3f}"
 
         reach_text = f"{statistics.mean(reached):.3g} ({len(reached)}/{len(runs)} seeds)" if reached else "not reached"
