@@ -17,6 +17,8 @@ Built in, by registry name:
   served behind an OpenAI-compatible API (vLLM, sglang) asked a question about each image (async);
 - `"videoalign_vq"`, `"videoalign_mq"`, `"videoalign_ta"`: [`VideoAlignReward`], video quality, motion quality and
   text alignment of VideoAlign (one shared Qwen2-VL model);
+- `"shapes_geneval"`, `"shapes_geneval_dense"`: GenEval-style strict and partial-credit scores on the synthetic shapes
+  domain (rule-based: color segmentation and connected components; see `trl_dancegrpo.rewards.shapes`);
 - `"jpeg_compressibility"`, `"jpeg_incompressibility"`, `"brightness"`: weight-free rewards.
 
 Wrappers: [`BinaryReward`] (thresholded to 0/1) and [`per_frame`] (an image reward on every frame of a video).
@@ -44,6 +46,8 @@ __getattr__, __dir__ = lazy_attributes(
         "REWARD_REGISTRY": ".registry",
         "get_reward": ".registry",
         "register_reward": ".registry",
+        "shapes_geneval": ".shapes",
+        "shapes_geneval_dense": ".shapes",
         "brightness": ".simple",
         "jpeg_compressibility": ".simple",
         "jpeg_incompressibility": ".simple",
@@ -84,4 +88,6 @@ __all__ = [
     "per_frame",
     "register_reward",
     "reward_name",
+    "shapes_geneval",
+    "shapes_geneval_dense",
 ]

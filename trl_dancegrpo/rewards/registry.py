@@ -42,6 +42,8 @@ REWARD_REGISTRY: dict[str, Callable[..., Callable]] = {
     "jpeg_incompressibility": _function(".simple", "jpeg_incompressibility"),
     "ocr": _builder(".ocr", "OCRReward"),
     "pickscore": _builder(".image", "PickScoreReward"),
+    "shapes_geneval": _function(".shapes", "shapes_geneval"),
+    "shapes_geneval_dense": _function(".shapes", "shapes_geneval_dense"),
     "unifiedreward": _builder(".vlm", "unifiedreward_judge"),
     "videoalign_mq": _builder(".video", "VideoAlignReward", dimension="MQ"),
     "videoalign_ta": _builder(".video", "VideoAlignReward", dimension="TA"),
@@ -120,9 +122,9 @@ def get_reward(name: str, **kwargs) -> Callable:
     Keyword arguments are passed to the constructor of class-based rewards (e.g.
     `get_reward("hpsv2.1", checkpoint_path="HPS_v2.1_compressed.pt")`). Registered names:
     `aesthetic`, `brightness`, `clip_score`, `hpsv2`, `hpsv2.1`, `hpsv3`, `imagereward`, `jpeg_compressibility`,
-    `jpeg_incompressibility`, `ocr`, `pickscore`, `unifiedreward`, `videoalign_mq`, `videoalign_ta`, `videoalign_vq`,
-    `vlm_instruction_following`, `vlm_judge`, `vqascore` (the VLM judges need `base_url=` and, except `unifiedreward`,
-    `model=`).
+    `jpeg_incompressibility`, `ocr`, `pickscore`, `shapes_geneval`, `shapes_geneval_dense`, `unifiedreward`,
+    `videoalign_mq`, `videoalign_ta`, `videoalign_vq`, `vlm_instruction_following`, `vlm_judge`, `vqascore` (the VLM
+    judges need `base_url=` and, except `unifiedreward`, `model=`).
     """
     check_reward_name(name)
     if name in REWARD_REGISTRY:
