@@ -78,6 +78,19 @@ def assert_first_step_on_policy(trainer) -> None:
     assert logs["clip_ratio"] == 0
 
 
+def assert_trains_what_it_should(trainer, use_lora: bool) -> None:
+    """Train: every parameter that should learn does (LoRA: the adapter's only; full: the whole denoiser), nothing
+    else moves, the first step is on-policy and every logged loss is finite."""
+    before = snapshot_parameters(trainer)
+    assert before["trainable"] and before["others"]
+    assert all("lora" in n for n in before["trainable"]) if use_lora else not before["frozen"]
+    trainer.train()
+    assert_only_trainable_parameters_changed(trainer, before)
+    assert_first_step_on_policy(trainer)
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert losses and all(math.isfinite(loss) for loss in losses)
+
+
 def assert_lora_round_trip(trainer, path, folder, call: dict, output: str = "images") -> torch.Tensor:
     """The saved LoRA, loaded into a fresh pipeline with `load_lora_weights`, reproduces the trained outputs."""
     trainer.save_model(str(folder))
