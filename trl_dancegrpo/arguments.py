@@ -78,7 +78,7 @@ def config_sections(config_class) -> dict[str, str]:
 
 
 SUBCOMMANDS = {
-    "estimate-memory": "peak GPU memory per process of a run, at the real size on fake tensors (offline, no weights)",
+    "estimate-memory": "peak GPU memory per process of a run, at the real size on fake tensors, offline, no weights",
     "evaluate": "deterministic samples of a prompt set scored by rewards: a model, and a trained adapter next to it",
 }
 USAGE = (
@@ -91,23 +91,37 @@ DESCRIPTION = (
     "on a tiny random FLUX pipeline. Samples of the latest rollout are saved to OUTPUT_DIR/_samples/ at each logging "
     "step (--log_samples)."
 )
-EPILOG = "subcommands (each with its own --help):\n" + "\n".join(
-    f"  {name:<18}{text}" for name, text in SUBCOMMANDS.items()
+EPILOG = "subcommands, each with its own --help: " + "; ".join(
+    f"{name} ({text})" for name, text in SUBCOMMANDS.items()
 )
-HELP_GROUPS = {
-    "model": "model and LoRA",
-    "data": "data",
-    "changed": CHANGED_DEFAULTS_GROUP,
-    "other": OTHER_GROUP,
-    "inherited": INHERITED_GROUP,
-}
+
+
+def option_group(name: str, origin: str, sections: dict[str, str], own: bool, inherited: bool) -> str:
+    """The `--help` heading of the option `name`: `origin` is "model" or "script" (the dataclasses above) or "config"
+    (`DanceGRPOConfig`, whose own fields are `own` and whose `TrainingArguments` fields are `inherited`; both for an
+    inherited field whose default we change). Used by the full parser and by the fast `--help` alike."""
+    if origin == "model":
+        return "model and LoRA"
+    if origin == "script":
+        return "data" if name.startswith("dataset") else sections.get("reward_weights", "rewards")
+    if name in sections:
+        return sections[name]
+    if own:
+        return CHANGED_DEFAULTS_GROUP if inherited else OTHER_GROUP
+    return INHERITED_GROUP
+
+
+# the headings in display order: these two first, the config's sections, then these three
+LEADING_GROUPS, TRAILING_GROUPS = ("model and LoRA", "data"), (CHANGED_DEFAULTS_GROUP, OTHER_GROUP, INHERITED_GROUP)
 
 
 def print_help() -> None:
     """`--help`, built from the sources without importing torch (the same options and groups as `make_parser`)."""
     from .cli_checks import help_parser
 
-    help_parser(ModelArguments, ScriptArguments, HELP_GROUPS, USAGE, DESCRIPTION, EPILOG).print_help()
+    parser = help_parser(ModelArguments, ScriptArguments, option_group, LEADING_GROUPS, TRAILING_GROUPS)
+    parser.usage, parser.description, parser.epilog = USAGE, DESCRIPTION, EPILOG
+    parser.print_help()
 
 
 def make_parser():
@@ -138,26 +152,19 @@ def make_parser():
         def _add_dataclass_arguments(self, dtype):
             if not hasattr(self, "_groups_by_title"):  # created in display order
                 self._groups_by_title = {}
-                for title in ("model and LoRA", "data", *dict.fromkeys(sections.values())):
+                for title in (*LEADING_GROUPS, *dict.fromkeys(sections.values())):
                     self._group(title)
             hints = get_type_hints(dtype)
+            origin = {ModelArguments: "model", ScriptArguments: "script"}.get(dtype, "config")
             for f in dataclasses.fields(dtype):
                 if not f.init:
                     continue
                 f.type = hints[f.name]
-                if dtype is ModelArguments:
-                    title = "model and LoRA"
-                elif dtype is ScriptArguments:
-                    title = "data" if f.name.startswith("dataset") else sections.get("reward_weights", "rewards")
-                elif f.name in sections:
-                    title = sections[f.name]
-                elif f.name in own_fields:
-                    title = CHANGED_DEFAULTS_GROUP if hasattr(DanceGRPOConfig.__mro__[1], f.name) else OTHER_GROUP
-                else:
-                    title = INHERITED_GROUP
+                own, inherited = f.name in own_fields, hasattr(DanceGRPOConfig.__mro__[1], f.name)
+                title = option_group(f.name, origin, sections, own, inherited)
                 self._parse_dataclass_field(self._group(title), f)
             if dtype is ModelArguments:  # the last dataclass: the inherited options go last
-                for title in (CHANGED_DEFAULTS_GROUP, OTHER_GROUP, INHERITED_GROUP):
+                for title in TRAILING_GROUPS:
                     group = self._groups_by_title.pop(title, None)
                     if group is not None:
                         self._action_groups.remove(group)

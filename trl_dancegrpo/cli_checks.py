@@ -182,37 +182,21 @@ def config_docstring() -> str:
     return ast.get_docstring(cls, clean=False) or ""
 
 
-def help_parser(model_arguments, script_arguments, groups: dict, usage: str, description: str, epilog: str):
-    """The parser `--help` prints: every option of the full parser, in the same groups and order, built from the
-    sources (no torch import). `groups` names the headings: `model`, `data`, `changed`, `other` and `inherited`."""
+def help_parser(model_arguments, script_arguments, option_group, leading: tuple, trailing: tuple):
+    """The parser `--help` prints: every option of the full parser, built from the sources (no torch import), under
+    the headings `option_group(name, origin, sections, own, inherited)` gives (the full parser's own rule), in the same
+    order: the `leading` headings, the config's sections, then the `trailing` ones."""
     own = fields_from_source(_config_path(), "DanceGRPOConfig")
     inherited = fields_from_source(_training_args_path(), "TrainingArguments")
     sections = config_sections(config_docstring())
-    parser = argparse.ArgumentParser(
-        prog="trl-dancegrpo",
-        usage=usage,
-        description=description,
-        epilog=epilog,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    titles = [groups["model"], groups["data"], *dict.fromkeys(sections.values())]
-    titles += [groups["changed"], groups["other"], groups["inherited"]]
+    parser = argparse.ArgumentParser(prog="trl-dancegrpo", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    titles = [*leading, *dict.fromkeys(sections.values()), *trailing]
     by_title = {title: parser.add_argument_group(title) for title in titles}
-    placed = []
-    for spec in fields_from_dataclass(model_arguments).values():
-        placed.append((groups["model"], spec))
-    for spec in fields_from_dataclass(script_arguments).values():
-        title = groups["data"] if spec.name.startswith("dataset") else sections.get("reward_weights", "rewards")
-        placed.append((title, spec))
-    for spec in {**inherited, **own}.values():
-        if spec.name in sections:
-            title = sections[spec.name]
-        elif spec.name in own:
-            title = groups["changed"] if spec.name in inherited else groups["other"]
-        else:
-            title = groups["inherited"]
-        placed.append((title, spec))
-    for title, spec in placed:
+    placed = [(spec, "model") for spec in fields_from_dataclass(model_arguments).values()]
+    placed += [(spec, "script") for spec in fields_from_dataclass(script_arguments).values()]
+    placed += [(spec, "config") for spec in {**inherited, **own}.values()]
+    for spec, origin in placed:
+        title = option_group(spec.name, origin, sections, spec.name in own, spec.name in inherited)
         _add_option(by_title[title], spec, help=spec.help or "")
     for group in by_title.values():
         if not group._group_actions:
