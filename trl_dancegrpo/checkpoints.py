@@ -398,3 +398,67 @@ def _to_device(value, device):
     if isinstance(value, (list, tuple)):
         return type(value)(_to_device(item, device) for item in value)
     return value
+
+
+def save_checkpoint(trainer, trial) -> None:
+    """The trainer's `_save_checkpoint`: write the checkpoint into a staging folder, rename it into place once complete.
+
+    A save interrupted half-way leaves only `tmp-checkpoint-N`, which `resume_from_checkpoint=True` ignores (it looks
+    for `checkpoint-N`), so an interrupted save never looks like a valid checkpoint. Next to transformers' files it
+    holds the checkpoint info, the rollout buffer when later steps still train on it, the exact EMA (one file per
+    process when FSDP shards it) and, last, the manifest.
+    """
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_callback import ExportableState
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+    from .ema import EMA_STATE_NAME
+
+    args, accelerator = trainer.args, trainer.accelerator
+    run_dir = trainer._get_output_dir(trial=trial)
+    name = f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+    final_dir, staging = os.path.join(run_dir, name), os.path.join(run_dir, f"tmp-{name}")
+    if args.should_save and os.path.isdir(staging):
+        shutil.rmtree(staging)  # the leftover of an earlier interrupted save
+    accelerator.wait_for_everyone()
+    if trainer.hp_search_backend is None and trial is None:
+        trainer.store_flos()
+    trainer.save_model(staging, _internal_call=True)
+    if args.should_save:
+        write_checkpoint_info(trainer, staging)
+    ema_file = trainer._ema_state_name() if trainer.ema is not None else None
+    if ema_file is not None and (args.should_save or ema_file != EMA_STATE_NAME):
+        os.makedirs(staging, exist_ok=True)
+        trainer.ema.save(os.path.join(staging, ema_file))
+    if not args.save_only_model:
+        trainer._save_optimizer_and_scheduler(staging)
+        trainer._save_scaler(staging)
+        trainer._save_rng_state(staging)
+        rollout = trainer._rollout_buffer_to_save()
+        if rollout is not None:  # every process its own part of the rollout
+            os.makedirs(staging, exist_ok=True)
+            suffix = f"_{accelerator.process_index}" if accelerator.num_processes > 1 else ""
+            save_rollout_buffer(staging, trainer._micro_step, rollout, suffix)
+    if args.should_save:
+        for callback in [*trainer.callback_handler.callbacks, trainer.control]:
+            if isinstance(callback, ExportableState):
+                trainer.state.stateful_callbacks[callback.__class__.__name__] = callback.state()
+        trainer.state.save_to_json(os.path.join(staging, TRAINER_STATE_NAME))
+    accelerator.wait_for_everyone()
+    if args.should_save:
+        write_manifest(staging)  # last: every process's files are in
+        if os.path.isdir(final_dir):
+            shutil.rmtree(final_dir)
+        os.replace(staging, final_dir)  # atomic on one file system
+    accelerator.wait_for_everyone()
+    if args.push_to_hub:
+        trainer._push_from_checkpoint(final_dir)  # refreshes the card in output_dir, then uploads
+    else:
+        trainer._write_model_card(args.output_dir)  # as TRL: output_dir always has the current card
+    if args.should_save:
+        rotate_checkpoints(
+            output_dir=run_dir,
+            save_total_limit=args.save_total_limit,
+            best_model_checkpoint=trainer.state.best_model_checkpoint,
+            use_mtime=False,
+        )

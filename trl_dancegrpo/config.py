@@ -171,6 +171,24 @@ class DanceGRPOConfig(TrainingArguments):
         shuffle_dataset (`bool`, *optional*, defaults to `True`):
             Whether to shuffle the prompts.
 
+        > Parameters of the EMA of the policy
+
+        ema_decay (`float`, *optional*):
+            Keep an exponential moving average of the trained weights (with LoRA: the adapter's), as the official
+            DanceGRPO scripts do with `--use_ema` (decay 0.995 for FLUX; their HunyuanVideo script sets 0.999 but
+            leaves the EMA off). It starts as a float32 copy of the weights and after every optimizer step becomes
+            `ema_decay * ema + (1 - ema_decay) * weights`. Saved in every checkpoint and restored on resume;
+            `save_model` writes it into `ema/` inside the saved folder, in the format of the main weights
+            (`pipe.load_lora_weights(path, subfolder="ema")`). `None`: no EMA.
+        ema_start_step (`int`, *optional*, defaults to `0`):
+            The EMA starts as a copy of the weights once this many optimizer steps are done (0: at the start).
+        ema_on_cpu (`bool`, *optional*, defaults to `False`):
+            Keep the EMA in CPU memory instead of on the GPU (it costs 4 bytes per trained parameter; each update then
+            copies the weights to the CPU).
+        eval_with_ema (`bool`, *optional*, defaults to `False`):
+            Evaluate (`evaluate`, `eval_steps`), and draw the model card's samples, with the EMA weights instead of
+            the trained ones (once the EMA has started).
+
         > Parameters that control saving and logging
 
         overwrite_output_dir (`bool`, *optional*, defaults to `False`):
@@ -328,6 +346,18 @@ class DanceGRPOConfig(TrainingArguments):
         metadata={"help": "Micro-steps one rollout is split over; None = gradient_accumulation_steps (on-policy)."},
     )
     shuffle_dataset: bool = field(default=True, metadata={"help": "Shuffle the prompts."})
+
+    # EMA of the policy
+    ema_decay: float | None = field(
+        default=None, metadata={"help": "Keep an EMA of the trained weights with this decay (e.g. 0.995); None = off."}
+    )
+    ema_start_step: int = field(
+        default=0, metadata={"help": "Optimizer steps done before the EMA starts as a copy of the weights."}
+    )
+    ema_on_cpu: bool = field(default=False, metadata={"help": "Keep the EMA in CPU memory instead of on the GPU."})
+    eval_with_ema: bool = field(
+        default=False, metadata={"help": "Evaluate and draw the model card's samples with the EMA weights."}
+    )
 
     # Saving and logging
     overwrite_output_dir: bool = field(

@@ -48,6 +48,22 @@ def check_reward_weights_count(reward_weights, num_rewards: int) -> None:
         )
 
 
+def check_ema(args) -> None:
+    """The EMA options: a decay in (0, 1), and the other EMA options only with one."""
+    if args.ema_decay is not None and not 0 < args.ema_decay < 1:
+        raise ValueError(
+            f"ema_decay must be in (0, 1) (the official DanceGRPO scripts use 0.995), got {args.ema_decay}; None "
+            "keeps no EMA."
+        )
+    if args.ema_start_step < 0:
+        raise ValueError(f"ema_start_step must be >= 0, got {args.ema_start_step}.")
+    if args.ema_decay is None:
+        given = [name for name in ("ema_on_cpu", "eval_with_ema") if getattr(args, name)]
+        given += ["ema_start_step"] if args.ema_start_step else []
+        if given:
+            raise ValueError(f"{', '.join(given)} set without ema_decay: set ema_decay (e.g. 0.995) to keep an EMA.")
+
+
 def check_values(args) -> None:
     """Raise a `ValueError` naming the first option (attribute of `args`) whose value is out of range."""
     if args.num_generations < 2:
@@ -95,6 +111,7 @@ def check_values(args) -> None:
         raise ValueError(
             f"multi_objective_aggregation must be one of {AGGREGATIONS}, got {args.multi_objective_aggregation!r}."
         )
+    check_ema(args)
     if args.num_iterations < 1:
         raise ValueError(f"num_iterations must be at least 1, got {args.num_iterations}.")
     if args.rollout_batch_size is not None and args.rollout_batch_size < 1:

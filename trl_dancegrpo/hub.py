@@ -302,7 +302,8 @@ class ModelCardCallback(TrainerCallback):
         self.prepared = None
         if rows:
             before = self.before_samples(rows)
-            after = sample_and_score(trainer, rows)
+            with trainer.eval_weights():  # the EMA's with eval_with_ema
+                after = sample_and_score(trainer, rows)
             if trainer.is_world_process_zero():  # the one that writes the card
                 self.prepared = {"rows": rows, "before": before, "after": after}
 
@@ -323,6 +324,22 @@ class ModelCardCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if args.push_to_hub:
             self._trainer().push_to_hub(commit_message="End of training")
+
+
+def ema_summary(trainer, output_dir: str) -> dict | None:
+    """What the card says of the EMA weights saved in `output_dir/ema` (None when there are none)."""
+    from .ema import EMA_FOLDER
+
+    ema = trainer.ema
+    if ema is None or not ema.started or not os.path.isdir(os.path.join(output_dir, EMA_FOLDER)):
+        return None
+    return {
+        "decay": ema.decay,
+        "start_step": ema.start_step,
+        "num_updates": ema.num_updates,
+        "in_samples": trainer.args.eval_with_ema,
+        "lora_load_arguments": trainer.adapter.lora_load_arguments(EMA_FOLDER),
+    }
 
 
 # -- the card ---------------------------------------------------------------------------------------------------------
@@ -401,6 +418,7 @@ def write_model_card(trainer, model_name=None, dataset_name=None, tags=None, lic
         else trainer.accelerator.unwrap_model(trainer.model)
     ).__name__
     rewards = reward_summary(trainer, before_scores, after_scores)
+    ema = ema_summary(trainer, output_dir)
     template = importlib.resources.files("trl_dancegrpo").joinpath("templates/model_card.md")
     card = ModelCard.from_template(
         card_data,
@@ -424,7 +442,9 @@ def write_model_card(trainer, model_name=None, dataset_name=None, tags=None, lic
         denoiser_class=denoiser_class,
         trained_components=adapter.trained_components(),
         component_subfolders=adapter.has_experts,  # saved in the pipeline's layout, one folder per expert
-        lora_load_arguments=adapter.lora_load_arguments(),
+        # with `ema/` beside them the main weights are named: the Hub would otherwise pick `ema/...` first
+        lora_load_arguments=adapter.lora_load_arguments(named=ema is not None),
+        ema=ema,
         prompts=prompts,
         example_prompt=json.dumps(prompts[0] if prompts else "a photo of a cat", ensure_ascii=False),
         sample_grid=grid,
@@ -462,6 +482,8 @@ def push_from_checkpoint(trainer, checkpoint_folder: str) -> None:
     from transformers.utils import PushInProgress
     from transformers.utils.hub import hf_api
 
+    from .ema import EMA_FOLDER
+
     args = trainer.args
     if args.hub_strategy == HubStrategy.END:
         return
@@ -479,6 +501,8 @@ def push_from_checkpoint(trainer, checkpoint_folder: str) -> None:
         source = os.path.join(checkpoint_folder, name)
         if os.path.isfile(source) and any(fnmatch(name, pattern) for pattern in MODEL_FILE_PATTERNS):
             shutil.copy(source, os.path.join(output_dir, name))
+        elif name == EMA_FOLDER and os.path.isdir(source):  # the EMA weights, saved as the main ones
+            shutil.copytree(source, os.path.join(output_dir, name), dirs_exist_ok=True)
     model_name = (args.hub_model_id or Path(output_dir).name).split("/")[-1]
     trainer.create_model_card(model_name=model_name)
 

@@ -9,7 +9,6 @@ FSDP); `self.denoiser` is the same module unwrapped, for the forwards outside th
 
 import contextlib
 import os
-import shutil
 import threading
 import time
 from collections import defaultdict
@@ -21,8 +20,6 @@ from accelerate.utils import gather
 from diffusers.configuration_utils import FrozenDict
 from transformers import Trainer, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 from trl.trainer.utils import RepeatSampler
 
@@ -30,6 +27,7 @@ from . import checkpoints
 from .adapters import PipelineAdapter
 from .config import DanceGRPOConfig
 from .config_checks import check_dataset, check_image_column, check_reward_weights_count
+from .ema import EMA_FOLDER, EMACallback, ema_state_name
 from .encoding import PromptEncoder
 from .hub import ModelCardCallback, TrackerConfig
 from .models import (  # noqa: F401  (cast_module: re-exported)
@@ -221,6 +219,10 @@ class DanceGRPOTrainer(Trainer):
         self._resumed_rollout = None  # the rollout buffer of the checkpoint resumed from, if it holds one
         self.model_card_callback = ModelCardCallback(self)  # the card's samples; with push_to_hub, pushes at the end
         self.add_callback(self.model_card_callback)
+        self.ema = None  # the EMA of the trained weights (`ema.PolicyEMA`), built when training begins
+        self._ema_resumed_from = None  # the checkpoint whose EMA the next `train()` restores
+        if args.ema_decay is not None:
+            self.add_callback(EMACallback(self))  # after each optimizer step; before the step's checkpoint
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -418,6 +420,7 @@ class DanceGRPOTrainer(Trainer):
         self._micro_step = None
         self._buffered_inputs = None
         self._resumed_rollout = None
+        self._ema_resumed_from = None
         checkpoints.check_output_dir(self.args, resume_from_checkpoint, self.is_world_process_zero())
         self.accelerator.wait_for_everyone()  # overwrite_output_dir: deleted before any process writes
         return super().train(
@@ -593,7 +596,8 @@ class DanceGRPOTrainer(Trainer):
         rows = list(dataset)
         if not rows:
             raise ValueError("DanceGRPOTrainer: the eval_dataset is empty.")
-        result = sample_and_score(self, rows, seed=self.args.seed)
+        with self.eval_weights():
+            result = sample_and_score(self, rows, seed=self.args.seed)
         categories = [row["category"] for row in rows] if "category" in rows[0] else None
         summary = summarize(result.rewards, self.reward_func_names, categories)
         metrics = {}
@@ -609,6 +613,12 @@ class DanceGRPOTrainer(Trainer):
             sample = (rows[0]["prompt"], self._sample_to_log(result.first_sample, rows[0]))
             self._log_sample(sample, name=metric_key_prefix)
         return metrics
+
+    def eval_weights(self):
+        """A context in which the model holds the weights to evaluate: the EMA's with `eval_with_ema` (once it has
+        started), else the trained ones."""
+        use_ema = self.args.eval_with_ema and self.ema is not None and self.ema.started
+        return self.ema.applied() if use_ema else contextlib.nullcontext()
 
     # -- sharing ------------------------------------------------------------------------------------------------------
     def push_to_hub(
@@ -660,19 +670,32 @@ class DanceGRPOTrainer(Trainer):
         push_from_checkpoint(self, checkpoint_folder)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the LoRA (diffusers format) or the denoiser into `output_dir` (default `args.output_dir`).
+        """Save the LoRA (diffusers format) or the denoiser into `output_dir` (default `args.output_dir`); with an EMA
+        (`ema_decay`), its weights too, in the same format, into `output_dir/ema`.
 
         Under FSDP every process must call it: the shards are gathered first (whatever `fsdp_state_dict_type` is), so
         the folder always holds weights that `load_lora_weights` / `from_pretrained` load.
         """
-        if not self.is_fsdp_enabled:
-            super().save_model(output_dir, _internal_call)
-        else:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        self._save_weights(output_dir)
+        if self.ema is not None and self.ema.started:
+            with self.ema.applied():
+                self._save_weights(os.path.join(output_dir, EMA_FOLDER))
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+        elif not _internal_call:  # a push writes the card itself
+            self._write_model_card(output_dir)
+
+    def _save_weights(self, output_dir: str) -> None:
+        if self.is_fsdp_enabled:
             self._save(output_dir, state_dict=self._gather_trainable_state_dict())
-            if self.args.push_to_hub and not _internal_call:
-                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
-        if not _internal_call and not self.args.push_to_hub:  # a push writes the card itself
-            self._write_model_card(output_dir if output_dir is not None else self.args.output_dir)
+        else:
+            super().save_model(output_dir, _internal_call=True)
+
+    def _ema_state_name(self) -> str:
+        """This process's EMA file in a checkpoint: one for all, or one per process when FSDP shards it."""
+        sharded = self.is_fsdp_enabled and self.accelerator.num_processes > 1
+        return ema_state_name(sharded, self.accelerator.process_index)
 
     def _write_model_card(self, output_dir: str) -> None:
         """The model card (`README.md`, samples before and after, reward curve) next to saved weights, as TRL does."""
@@ -724,54 +747,7 @@ class DanceGRPOTrainer(Trainer):
             handle.write(self.args.to_json_string())
 
     def _save_checkpoint(self, model, trial) -> None:
-        """Write the checkpoint into a staging folder and rename it into place once complete.
-
-        A save interrupted half-way leaves only `tmp-checkpoint-N`, which `resume_from_checkpoint=True` ignores (it
-        looks for `checkpoint-N`), so an interrupted save never looks like a valid checkpoint.
-        """
-        run_dir = self._get_output_dir(trial=trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        final_dir, staging = os.path.join(run_dir, name), os.path.join(run_dir, f"tmp-{name}")
-        if self.args.should_save and os.path.isdir(staging):
-            shutil.rmtree(staging)  # the leftover of an earlier interrupted save
-        self.accelerator.wait_for_everyone()
-        if self.hp_search_backend is None and trial is None:
-            self.store_flos()
-        self.save_model(staging, _internal_call=True)
-        if self.args.should_save:
-            checkpoints.write_checkpoint_info(self, staging)
-        if not self.args.save_only_model:
-            self._save_optimizer_and_scheduler(staging)
-            self._save_scaler(staging)
-            self._save_rng_state(staging)
-            rollout = self._rollout_buffer_to_save()
-            if rollout is not None:  # every process its own part of the rollout
-                os.makedirs(staging, exist_ok=True)
-                suffix = f"_{self.accelerator.process_index}" if self.accelerator.num_processes > 1 else ""
-                checkpoints.save_rollout_buffer(staging, self._micro_step, rollout, suffix)
-        if self.args.should_save:
-            for callback in [*self.callback_handler.callbacks, self.control]:
-                if isinstance(callback, ExportableState):
-                    self.state.stateful_callbacks[callback.__class__.__name__] = callback.state()
-            self.state.save_to_json(os.path.join(staging, TRAINER_STATE_NAME))
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            checkpoints.write_manifest(staging)  # last: every process's files are in
-            if os.path.isdir(final_dir):
-                shutil.rmtree(final_dir)
-            os.replace(staging, final_dir)  # atomic on one file system
-        self.accelerator.wait_for_everyone()
-        if self.args.push_to_hub:
-            self._push_from_checkpoint(final_dir)  # refreshes the card in output_dir, then uploads
-        else:
-            self._write_model_card(self.args.output_dir)  # as TRL: output_dir always has the current card
-        if self.args.should_save:
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=False,
-            )
+        checkpoints.save_checkpoint(self, trial)  # staged, then renamed into place once complete
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Load the trainable weights written by `_save`: the LoRA (diffusers format) or the full denoiser.
@@ -782,6 +758,7 @@ class DanceGRPOTrainer(Trainer):
         next to the optimizer.
         """
         checkpoints.verify_manifest(resume_from_checkpoint)  # before any file of it is read
+        self._ema_resumed_from = resume_from_checkpoint  # restored when training begins (`ema.EMACallback`)
         state_file = os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME)
         if os.path.isfile(state_file):  # read by transformers later on, where a malformed file is not named
             checkpoints.read_json_file(state_file, resume_from_checkpoint)

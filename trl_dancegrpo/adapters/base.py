@@ -253,9 +253,17 @@ class PipelineAdapter:
         """The pipeline components the trainer updates (the model card's loading example)."""
         return [self.denoiser_name]
 
-    def lora_load_arguments(self) -> list[str]:
-        """The arguments after the repository id of each `pipe.load_lora_weights(...)` call that restores the LoRA."""
-        return [""]
+    def lora_load_arguments(self, folder: str | None = None, named: bool = False) -> list[str]:
+        """The arguments after the repository id of each `pipe.load_lora_weights(...)` call that restores the LoRA.
+
+        With `folder` (such as "ema"), of the weights saved in that folder, named in `weight_name` (diffusers honours
+        it for local folders and Hub repositories alike; a local folder's `subfolder` loses to a top-level file).
+        `named` names the top-level file too: a Hub repository with several LoRA files would otherwise load the
+        first one in alphabetical order (`ema/...` before the main one).
+        """
+        if folder is None and not named:
+            return [""]
+        return [f', weight_name="{folder + "/" if folder else ""}pytorch_lora_weights.safetensors"']
 
     def pipeline_guidance_scale(self) -> float:
         """`guidance_scale` as the pipeline's `__call__` takes it (the model card's example); here CFG is always

@@ -177,9 +177,9 @@ class Wan22Adapter(WanAdapter):
     def trained_components(self) -> list[str]:
         return list(self.experts.trained)
 
-    def lora_load_arguments(self) -> list[str]:
-        arguments = {
-            "transformer": "",
-            "transformer_2": f', weight_name="{LORA_WEIGHT_NAMES["transformer_2"]}", load_into_transformer_2=True',
-        }
+    def lora_load_arguments(self, folder: str | None = None, named: bool = False) -> list[str]:
+        prefix = f"{folder}/" if folder else ""
+        first = f', weight_name="{prefix}{LORA_WEIGHT_NAMES["transformer"]}"' if folder is not None or named else ""
+        second = f', weight_name="{prefix}{LORA_WEIGHT_NAMES["transformer_2"]}", load_into_transformer_2=True'
+        arguments = {"transformer": first, "transformer_2": second}
         return [arguments[name] for name in self.experts.trained]

@@ -81,6 +81,8 @@ class MemoryEstimate:
             "trainable_weights": p["trainable"] // shards,
             "gradients": p["trainable"] // shards,
             "optimizer_states": p["optimizer_states"] // shards,
+            # the EMA (`ema_decay`): a float32 copy of the trained weights, sharded as they are; none with ema_on_cpu
+            "ema_weights": p["trainable_float32"] // shards if o.get("ema") and not o.get("ema_on_cpu") else 0,
             "activations": activations,
             "frozen_modules": (0 if o["offload_text_encoders"] else p["encoders"]) + p["other_frozen"],
             "reward_models": 0 if o["offload_reward_models"] else p["rewards"],
@@ -93,7 +95,7 @@ class MemoryEstimate:
     def phases(self) -> dict[str, int]:
         """What is alive at the peak of each phase of an iteration."""
         p, o, b = self.parts, self.options, self.breakdown
-        resident = sum(b[k] for k in ("denoiser_weights", "trainable_weights", "optimizer_states"))
+        resident = sum(b[k] for k in ("denoiser_weights", "trainable_weights", "optimizer_states", "ema_weights"))
         resident += b["frozen_modules"] + b["reward_models"]
         buffers = p["trajectory_buffer"] + p["conditioning"]
         return {
@@ -481,6 +483,7 @@ def estimate_memory(script_args, args, model_args, num_processes: int = 1) -> Me
     encoders = sum(module_bytes(m) for name, m in frozen.items() if name.startswith(ENCODER_PREFIXES))
     others = sum(module_bytes(m) for name, m in frozen.items() if not name.startswith(ENCODER_PREFIXES))
     trainable = tensor_bytes(p for p in denoiser.parameters() if p.requires_grad)
+    trainable_float32 = 4 * sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
     frozen_denoiser = module_bytes(denoiser) - trainable
     if args.beta > 0 and not run.is_lora:
         others += module_bytes(denoiser)  # the frozen reference copy (unsharded, see docs)
@@ -501,6 +504,7 @@ def estimate_memory(script_args, args, model_args, num_processes: int = 1) -> Me
     parts = {
         "frozen_denoiser": frozen_denoiser,
         "trainable": trainable,
+        "trainable_float32": trainable_float32,
         "largest_block_compute": max((sum(p.numel() for p in b.parameters()) for b in _blocks(denoiser)), default=0)
         * torch.tensor([], dtype=run.weight_dtype).element_size(),
         "optimizer_states": optimizer_states,
@@ -523,6 +527,8 @@ def estimate_memory(script_args, args, model_args, num_processes: int = 1) -> Me
         "num_processes": num_processes,
         "offload_text_encoders": args.offload_text_encoders,
         "offload_reward_models": args.offload_reward_models,
+        "ema": args.ema_decay is not None,
+        "ema_on_cpu": args.ema_on_cpu,
     }
     estimate = MemoryEstimate(
         model=model_args.model_name_or_path, settings=_settings(run), parts=parts, options=options, notes=notes
@@ -560,6 +566,8 @@ def _settings(run: _Run) -> dict:
         "offload_text_encoders": args.offload_text_encoders,
         "cache_prompt_embeddings": args.cache_prompt_embeddings,
         "offload_reward_models": args.offload_reward_models,
+        "ema_decay": args.ema_decay,
+        "ema_on_cpu": args.ema_on_cpu,
     }
     if adapter.is_video:
         settings["num_frames"] = adapter.num_frames

@@ -40,6 +40,7 @@ LABELS = {
     "rollout_forward": "rollout forward (no gradient)",
     "vae_decode": "VAE decode of a rollout slice",
     "trajectory_buffer": "trajectory buffer",
+    "ema_weights": "EMA of the trained weights (float32)",
 }
 
 
@@ -74,6 +75,8 @@ def changes_for_target(estimate: "MemoryEstimate", target_gib: float) -> list[tu
     if not options["offload_reward_models"] and estimate.parts["rewards"]:
         savers["offload_reward_models"] = True
         labels["offload_reward_models"] = "--offload_reward_models true"
+    if options.get("ema") and not options.get("ema_on_cpu"):
+        savers["ema_on_cpu"], labels["ema_on_cpu"] = True, "--ema_on_cpu true"
     for name in savers:
         candidates.append((labels[name], estimate.with_options(**{name: True}).peak))
     if len(savers) > 1:
@@ -177,7 +180,8 @@ def format_report(estimate: "MemoryEstimate", target_gib: float | None = None, g
     lines += [
         "",
     ]
-    lines += [f"  {LABELS[key]:<40} {gib(value):>8.2f} GiB" for key, value in b.items()]
+    shown = {key: value for key, value in b.items() if key != "ema_weights" or estimate.options.get("ema")}
+    lines += [f"  {LABELS[key]:<40} {gib(value):>8.2f} GiB" for key, value in shown.items()]
     lines += [
         "",
         f"  training step peak (weights + trainable + gradients + optimizer + activations): "
