@@ -48,6 +48,8 @@ def run_cli(*argv, env=None, timeout=300):
         (["--dataset_name", "prompts.txt"], "--dataset_name prompts.txt: file not found"),
         (["--dataset_name", "./data/prompts"], "file not found"),
         (["--use_peft", "maybe"], "Truthy value expected"),
+        (["--ema_decay", "1.5"], "ema_decay must be in (0, 1)"),
+        (["--eval_with_ema", "true"], "eval_with_ema set without ema_decay"),
     ],
 )
 def test_wrong_options_and_values_fail_fast(argv, message, tmp_path):

@@ -46,10 +46,16 @@ def saved_weights(folder, lora: bool) -> dict[str, torch.Tensor]:
     return FluxTransformer2DModel.from_pretrained(folder).state_dict()
 
 
+def assert_same_weights(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
 @pytest.mark.parametrize("window", [[], ["--sde_window", "1"]], ids=["full-trajectory", "window-after-shared-prefix"])
 def test_two_processes_match_one(window, tiny_pipeline_path, tmp_path):
     # with a window at step 1, step 0 runs once per group, and the second group's rows live on both processes
-    path = tiny_pipeline_path("tiny-flux")
+    path, window = tiny_pipeline_path("tiny-flux"), [*window, "--ema_decay", "0.5"]
     single = run([sys.executable, SCRIPT, path, str(tmp_path / "one"), "12", *window], tmp_path / "one")
     # `--cpu` would pick accelerate's MPI launcher; torchrun's launcher plus ACCELERATE_USE_CPU runs CPU processes
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
@@ -64,6 +70,8 @@ def test_two_processes_match_one(window, tiny_pipeline_path, tmp_path):
     # DDP averages the two processes' gradients: the update is the single-process one
     torch.testing.assert_close(two[0]["params"], two[1]["params"])
     torch.testing.assert_close(two[0]["params"], one["params"], rtol=1e-4, atol=1e-6)
+    # the EMA (each DDP process keeps a whole copy; the main one saves it) is the single process's
+    assert_same_weights(saved_weights(double / "final" / "ema", False), saved_weights(single / "final" / "ema", False))
     # evaluation: 3 prompts over 2 processes (2 + 1 padded), every prompt scored once, as by one process
     for rank in (0, 1):
         assert two[rank]["eval"].keys() == one["eval"].keys()
@@ -74,7 +82,7 @@ def test_two_processes_match_one(window, tiny_pipeline_path, tmp_path):
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_fsdp_two_processes_match_one_and_resume_exactly(lora, tiny_pipeline_path, tmp_path):
     """FSDP2 (sharded parameters, gathered forward in the rollout) updates as one process; a resume is exact."""
-    path, extra = tiny_pipeline_path("tiny-flux"), ["--lora"] * lora + ["--max_steps", "2"]
+    path, extra = tiny_pipeline_path("tiny-flux"), ["--lora"] * lora + ["--max_steps", "2", "--ema_decay", "0.5"]
     single = run([sys.executable, SCRIPT, path, str(tmp_path / "one"), "8", *extra], tmp_path / "one")
     fsdp = [*LAUNCH, *FSDP, *fsdp_wrap("FluxTransformerBlock,FluxSingleTransformerBlock"), SCRIPT]
     sharded = run(
@@ -82,11 +90,12 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(lora, tiny_pipeline_pat
     )
 
     # the saved model is the complete one, in the same format as without FSDP
-    expected = saved_weights(single / "final", lora)
-    got = saved_weights(sharded / "final", lora)
-    assert got.keys() == expected.keys()
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert_same_weights(saved_weights(sharded / "final", lora), saved_weights(single / "final", lora))
+    # so is the EMA, kept shard by shard on each process and gathered to be saved
+    ema = saved_weights(sharded / "final" / "ema", lora)
+    assert_same_weights(ema, saved_weights(single / "final" / "ema", lora))
+    assert any(not torch.equal(ema[key], value) for key, value in saved_weights(sharded / "final", lora).items())
+    assert {"ema_state_0.safetensors", "ema_state_1.safetensors"} <= set(os.listdir(sharded / "checkpoint-1"))
     if not lora:
         config = (sharded / "final" / "config.json").read_text()
         assert '"_class_name": "FluxTransformer2DModel"' in config  # not FSDP's FSDPFluxTransformer2DModel
@@ -100,10 +109,11 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(lora, tiny_pipeline_pat
     resumed = run(
         [*fsdp, path, str(tmp_path / "re"), "4", *extra, "--resume", str(checkpoint), "--cpu_fsdp"], tmp_path / "re"
     )
-    straight = saved_weights(sharded / "final", lora)
-    again = saved_weights(resumed / "final", lora)
-    for key in straight:
-        torch.testing.assert_close(again[key], straight[key], rtol=0, atol=0, msg=key)
+    for folder in ("final", "final/ema"):  # the weights and the EMA restored shard by shard
+        straight = saved_weights(sharded / folder, lora)
+        again = saved_weights(resumed / folder, lora)
+        for key in straight:
+            torch.testing.assert_close(again[key], straight[key], rtol=0, atol=0, msg=f"{folder}: {key}")
 
 
 @pytest.mark.parametrize(

@@ -426,3 +426,29 @@ def test_target_lists_only_the_changes_that_fit(tiny_pipeline_path):
     assert not any(verdict(huge.peak, card).startswith("fits") for card in (24, 40, 48, 80, 141))
     assert to_json(huge)["suggestions"]["target_gib"] == 141
     assert "to fit 141 GiB with the overheads above (it fits none of the cards above)" in format_report(huge)
+
+
+def test_the_ema_is_counted(tiny_pipeline_path, capsys):
+    """`ema_decay` adds a float32 copy of the trained weights (sharded by FSDP), resident in every phase; with
+    `ema_on_cpu` nothing, and the advice offers it."""
+    from trl_dancegrpo.memory import estimate_memory
+    from trl_dancegrpo.memory.report import changes_for_target, format_report, to_json
+
+    path = tiny_pipeline_path("tiny-flux")
+    plain = estimate_memory(*parse(["--model_name_or_path", path, "--use_peft", "--lora_r", "4"]))
+    ema = estimate_memory(
+        *parse(["--model_name_or_path", path, "--use_peft", "--lora_r", "4", "--ema_decay", "0.995"])
+    )
+    lora_bytes = plain.breakdown["trainable_weights"]  # the LoRA is float32: its EMA is as large
+    assert plain.breakdown["ema_weights"] == 0
+    assert ema.breakdown["ema_weights"] == lora_bytes > 0
+    for phase, value in plain.phases.items():
+        assert ema.phases[phase] == value + lora_bytes, phase
+    assert ema.with_options(num_processes=4).breakdown["ema_weights"] == lora_bytes // 4
+    on_cpu = ema.with_options(ema_on_cpu=True)
+    assert on_cpu.breakdown["ema_weights"] == 0 and on_cpu.peak == plain.peak
+    assert "EMA of the trained weights" in format_report(ema)
+    assert "EMA of the trained weights" not in format_report(plain)
+    assert to_json(ema)["other_gib"]["ema_weights"] == round(lora_bytes / 2**30, 2)
+    assert "--ema_on_cpu true" in [label for label, _ in changes_for_target(ema, 1000.0)]
+    assert not any("ema_on_cpu" in label for label, _ in changes_for_target(plain, 1000.0))

@@ -171,7 +171,7 @@ class DanceGRPOConfig(TrainingArguments):
         shuffle_dataset (`bool`, *optional*, defaults to `True`):
             Whether to shuffle the prompts.
 
-        > Parameters of the EMA of the policy
+        > Parameters that control the EMA of the policy
 
         ema_decay (`float`, *optional*):
             Keep an exponential moving average of the trained weights (with LoRA: the adapter's), as the official

@@ -1,9 +1,10 @@
 """Train a tiny pipeline, then dump this process's first advantages, the weights and an evaluation (for test_distributed).
 
     train_and_dump.py PIPELINE OUT_DIR PER_DEVICE [--lora] [--max_steps N] [--save_steps N] [--resume CKPT]
-        [--num_frames F] [--steps_per_generation N] [--cpu_fsdp] [--sde_window START]
+        [--num_frames F] [--steps_per_generation N] [--cpu_fsdp] [--sde_window START] [--ema_decay D]
 
-Writes `OUT_DIR/rank{r}.pt` per process and the saved model (`trainer.save_model`) into `OUT_DIR/final`.
+Writes `OUT_DIR/rank{r}.pt` per process and the saved model (`trainer.save_model`) into `OUT_DIR/final` (with
+`--ema_decay`, the EMA's weights into `OUT_DIR/final/ema`).
 """
 
 import argparse
@@ -21,6 +22,7 @@ parser.add_argument("--num_frames", type=int, default=None, help="for video pipe
 parser.add_argument("--steps_per_generation", type=int, default=None, help="reuse each rollout for N micro-steps")
 parser.add_argument("--cpu_fsdp", action="store_true", help="FSDP in CPU processes (see cpu_fsdp.py)")
 parser.add_argument("--sde_window", type=int, default=None, help="a one-step SDE window at this step")
+parser.add_argument("--ema_decay", type=float, default=None, help="keep an EMA of the trained weights")
 cli = parser.parse_args()
 if cli.cpu_fsdp:
     import cpu_fsdp  # noqa: F401  (before accelerate builds its state)
@@ -53,6 +55,7 @@ args = DanceGRPOConfig(
     **({"num_frames": cli.num_frames} if cli.num_frames else {}),
     **({"sde_window_size": 1, "sde_window_range": [cli.sde_window, cli.sde_window + 1]} if cli.sde_window else {}),
     **({"steps_per_generation": cli.steps_per_generation} if cli.steps_per_generation else {}),
+    **({"ema_decay": cli.ema_decay} if cli.ema_decay else {}),
 )
 peft_config = None
 if cli.lora:
