@@ -128,6 +128,40 @@ def test_lora_round_trip_through_diffusers_two_expert_loader(tiny_pipeline_path,
     torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_ema_of_both_experts_saves_and_loads_as_the_card_says(tiny_pipeline_path, tmp_path):
+    path = tiny_pipeline_path("tiny-wan22")
+    trainer = make_video_trainer(
+        "tiny-wan22",
+        tiny_pipeline_path,
+        tmp_path,
+        peft_config=lora_config(),
+        learning_rate=1e-2,
+        timestep_fraction=1.0,  # both experts trained
+        ema_decay=0.5,
+    )
+    trainer.train()
+    folder = tmp_path / "lora"
+    trainer.save_model(str(folder))
+    assert sorted(f for f in os.listdir(folder / "ema") if f.endswith(".safetensors")) == LORA_FILES
+    card = (folder / "README.md").read_text()
+    for name in LORA_FILES:  # every file named, the main ones too (a Hub repo would list ema/ first)
+        assert f'weight_name="ema/{name}"' in card and f'weight_name="{name}"' in card
+
+    def run(pipeline):
+        return pipeline(**CALL, generator=torch.Generator().manual_seed(0)).frames
+
+    with trainer.ema.applied():
+        expected = run(trainer.pipeline)
+    trained = run(trainer.pipeline)
+    base = DiffusionPipeline.from_pretrained(path)
+    base.load_lora_weights(str(folder), weight_name=f"ema/{LORA_FILES[0]}")
+    base.load_lora_weights(str(folder), weight_name=f"ema/{LORA_FILES[1]}", load_into_transformer_2=True)
+    loaded = run(base)
+    torch.testing.assert_close(loaded, expected, rtol=1e-4, atol=1e-5)
+    assert (loaded - trained).abs().max() > 1e-4  # the EMA is not the trained weights
+
+
 def test_only_the_trained_expert_is_saved(tiny_pipeline_path, tmp_path):
     trainer = make_video_trainer(
         "tiny-wan22", tiny_pipeline_path, tmp_path, peft_config=lora_config(), train_experts=["transformer_2"]
