@@ -257,6 +257,27 @@ class PipelineAdapter:
         """The arguments after the repository id of each `pipe.load_lora_weights(...)` call that restores the LoRA."""
         return [""]
 
+    # the call, on the pipeline, that loads the saved LoRA (the model card's); pipelines without a LoRA loader mixin
+    # load it into their denoiser (`"transformer.load_lora_adapter"`)
+    lora_load_method: ClassVar[str] = "load_lora_weights"
+
+    def load_lora(self, folder: str) -> None:
+        """Load the LoRA that `save_lora_weights` wrote into the pipeline (evaluation's `--adapter`)."""
+        self.pipeline.load_lora_weights(folder)
+
+    def unload_lora(self) -> None:
+        """Undo `load_lora`."""
+        self.pipeline.unload_lora_weights()
+
+    def pipeline_setup(self) -> list[str]:
+        """Lines the model card runs on `pipe` before sampling (guidance kept on the pipeline rather than its call)."""
+        return []
+
+    def pipeline_size_arguments(self) -> dict:
+        """The size arguments of the pipeline's own call (for the model card); image-to-video pipelines that take the
+        size from the image have none."""
+        return {"height": self.height, "width": self.width}
+
     def pipeline_guidance_scale(self) -> float:
         """`guidance_scale` as the pipeline's `__call__` takes it (the model card's example); here CFG is always
         `uncond + scale * (cond - uncond)`."""
