@@ -62,7 +62,12 @@ def test_train(name, use_lora, tiny_pipeline_path, tmp_path):
         assert all("lora" in n for n in before["trainable"])
     else:  # the last block's text stream reaches nothing (nor, without an image, the image projection): frozen
         last = {"attn.add_q_proj", "attn.norm_added_q", "attn.to_add_out", "ff_context.net.0.proj", "ff_context.net.2"}
-        image = {"image_embedder.norm_in", "image_embedder.linear_1", "image_embedder.linear_2", "image_embedder.norm_out"}
+        image = {
+            "image_embedder.norm_in",
+            "image_embedder.linear_1",
+            "image_embedder.linear_2",
+            "image_embedder.norm_out",
+        }
         expected = {f"transformer_blocks.1.{n}" for n in last} | (set() if name == I2V else image)
         assert {n.rsplit(".", 1)[0] for n in before["frozen"]} == expected
     trainer.train()
@@ -87,7 +92,9 @@ def test_rollout_is_the_pipelines_sampler(name, guidance_scale, tiny_pipeline_pa
     """With eta = 0 and the same initial noise, the trainer reproduces the pipeline's own videos: both prompt encoders,
     the guider's CFG (the pipeline runs the branches one at a time, the rollout in one batch), the conditioning
     channels and (image-to-video) the SigLIP tokens, the sigma grid and decoding."""
-    trainer = make_hv15_trainer(name, tiny_pipeline_path, tmp_path, num_inference_steps=3, guidance_scale=guidance_scale)
+    trainer = make_hv15_trainer(
+        name, tiny_pipeline_path, tmp_path, num_inference_steps=3, guidance_scale=guidance_scale
+    )
     adapter = trainer.adapter
     assert adapter.use_cfg == (guidance_scale != 1.0)
     image = solid((200, 120, 20))
@@ -165,7 +172,9 @@ def test_resume_continues_exactly(use_lora, tiny_pipeline_path, tmp_path):
     settings = dict(max_steps=4, learning_rate=1e-2, save_steps=2, save_strategy="steps", log_samples=False)
 
     def trainer(out):
-        return make_hv15_trainer(I2V, tiny_pipeline_path, out, peft_config=lora_config() if use_lora else None, **settings)
+        return make_hv15_trainer(
+            I2V, tiny_pipeline_path, out, peft_config=lora_config() if use_lora else None, **settings
+        )
 
     straight = trainer(tmp_path / "straight")
     straight.train()

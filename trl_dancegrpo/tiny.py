@@ -1035,7 +1035,11 @@ def _hunyuan_video15_components(seed: int, task_type: str, image_embed_dim: int)
     encoder (the glyph branch) with the real `ByT5Tokenizer`, which needs no files."""
     import inspect
 
-    from diffusers import AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Transformer3DModel
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15Transformer3DModel,
+    )
     from diffusers.guiders import ClassifierFreeGuidance
     from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import HunyuanVideo15Pipeline
     from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
@@ -1084,6 +1088,8 @@ def _hunyuan_video15_components(seed: int, task_type: str, image_embed_dim: int)
         vocab_size=len(tokenizer),
         max_position_embeddings=1024,
         pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
     )
     torch.manual_seed(seed)
     byt5 = T5EncoderModel(

@@ -55,7 +55,7 @@ class HunyuanVideo15Adapter(VideoAdapter):
 
     def default_resolution(self) -> tuple[int, int]:
         # the pipeline's default: the 16:9 bucket of the transformer's target size (480p: 480x848)
-        width, height = self.pipeline.default_aspect_ratio if hasattr(self.pipeline, "default_aspect_ratio") else (16, 9)
+        width, height = getattr(self.pipeline, "default_aspect_ratio", (16, 9))  # image-to-video: the same default
         return self.pipeline.video_processor.calculate_default_height_width(height, width, self.pipeline.target_size)
 
     @property
