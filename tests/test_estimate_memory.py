@@ -206,6 +206,8 @@ def test_tiny_estimate_exact_bytes(tiny_pipeline_path):
         "tiny_wan_v2v_pipeline",
         "tiny_hunyuan_video_pipeline",
         "tiny_skyreels_pipeline",
+        "tiny_hunyuan_video15_pipeline",
+        "tiny_hunyuan_video15_i2v_pipeline",
         "tiny_flux2_klein_pipeline",
         "tiny_flux2_pipeline",
         "tiny_flux_kontext_pipeline",

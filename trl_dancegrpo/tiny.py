@@ -1046,8 +1046,9 @@ def _hunyuan_video15_components(seed: int, task_type: str, image_embed_dim: int)
 
     system = inspect.signature(HunyuanVideo15Pipeline._get_mllm_prompt_embeds).parameters["system_message"].default
     template = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n"
-    # 16 prompt tokens after the template (its 123 tokens here; the pipeline's hard-coded crop is the real one's 108)
-    tokenizer = _whole_word_bpe_tokenizer([template], _QWEN_SPECIAL_TOKENS, model_max_length=123 + 16)
+    # 16 prompt tokens (the adapter caps the pipeline's 1000 at `model_max_length`), after the template's 123 here (the
+    # pipeline's hard-coded crop is the real tokenizer's count, 108: the adapter counts them instead)
+    tokenizer = _whole_word_bpe_tokenizer([template], _QWEN_SPECIAL_TOKENS, model_max_length=16)
     tokenizer.chat_template = _QWEN3_VL_TEXT_CHAT_TEMPLATE
     torch.manual_seed(seed)
     transformer = HunyuanVideo15Transformer3DModel(

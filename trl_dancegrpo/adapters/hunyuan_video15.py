@@ -50,7 +50,7 @@ class HunyuanVideo15Adapter(VideoAdapter):
         text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         self.crop_start = len(tokenizer(text.split("{}")[0])["input_ids"])
         # small tokenizers (the tiny test models) cap the prompt lengths lower than the pipeline's 1000 and 256
-        self.max_length = min(pipeline.tokenizer_max_length, tokenizer.model_max_length - self.crop_start)
+        self.max_length = min(pipeline.tokenizer_max_length, tokenizer.model_max_length)
         self.max_length_2 = min(pipeline.tokenizer_2_max_length, pipeline.tokenizer_2.model_max_length)
 
     def default_resolution(self) -> tuple[int, int]:
@@ -176,6 +176,7 @@ class HunyuanVideo15ImageToVideoAdapter(HunyuanVideo15Adapter):
 
     pipeline_class_names = ("HunyuanVideo15ImageToVideoPipeline",)
     requires_image = True
+    value_branch_keys = ("image_embeds",)  # the transformer takes all-zero image tokens for text-to-video
 
     def pipeline_size_arguments(self) -> dict:
         return {}  # the pipeline's call takes no height or width: the image's aspect ratio picks them

@@ -273,6 +273,11 @@ class _Run:
             cond = self.adapter.encode_conditioning(prompts, images)
             negative = self.adapter.negative_conditioning() if self.adapter.use_cfg else None
         peak = tracker.peak - start
+        for key in self.adapter.value_branch_keys:  # real stand-ins (ones) for what the denoiser branches on
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+            with unset_fake_temporarily():
+                cond[key] = torch.ones(cond[key].shape, dtype=cond[key].dtype)
         index = torch.arange(self.rollout_samples) // self.args.num_generations
         return index_conditioning(cond, index.clamp_max(rows - 1)), negative, peak
 

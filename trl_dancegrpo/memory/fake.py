@@ -261,8 +261,9 @@ _CPU_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _CPU_FLASH_MATMULS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: 2, _CPU_FLASH_BACKWARD: 5}
 
 
-# Outputs of ops on real tensors up to this many elements are computed for real (token ids, masks, grids, positions).
-REAL_VALUES_MAX_ELEMENTS = 2**20
+# Outputs of ops on real tensors up to this many elements are computed for real (token ids, masks, grids, positions,
+# and conditioning images up to a 720p RGB frame, 2.8M values: image processors branch on their values).
+REAL_VALUES_MAX_ELEMENTS = 2**22
 
 
 class RealValues(TorchDispatchMode):
