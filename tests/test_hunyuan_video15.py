@@ -11,7 +11,8 @@ from diffusers import DiffusionPipeline
 from huggingface_hub import ModelCard
 from PIL import Image
 
-from .test_resume import StopAt, params
+from .test_distributed import assert_two_processes_match_one
+from .test_resume import assert_resume_continues_exactly
 from .test_trainer import (
     assert_first_step_on_policy,
     assert_only_trainable_parameters_changed,
@@ -167,24 +168,21 @@ def test_lora_round_trip_through_load_lora_adapter(name, tiny_pipeline_path, tmp
     assert ("height=" in card) == (name == T2V)  # the image-to-video pipeline takes its size from the image
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [T2V, I2V])
+def test_two_processes_match_one(name, tiny_pipeline_path, tmp_path):
+    extra = ["--num_frames", "5"] + (["--conditioning", "image"] if name == I2V else [])
+    assert_two_processes_match_one(tiny_pipeline_path(name), tmp_path, extra)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
 def test_resume_continues_exactly(use_lora, tiny_pipeline_path, tmp_path):
     settings = dict(max_steps=4, learning_rate=1e-2, save_steps=2, save_strategy="steps", log_samples=False)
-
-    def trainer(out):
-        return make_hv15_trainer(
-            I2V, tiny_pipeline_path, out, peft_config=lora_config() if use_lora else None, **settings
-        )
-
-    straight = trainer(tmp_path / "straight")
-    straight.train()
-    first = trainer(tmp_path / "resumed")
-    first.add_callback(StopAt(2))
-    first.train()
-    second = trainer(tmp_path / "resumed")
-    second.train(resume_from_checkpoint=True)
-    assert second.state.global_step == 4
-    assert torch.equal(params(second), params(straight))
+    peft = lora_config() if use_lora else None
+    assert_resume_continues_exactly(
+        lambda out: make_hv15_trainer(I2V, tiny_pipeline_path, out, peft_config=peft, **settings), tmp_path
+    )
 
 
 def test_an_image_of_another_size_is_cropped_as_the_pipeline_does(tiny_pipeline_path, tmp_path):

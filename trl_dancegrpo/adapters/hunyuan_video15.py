@@ -141,7 +141,8 @@ class HunyuanVideo15Adapter(VideoAdapter):
         """The SigLIP tokens of the conditioning image; text-to-video: zeros, which the transformer masks out."""
         transformer = self.pipeline.transformer
         shape = (latents.shape[0], self.pipeline.vision_num_semantic_tokens, transformer.config.image_embed_dim)
-        return torch.zeros(shape, device=latents.device, dtype=transformer.dtype)
+        # one stored zero, broadcast (the transformer tests the values to choose text-to-video: the estimate keeps it real)
+        return torch.zeros((), device=latents.device, dtype=transformer.dtype).expand(shape)
 
     def model_input(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The latents, the conditioning latents and their mask on the channels (text-to-video: zeros)."""
@@ -188,21 +189,19 @@ class HunyuanVideo15ImageToVideoAdapter(HunyuanVideo15Adapter):
             pipeline.video_processor.resize(image, height=self.height, width=self.width, resize_mode="crop")
             for image in images
         ]
-        # The distribution's mode (the pipeline's `sample_mode="argmax"`) and SigLIP's tokens, as the pipeline computes
-        # them from the cropped image.
-        latents = torch.cat(
-            [
-                pipeline._get_image_latents(vae, pipeline.video_processor, image, self.height, self.width, device)
-                for image in cropped
-            ]
-        )
+        # the VAE latents and SigLIP's tokens of the cropped image, as the pipeline computes them
+        latents = []
+        for image in cropped:  # one at a time: the VAE's attention takes a batch of one (see `decode`)
+            # the pipeline's `_get_image_latents`: its preprocessing, the distribution's mode (`sample_mode="argmax"`)
+            pixels = self.preprocess_images([image]).to(device, vae.dtype).unsqueeze(2)
+            latents.append(vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor)
         tokens = torch.cat(
             [
                 pipeline._get_image_embeds(pipeline.image_encoder, pipeline.feature_extractor, image, device)
                 for image in cropped
             ]
         )
-        return {"image_latents": latents.float(), "image_embeds": tokens.float()}
+        return {"image_latents": torch.cat(latents).float(), "image_embeds": tokens.float()}
 
     def image_tokens(self, cond: Conditioning, latents: torch.Tensor) -> torch.Tensor:
         return cond["image_embeds"].to(self.pipeline.transformer.dtype)

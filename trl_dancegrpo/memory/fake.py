@@ -261,9 +261,8 @@ _CPU_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _CPU_FLASH_MATMULS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: 2, _CPU_FLASH_BACKWARD: 5}
 
 
-# Outputs of ops on real tensors up to this many elements are computed for real (token ids, masks, grids, positions,
-# and conditioning images up to a 720p RGB frame, 2.8M values: image processors branch on their values).
-REAL_VALUES_MAX_ELEMENTS = 2**22
+# Outputs of ops on real tensors up to this many elements are computed for real (token ids, masks, grids, positions).
+REAL_VALUES_MAX_ELEMENTS = 2**20
 
 
 class RealValues(TorchDispatchMode):
@@ -278,6 +277,8 @@ class RealValues(TorchDispatchMode):
     - an op whose tensor inputs are all real (not fake, not on the meta device) runs for real when its output is small (at most
       `REAL_VALUES_MAX_ELEMENTS` elements per tensor), so masks, token counts and positions keep their values; larger
       outputs stay fake (no memory); an op whose output shape depends on values (nonzero, `.tolist()`) runs for real;
+    - a comparison or `all`/`any` of real tensors that hold one value each (broadcast scalars, such as the all-zero
+      image tokens HunyuanVideo 1.5 takes for text-to-video) runs for real whatever its size, as code branches on it;
     - indexing a fake tensor with a real boolean mask (a shape from values) indexes with the mask's real positions.
     """
 
@@ -292,8 +293,16 @@ class RealValues(TorchDispatchMode):
         except (DynamicOutputShapeException, DataDependentOutputException):
             shapes = None
         outputs = shapes if isinstance(shapes, (tuple, list)) else (shapes,)
-        if shapes is None or all(
-            not isinstance(output, torch.Tensor) or output.numel() <= REAL_VALUES_MAX_ELEMENTS for output in outputs
+        broadcast = func._overloadpacket in _BRANCH_TESTS and all(
+            tensor.untyped_storage().nbytes() <= tensor.element_size() for tensor in _tensor_arguments(args, kwargs)
+        )
+        if (
+            shapes is None
+            or broadcast
+            or all(
+                not isinstance(output, torch.Tensor) or output.numel() <= REAL_VALUES_MAX_ELEMENTS
+                for output in outputs
+            )
         ):
             with unset_fake_temporarily():
                 return func(*args, **kwargs)
@@ -309,6 +318,7 @@ def _tensor_arguments(args, kwargs):
             yield from (item for item in value if isinstance(item, torch.Tensor))
 
 
+_BRANCH_TESTS = {torch.ops.aten.eq, torch.ops.aten.ne, torch.ops.aten.all, torch.ops.aten.any}
 _INDEXING = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default}
 
 
