@@ -193,3 +193,31 @@ def test_an_image_of_another_size_is_cropped_as_the_pipeline_does(tiny_pipeline_
         got, expected = (trainer.adapter.encode_images([x]) for x in (image, cropped))
     for key in got:
         torch.testing.assert_close(got[key], expected[key])
+
+
+def test_step_distilled_transformer_gets_the_steps_end(tiny_pipeline_path, tmp_path):
+    """The step-distilled image-to-video checkpoint (`use_meanflow`) also takes each step's end timestep (`timestep_r`,
+    0 at the last step); the rollout then still reproduces the pipeline."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    pipeline = DiffusionPipeline.from_pretrained(tiny_pipeline_path(I2V))
+    torch.manual_seed(0)
+    pipeline.transformer = HunyuanVideo15Transformer3DModel.from_config(pipeline.transformer.config, use_meanflow=True)
+    dataset = Dataset.from_dict({"prompt": PROMPTS, "image": IMAGES})
+    trainer = make_trainer(
+        pipeline, tmp_path, dataset=dataset, num_frames=5, num_inference_steps=3, guidance_scale=1.0
+    )
+    seen = []
+    trainer.model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((kwargs["timestep"], kwargs["timestep_r"])), with_kwargs=True
+    )
+    image = solid((200, 120, 20))
+    videos, _ = trainer.generate(["a blue house"], seed=0, images=[image])
+    sigmas = trainer.adapter.sigmas * 1000
+    torch.testing.assert_close(torch.stack([t for t, _ in seen]).flatten(), sigmas[:3])
+    torch.testing.assert_close(torch.stack([r for _, r in seen]).flatten(), sigmas[1:])
+    assert seen[-1][1].item() == 0
+    noise = trainer.sampler.initial_noise(0, 1, 0, 1, "cpu")
+    pipeline.guider = pipeline.guider.new(guidance_scale=1.0)
+    expected = align(pipeline, trainer.adapter)(**pipeline_call(I2V, latents=noise)).frames
+    torch.testing.assert_close(videos, expected, rtol=1e-4, atol=1e-4)
