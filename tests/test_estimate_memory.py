@@ -320,6 +320,11 @@ def test_real_values_keep_token_counts_and_masks_under_fake_tensors():
         assert positions[0, 0].tolist() == [1, 2, 3, 4, 5]
         big = torch.zeros(REAL_VALUES_MAX_ELEMENTS + 1)  # large: stays fake, no memory
         assert isinstance(big, FakeTensor)
+        # a broadcast scalar stays real at any size, and so does the test code branches on (HunyuanVideo 1.5's
+        # all-zero image tokens); other ops on it still give fake results when large
+        tokens = torch.zeros(()).expand(4, REAL_VALUES_MAX_ELEMENTS)
+        assert not isinstance(tokens, FakeTensor) and bool(torch.all(tokens == 0))
+        assert isinstance(tokens + 1, FakeTensor)
     # without it, the token counts are unknown
     with fake_mode, pytest.raises(DynamicOutputShapeException):
         hidden[mask.bool()]
