@@ -11,6 +11,8 @@ from diffusers import DiffusionPipeline
 from huggingface_hub import ModelCard
 from PIL import Image
 
+from trl_dancegrpo.evaluation import _load_trained_weights
+
 from .test_distributed import assert_two_processes_match_one
 from .test_resume import assert_resume_continues_exactly
 from .test_trainer import (
@@ -160,6 +162,12 @@ def test_lora_round_trip_through_load_lora_adapter(name, tiny_pipeline_path, tmp
     loaded = sample(base)
     assert (trained - untouched).abs().max() > 1e-3  # the LoRA does change the output
     torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-5)
+    # `trl-dancegrpo evaluate --adapter` loads it the same way, and unloads it
+    fresh = make_hv15_trainer(name, tiny_pipeline_path, tmp_path / "fresh")
+    undo = _load_trained_weights(fresh, str(folder))
+    torch.testing.assert_close(sample(align(fresh.pipeline, fresh.adapter)), trained, rtol=1e-4, atol=1e-5)
+    undo()
+    torch.testing.assert_close(sample(fresh.pipeline), untouched, rtol=1e-4, atol=1e-5)
     card = ModelCard.load(str(folder / "README.md")).text
     assert 'load_lora_adapter("<your-username>/lora", weight_name="pytorch_lora_weights.safetensors")' in card
     assert "pipe.load_lora_weights(" not in card

@@ -44,7 +44,8 @@ class HunyuanVideo15Adapter(VideoAdapter):
         super().__init__(pipeline, num_inference_steps, height, width, guidance_scale, **kwargs)
         # The prompt goes into the system message the model was trained with; the template's tokens are cropped from
         # the hidden states. diffusers hard-codes the crop (108, the count of Qwen2.5-VL's tokenizer); the official
-        # code counts the tokens up to the user's turn, as here, which gives that number with any tokenizer.
+        # code counts the tokens up to the user's turn, as here, so that any tokenizer (the tiny test one) crops exactly
+        # the template.
         tokenizer = pipeline.tokenizer
         conversation = [{"role": "system", "content": pipeline.system_message}, {"role": "user", "content": "{}"}]
         text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
@@ -74,8 +75,8 @@ class HunyuanVideo15Adapter(VideoAdapter):
 
     def unused_parameter_prefixes(self) -> list[str]:
         # the transformer returns the video tokens only: the last block's text stream (its queries, attention output
-        # and MLP) reaches nothing
-        # and nothing (text-to-video: zero image tokens, which the transformer masks out) reaches the image projection
+        # and MLP) reaches nothing; text-to-video gives zero image tokens, which the transformer masks out, so nothing
+        # reaches the image projection either
         last = f"transformer_blocks.{self.pipeline.transformer.config.num_layers - 1}"
         prefixes = [f"{last}.attn.add_q_proj", f"{last}.attn.norm_added_q", f"{last}.attn.to_add_out"]
         return prefixes + [f"{last}.ff_context"] + ([] if self.requires_image else ["image_embedder"])
