@@ -374,6 +374,10 @@ def test_builtin_table_covers_the_recipes_and_counts_public_figures():
     assert klein.config.is_distilled  # a pipeline argument of model_index.json, passed through
     assert sum(p.numel() for p in klein.transformer.parameters()) == 3_875_544_576
     assert sum(p.numel() for p in klein.text_encoder.parameters()) == 4_022_468_096
+    # HunyuanVideo 1.5: "8.3 billion parameters" (its technical report); the SigLIP so400m vision tower, 0.43B
+    hv15 = build_meta_pipeline(load_pipeline_config("hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_i2v"))
+    assert round(sum(p.numel() for p in hv15.transformer.parameters()) / 1e9, 1) == 8.3
+    assert round(sum(p.numel() for p in hv15.image_encoder.parameters()) / 1e9, 2) == 0.43
 
 
 # -- every recipe at its real size ------------------------------------------------------------------------------------
