@@ -206,6 +206,8 @@ def test_tiny_estimate_exact_bytes(tiny_pipeline_path):
         "tiny_wan_v2v_pipeline",
         "tiny_hunyuan_video_pipeline",
         "tiny_skyreels_pipeline",
+        "tiny_hunyuan_video15_pipeline",
+        "tiny_hunyuan_video15_i2v_pipeline",
         "tiny_flux2_klein_pipeline",
         "tiny_flux2_pipeline",
         "tiny_flux_kontext_pipeline",
@@ -318,6 +320,11 @@ def test_real_values_keep_token_counts_and_masks_under_fake_tensors():
         assert positions[0, 0].tolist() == [1, 2, 3, 4, 5]
         big = torch.zeros(REAL_VALUES_MAX_ELEMENTS + 1)  # large: stays fake, no memory
         assert isinstance(big, FakeTensor)
+        # a broadcast scalar stays real at any size, and so does the test code branches on (HunyuanVideo 1.5's
+        # all-zero image tokens); other ops on it still give fake results when large
+        tokens = torch.zeros(()).expand(4, REAL_VALUES_MAX_ELEMENTS)
+        assert not isinstance(tokens, FakeTensor) and bool(torch.all(tokens == 0))
+        assert isinstance(tokens + 1, FakeTensor)
     # without it, the token counts are unknown
     with fake_mode, pytest.raises(DynamicOutputShapeException):
         hidden[mask.bool()]
@@ -367,6 +374,10 @@ def test_builtin_table_covers_the_recipes_and_counts_public_figures():
     assert klein.config.is_distilled  # a pipeline argument of model_index.json, passed through
     assert sum(p.numel() for p in klein.transformer.parameters()) == 3_875_544_576
     assert sum(p.numel() for p in klein.text_encoder.parameters()) == 4_022_468_096
+    # HunyuanVideo 1.5: "8.3 billion parameters" (its technical report); the SigLIP so400m vision tower, 0.43B
+    hv15 = build_meta_pipeline(load_pipeline_config("hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_i2v"))
+    assert round(sum(p.numel() for p in hv15.transformer.parameters()) / 1e9, 1) == 8.3
+    assert round(sum(p.numel() for p in hv15.image_encoder.parameters()) / 1e9, 2) == 0.43
 
 
 # -- every recipe at its real size ------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
+from .test_distributed import assert_two_processes_match_one
+from .test_resume import assert_resume_continues_exactly
 from .test_trainer import (
     assert_lora_round_trip,
     assert_trains_what_it_should,
@@ -65,3 +67,17 @@ def test_transformer_without_guidance_embedder_is_refused(tiny_pipeline_path, tm
     pipeline.transformer.register_to_config(guidance_embeds=False)
     with pytest.raises(ValueError, match="guidance_embeds"):
         make_trainer(pipeline, tmp_path)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tiny_pipeline_path, tmp_path):
+    assert_two_processes_match_one(tiny_pipeline_path(NAME), tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+def test_resume_continues_exactly(use_lora, tiny_pipeline_path, tmp_path):
+    settings = dict(max_steps=4, learning_rate=1e-2, save_steps=2, save_strategy="steps", log_samples=False)
+    peft = lora_config() if use_lora else None
+    path = tiny_pipeline_path(NAME)
+    assert_resume_continues_exactly(lambda out: make_trainer(path, out, peft_config=peft, **settings), tmp_path)

@@ -8,6 +8,8 @@ import torch
 
 from trl_dancegrpo.adapters.qwen_image21 import composite_over_white
 
+from .test_distributed import assert_two_processes_match_one
+from .test_resume import assert_resume_continues_exactly
 from .test_trainer import (
     assert_first_step_on_policy,
     assert_lora_round_trip,
@@ -128,3 +130,19 @@ def test_every_parameter_gets_a_gradient(tiny_pipeline_path, tmp_path):
     adapter.predict(model, noise, torch.tensor([0, 1]), cond).square().mean().backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, missing
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("guidance_scale", [[], ["--guidance_scale", "3.0"]], ids=["default", "cfg-3"])
+def test_two_processes_match_one(guidance_scale, tiny_pipeline_path, tmp_path):
+    # prompts of different lengths run in groups by length: the groups differ between one process and two
+    assert_two_processes_match_one(tiny_pipeline_path(NAME), tmp_path, guidance_scale)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+def test_resume_continues_exactly(use_lora, tiny_pipeline_path, tmp_path):
+    settings = dict(max_steps=4, learning_rate=1e-2, save_steps=2, save_strategy="steps", log_samples=False)
+    peft = lora_config() if use_lora else None
+    path = tiny_pipeline_path(NAME)
+    assert_resume_continues_exactly(lambda out: make_trainer(path, out, peft_config=peft, **settings), tmp_path)

@@ -58,6 +58,22 @@ def test_resume_continues_exactly(use_lora, tiny_pipeline_path, tmp_path):
     assert len(resumed_rewards) == 4
 
 
+def assert_resume_continues_exactly(make, tmp_path, steps: int = 4, stop: int = 2) -> None:
+    """A run stopped at `stop` (a checkpoint there) and resumed ends on the uninterrupted run's weights and rewards.
+    `make(out)` builds the trainer writing into `out`, saving every `stop` steps, `steps` steps in all."""
+    straight = make(tmp_path / "straight")
+    straight.train()
+    first = make(tmp_path / "resumed")
+    first.add_callback(StopAt(stop))
+    first.train()
+    assert first.state.global_step == stop
+    second = make(tmp_path / "resumed")
+    second.train(resume_from_checkpoint=True)
+    assert second.state.global_step == steps
+    assert torch.equal(params(second), params(straight))
+    assert {**rewards_by_step(first), **rewards_by_step(second)} == rewards_by_step(straight)
+
+
 @pytest.mark.slow
 def test_interrupted_save_is_not_taken_for_a_checkpoint(tiny_pipeline_path, tmp_path):
     path = tiny_pipeline_path("tiny-flux")

@@ -11,6 +11,8 @@ from PIL import Image
 from trl_dancegrpo import DanceGRPOConfig
 from trl_dancegrpo.rollout import mix_seed
 
+from .test_distributed import assert_two_processes_match_one
+from .test_resume import assert_resume_continues_exactly
 from .test_trainer import (
     assert_first_step_on_policy,
     assert_lora_round_trip,
@@ -140,3 +142,20 @@ def test_a_text_to_video_checkpoint_trains_video_to_video_with_pipeline_class(ti
         make_trainer(
             tiny_pipeline_path("tiny-wan22"), tmp_path, dataset=dataset, pipeline_class="WanVideoToVideoPipeline"
         )
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tiny_pipeline_path, tmp_path):
+    """A `video` column of clips (CFG on, the source noised to the first kept step) under DDP as in one process."""
+    extra = ["--num_frames", "5", "--conditioning", "video"]
+    assert_two_processes_match_one(tiny_pipeline_path(NAME), tmp_path, extra)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+def test_resume_continues_exactly(use_lora, tiny_pipeline_path, tmp_path):
+    settings = dict(max_steps=4, learning_rate=1e-2, save_steps=2, save_strategy="steps", log_samples=False)
+    peft = lora_config() if use_lora else None
+    assert_resume_continues_exactly(
+        lambda out: make_v2v_trainer(tiny_pipeline_path, out, peft_config=peft, **settings), tmp_path
+    )

@@ -185,7 +185,7 @@ def _load_trained_weights(trainer, folder: str):
     """Load the trainer's output `folder` (LoRA or full denoiser) into the pipeline; returns a function undoing it."""
     import torch
 
-    pipeline, adapter = trainer.pipeline, trainer.adapter
+    adapter = trainer.adapter
     denoiser = trainer.denoiser
     if os.path.isfile(os.path.join(folder, LORA_WEIGHTS)):
         if getattr(denoiser, "peft_config", None):
@@ -193,11 +193,11 @@ def _load_trained_weights(trainer, folder: str):
                 f"The pipeline's {adapter.denoiser_name} already has LoRA adapters {sorted(denoiser.peft_config)}; "
                 "pass a pipeline without LoRA to compare it with --adapter."
             )
-        pipeline.load_lora_weights(folder)
+        adapter.load_lora(folder)
         denoiser.to(trainer.accelerator.device)
 
         def undo():
-            pipeline.unload_lora_weights()
+            adapter.unload_lora()
 
         return undo
     saved = {name: tensor.detach().to("cpu", copy=True) for name, tensor in denoiser.state_dict().items()}

@@ -444,6 +444,8 @@ def write_model_card(trainer, model_name=None, dataset_name=None, tags=None, lic
         component_subfolders=adapter.has_experts,  # saved in the pipeline's layout, one folder per expert
         # with `ema/` beside them the main weights are named: the Hub would otherwise pick `ema/...` first
         lora_load_arguments=adapter.lora_load_arguments(named=ema is not None),
+        lora_load_method=adapter.lora_load_method,
+        pipeline_setup=adapter.pipeline_setup(),
         ema=ema,
         prompts=prompts,
         example_prompt=json.dumps(prompts[0] if prompts else "a photo of a cat", ensure_ascii=False),
@@ -454,9 +456,10 @@ def write_model_card(trainer, model_name=None, dataset_name=None, tags=None, lic
         has_eval=any(reward["eval"] for reward in rewards),
         settings=training_settings(trainer),
         num_inference_steps=args.num_inference_steps,
-        guidance_arguments=", ".join(
-            f"{name}={value:g}" if isinstance(value, float) else f"{name}={json.dumps(value)}"
-            for name, value in adapter.pipeline_guidance_arguments().items()
+        # the pipeline call's arguments after the prompt: guidance, then size (both may be empty)
+        call_arguments="".join(
+            f", {name}={value:g}" if isinstance(value, float) else f", {name}={json.dumps(value)}"
+            for name, value in {**adapter.pipeline_guidance_arguments(), **adapter.pipeline_size_arguments()}.items()
         ),
         height=adapter.height,
         width=adapter.width,

@@ -1025,3 +1025,119 @@ def tiny_qwen_image21_pipeline(seed: int = 0):
 
 
 TINY_PIPELINES["tiny-qwen-image21"] = tiny_qwen_image21_pipeline
+
+
+# -- HunyuanVideo 1.5 ----------------------------------------------------------------------------------------------------
+def _hunyuan_video15_components(seed: int, task_type: str, image_embed_dim: int) -> dict:
+    """The components both HunyuanVideo 1.5 pipelines share: a two-block transformer on 4-channel latents (its input
+    holds the latents, the conditioning latents and a mask: 9 channels), an 8x spatial / 4x temporal VAE, a two-layer
+    Qwen2.5-VL text model behind a whole-word `Qwen2Tokenizer` with the Qwen chat template, and a one-layer ByT5
+    encoder (the glyph branch) with the real `ByT5Tokenizer`, which needs no files."""
+    import inspect
+
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15Transformer3DModel,
+    )
+    from diffusers.guiders import ClassifierFreeGuidance
+    from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import HunyuanVideo15Pipeline
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+
+    system = inspect.signature(HunyuanVideo15Pipeline._get_mllm_prompt_embeds).parameters["system_message"].default
+    template = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n"
+    # 16 prompt tokens (the adapter caps the pipeline's 1000 at `model_max_length`), after the template's 123 here (the
+    # pipeline's hard-coded crop is the real tokenizer's count, 108: the adapter counts them instead)
+    tokenizer = _whole_word_bpe_tokenizer([template], _QWEN_SPECIAL_TOKENS, model_max_length=16)
+    tokenizer.chat_template = _QWEN3_VL_TEXT_CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=9,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=2,
+        num_refiner_layers=1,
+        mlp_ratio=2.0,
+        patch_size=1,
+        patch_size_t=1,
+        text_embed_dim=16,
+        text_embed_2_dim=8,
+        image_embed_dim=image_embed_dim,
+        rope_axes_dim=(2, 2, 4),
+        target_size=32,
+        task_type=task_type,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLHunyuanVideo15(
+        latent_channels=4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+        downsample_match_channel=False,
+        upsample_match_channel=False,
+    )
+    torch.manual_seed(seed)
+    text_config = Qwen2_5_VLTextConfig(
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=2,  # the pipeline takes the hidden states of the third layer from the end
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [1, 1, 2]},
+        vocab_size=len(tokenizer),
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    )
+    torch.manual_seed(seed)
+    byt5 = T5EncoderModel(
+        T5Config(vocab_size=384, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, feed_forward_proj="gated-gelu")
+    )
+    return {
+        "text_encoder": Qwen2_5_VLTextModel(text_config),
+        "tokenizer": tokenizer,
+        "transformer": transformer,
+        "vae": vae,
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=5.0),
+        "text_encoder_2": byt5,
+        "tokenizer_2": ByT5Tokenizer(model_max_length=16),
+        "guider": ClassifierFreeGuidance(guidance_scale=6.0),  # the published checkpoints' CFG 6
+    }
+
+
+def tiny_hunyuan_video15_pipeline(seed: int = 0):
+    """A `HunyuanVideo15Pipeline` (HunyuanVideo 1.5 text-to-video), for 32-64 px (multiples of 16) and 1 + 4k frames."""
+    from diffusers import HunyuanVideo15Pipeline
+
+    return HunyuanVideo15Pipeline(**_hunyuan_video15_components(seed, "t2v", image_embed_dim=12))
+
+
+def tiny_hunyuan_video15_i2v_pipeline(seed: int = 0):
+    """A `HunyuanVideo15ImageToVideoPipeline` (HunyuanVideo 1.5 image-to-video): the tiny text-to-video components plus
+    a one-layer SigLIP vision tower (32 px images, 16 tokens) and its image processor."""
+    from diffusers import HunyuanVideo15ImageToVideoPipeline
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(seed)
+    vision = SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=12,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+    )
+    return HunyuanVideo15ImageToVideoPipeline(
+        **_hunyuan_video15_components(seed, "i2v", image_embed_dim=12),
+        image_encoder=vision,
+        feature_extractor=SiglipImageProcessor(size={"height": 32, "width": 32}),
+    )
+
+
+TINY_PIPELINES["tiny-hunyuan-video15"] = tiny_hunyuan_video15_pipeline
+TINY_PIPELINES["tiny-hunyuan-video15-i2v"] = tiny_hunyuan_video15_i2v_pipeline

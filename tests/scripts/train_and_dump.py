@@ -1,7 +1,8 @@
 """Train a tiny pipeline, then dump this process's first advantages, the weights and an evaluation (for test_distributed).
 
     train_and_dump.py PIPELINE OUT_DIR PER_DEVICE [--lora] [--max_steps N] [--save_steps N] [--resume CKPT]
-        [--num_frames F] [--steps_per_generation N] [--cpu_fsdp] [--sde_window START] [--ema_decay D]
+        [--num_frames F] [--steps_per_generation N] [--cpu_fsdp] [--sde_window START] [--conditioning image|video]
+        [--guidance_scale S] [--ema_decay D]
 
 Writes `OUT_DIR/rank{r}.pt` per process and the saved model (`trainer.save_model`) into `OUT_DIR/final` (with
 `--ema_decay`, the EMA's weights into `OUT_DIR/final/ema`).
@@ -23,6 +24,10 @@ parser.add_argument("--steps_per_generation", type=int, default=None, help="reus
 parser.add_argument("--cpu_fsdp", action="store_true", help="FSDP in CPU processes (see cpu_fsdp.py)")
 parser.add_argument("--sde_window", type=int, default=None, help="a one-step SDE window at this step")
 parser.add_argument("--ema_decay", type=float, default=None, help="keep an EMA of the trained weights")
+parser.add_argument("--guidance_scale", type=float, default=None, help="the family's default if unset")
+parser.add_argument(
+    "--conditioning", choices=["image", "video"], default=None, help="an 'image' or 'video' column (solid colours)"
+)
 cli = parser.parse_args()
 if cli.cpu_fsdp:
     import cpu_fsdp  # noqa: F401  (before accelerate builds its state)
@@ -30,6 +35,7 @@ if cli.cpu_fsdp:
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from trl_dancegrpo import DanceGRPOConfig, DanceGRPOTrainer  # noqa: E402
 from trl_dancegrpo.rewards import brightness  # noqa: E402
@@ -56,18 +62,36 @@ args = DanceGRPOConfig(
     **({"sde_window_size": 1, "sde_window_range": [cli.sde_window, cli.sde_window + 1]} if cli.sde_window else {}),
     **({"steps_per_generation": cli.steps_per_generation} if cli.steps_per_generation else {}),
     **({"ema_decay": cli.ema_decay} if cli.ema_decay else {}),
+    **({"guidance_scale": cli.guidance_scale} if cli.guidance_scale is not None else {}),
 )
 peft_config = None
 if cli.lora:
     from peft import LoraConfig
 
     peft_config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights="gaussian")
+
+
+def rows(prompts: list[str]) -> Dataset:
+    """The prompts, with a conditioning column of one colour per row (a video: its frames brightening) if asked."""
+    columns = {"prompt": prompts}
+    colours = [(200, 40, 40), (40, 180, 60), (30, 60, 200), (120, 120, 120)]
+    if cli.conditioning == "image":
+        columns["image"] = [Image.new("RGB", (32, 32), colours[i % 4]) for i in range(len(prompts))]
+    elif cli.conditioning == "video":
+        frames = cli.num_frames or 5
+        columns["video"] = [
+            [Image.new("RGB", (32, 32), tuple(min(255, c + 20 * f) for c in colours[i % 4])) for f in range(frames)]
+            for i in range(len(prompts))
+        ]
+    return Dataset.from_dict(columns)
+
+
 trainer = DanceGRPOTrainer(
     cli.pipeline,
     brightness,
     args=args,
-    train_dataset=Dataset.from_dict({"prompt": ["a cat", "a dog", "a car", "a tree"]}),
-    eval_dataset=Dataset.from_dict({"prompt": ["a red house", "a boat", "a green hill"]}),  # 3: uneven over 2
+    train_dataset=rows(["a cat", "a dog", "a car", "a tree"]),
+    eval_dataset=rows(["a red house", "a boat", "a green hill"]),  # 3: uneven over 2
     peft_config=peft_config,
 )
 captured = {}

@@ -6,6 +6,7 @@ from .flux2 import Flux2KleinAdapter
 from .flux2_dev import Flux2Adapter
 from .flux_kontext import FluxKontextAdapter
 from .hunyuan_video import HunyuanVideoAdapter, SkyReelsImageToVideoAdapter
+from .hunyuan_video15 import HunyuanVideo15Adapter, HunyuanVideo15ImageToVideoAdapter
 from .image_base import PackedLatentAdapter, ReferenceImageMixin
 from .qwen_image import QwenImageAdapter, QwenImageEditAdapter, QwenImageEditPlusAdapter
 from .qwen_image21 import QwenImage21Adapter
@@ -24,6 +25,8 @@ ADAPTERS: list[type[PipelineAdapter]] = [
     StableDiffusion3Adapter,
     HunyuanVideoAdapter,
     SkyReelsImageToVideoAdapter,
+    HunyuanVideo15Adapter,
+    HunyuanVideo15ImageToVideoAdapter,
     WanAdapter,
     Wan22Adapter,
     WanImageToVideoAdapter,
@@ -62,6 +65,8 @@ __all__ = [
     "FlowMatchAdapter",
     "FluxAdapter",
     "FluxKontextAdapter",
+    "HunyuanVideo15Adapter",
+    "HunyuanVideo15ImageToVideoAdapter",
     "HunyuanVideoAdapter",
     "PackedLatentAdapter",
     "PipelineAdapter",

@@ -58,6 +58,9 @@ class PipelineAdapter:
     has_experts: ClassVar[bool] = False  # several denoisers, one per range of steps (Wan 2.2): takes `train_experts`
     conditioning_column: ClassVar[str] = "image"  # the dataset column of the conditioning (video-to-video: "video")
     takes_strength: ClassVar[bool] = False  # starts from the noised source (video-to-video): takes `strength`
+    # conditioning whose values the denoiser branches on (HunyuanVideo 1.5: all-zero image tokens = text-to-video):
+    # `estimate-memory`, whose encoders give values-free fake tensors, gives real stand-ins for them
+    value_branch_keys: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def accepts(cls, pipeline) -> bool:
@@ -264,6 +267,27 @@ class PipelineAdapter:
         if folder is None and not named:
             return [""]
         return [f', weight_name="{folder + "/" if folder else ""}pytorch_lora_weights.safetensors"']
+
+    # the call, on the pipeline, that loads the saved LoRA (the model card's); pipelines without a LoRA loader mixin
+    # load it into their denoiser (`"transformer.load_lora_adapter"`)
+    lora_load_method: ClassVar[str] = "load_lora_weights"
+
+    def load_lora(self, folder: str) -> None:
+        """Load the LoRA that `save_lora_weights` wrote into the pipeline (evaluation's `--adapter`)."""
+        self.pipeline.load_lora_weights(folder)
+
+    def unload_lora(self) -> None:
+        """Undo `load_lora`."""
+        self.pipeline.unload_lora_weights()
+
+    def pipeline_setup(self) -> list[str]:
+        """Lines the model card runs on `pipe` before sampling (guidance kept on the pipeline rather than its call)."""
+        return []
+
+    def pipeline_size_arguments(self) -> dict:
+        """The size arguments of the pipeline's own call (for the model card); image-to-video pipelines that take the
+        size from the image have none."""
+        return {"height": self.height, "width": self.width}
 
     def pipeline_guidance_scale(self) -> float:
         """`guidance_scale` as the pipeline's `__call__` takes it (the model card's example); here CFG is always

@@ -200,6 +200,8 @@ class _Run:
             _measure_one_expert(self.adapter.experts)
         if hasattr(self.adapter, "preprocess_images"):
             self.adapter.preprocess_images = _outside_fake_mode(self.adapter.preprocess_images)
+        if self.adapter.value_branch_keys:
+            self.adapter.predict = _real_stand_ins(self.adapter)
         self.eta = args.eta if args.eta is not None else self.adapter.eta_for(args.sde_type)
         self.weight_dtype = training_dtype(args)
         from ..arguments import lora_config
@@ -378,6 +380,22 @@ def _outside_fake_mode(function):
     def wrapped(*args, **kwargs):
         with unset_fake_temporarily():
             return function(*args, **kwargs)
+
+    return wrapped
+
+
+def _real_stand_ins(adapter):
+    """`adapter.predict` with real ones (broadcast from one stored value, in the denoiser's dtype so that no cast copies
+    them) for the conditioning the denoiser branches on (`value_branch_keys`), which the fake encoders give without
+    values."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    predict, keys = adapter.predict, adapter.value_branch_keys
+
+    def wrapped(denoiser, latents, step_index, cond):
+        with unset_fake_temporarily():  # one stored value, broadcast: see `fake.RealValues`
+            real = {key: torch.ones((), dtype=adapter.denoiser.dtype).expand(cond[key].shape) for key in keys}
+        return predict(denoiser, latents, step_index, {**cond, **real})
 
     return wrapped
 

@@ -277,6 +277,9 @@ class RealValues(TorchDispatchMode):
     - an op whose tensor inputs are all real (not fake, not on the meta device) runs for real when its output is small (at most
       `REAL_VALUES_MAX_ELEMENTS` elements per tensor), so masks, token counts and positions keep their values; larger
       outputs stay fake (no memory); an op whose output shape depends on values (nonzero, `.tolist()`) runs for real;
+    - broadcasting a real tensor that holds one value (`expand`), and a comparison or `all`/`any` of such broadcast
+      scalars (the all-zero image tokens HunyuanVideo 1.5 takes for text-to-video), run for real whatever their size,
+      as code branches on them;
     - indexing a fake tensor with a real boolean mask (a shape from values) indexes with the mask's real positions.
     """
 
@@ -291,8 +294,16 @@ class RealValues(TorchDispatchMode):
         except (DynamicOutputShapeException, DataDependentOutputException):
             shapes = None
         outputs = shapes if isinstance(shapes, (tuple, list)) else (shapes,)
-        if shapes is None or all(
-            not isinstance(output, torch.Tensor) or output.numel() <= REAL_VALUES_MAX_ELEMENTS for output in outputs
+        broadcast = func._overloadpacket in _BRANCH_TESTS and all(
+            tensor.untyped_storage().nbytes() <= tensor.element_size() for tensor in _tensor_arguments(args, kwargs)
+        )
+        if (
+            shapes is None
+            or broadcast
+            or all(
+                not isinstance(output, torch.Tensor) or output.numel() <= REAL_VALUES_MAX_ELEMENTS
+                for output in outputs
+            )
         ):
             with unset_fake_temporarily():
                 return func(*args, **kwargs)
@@ -308,6 +319,9 @@ def _tensor_arguments(args, kwargs):
             yield from (item for item in value if isinstance(item, torch.Tensor))
 
 
+# ops that stay real on broadcast scalars whatever their size: the broadcast itself (a view) and the tests code
+# branches on (their boolean outputs are cheap)
+_BRANCH_TESTS = {torch.ops.aten.expand, torch.ops.aten.eq, torch.ops.aten.ne, torch.ops.aten.all, torch.ops.aten.any}
 _INDEXING = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default}
 
 
