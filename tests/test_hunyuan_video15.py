@@ -177,6 +177,28 @@ def test_lora_round_trip_through_load_lora_adapter(name, tiny_pipeline_path, tmp
 
 
 @pytest.mark.slow
+def test_ema_loads_through_load_lora_adapter_as_the_card_says(tiny_pipeline_path, tmp_path):
+    trainer = make_hv15_trainer(
+        T2V, tiny_pipeline_path, tmp_path, peft_config=lora_config(), learning_rate=1e-2, ema_decay=0.5
+    )
+    trainer.train()
+    folder = tmp_path / "lora"
+    trainer.save_model(str(folder))
+    card = ModelCard.load(str(folder / "README.md")).text
+    assert 'load_lora_adapter("<your-username>/lora", weight_name="ema/pytorch_lora_weights.safetensors")' in card
+    call = pipeline_call(T2V)
+
+    def sample(pipeline):
+        return pipeline(**call, generator=torch.Generator().manual_seed(0)).frames
+
+    with trainer.ema.applied():
+        expected = sample(align(trainer.pipeline, trainer.adapter))
+    base = align(DiffusionPipeline.from_pretrained(tiny_pipeline_path(T2V)), trainer.adapter)
+    base.transformer.load_lora_adapter(str(folder), weight_name="ema/pytorch_lora_weights.safetensors")
+    torch.testing.assert_close(sample(base), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [T2V, I2V])
 def test_two_processes_match_one(name, tiny_pipeline_path, tmp_path):
     extra = ["--num_frames", "5"] + (["--conditioning", "image"] if name == I2V else [])
