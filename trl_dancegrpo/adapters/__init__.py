@@ -7,6 +7,7 @@ from .flux2_dev import Flux2Adapter
 from .flux_kontext import FluxKontextAdapter
 from .hunyuan_video import HunyuanVideoAdapter, SkyReelsImageToVideoAdapter
 from .image_base import PackedLatentAdapter, ReferenceImageMixin
+from .ltx2 import LTX2Adapter
 from .qwen_image import QwenImageAdapter, QwenImageEditAdapter, QwenImageEditPlusAdapter
 from .qwen_image21 import QwenImage21Adapter
 from .sd3 import StableDiffusion3Adapter
@@ -36,6 +37,7 @@ ADAPTERS: list[type[PipelineAdapter]] = [
     QwenImageEditPlusAdapter,
     QwenImage21Adapter,
     FluxKontextAdapter,
+    LTX2Adapter,
 ]
 
 
@@ -63,6 +65,7 @@ __all__ = [
     "FluxAdapter",
     "FluxKontextAdapter",
     "HunyuanVideoAdapter",
+    "LTX2Adapter",
     "PackedLatentAdapter",
     "PipelineAdapter",
     "QwenImage21Adapter",
