@@ -16,6 +16,7 @@ TRAIN_PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
 FAMILY_MATRIX_MODULES = {
     "test_editing",
     "test_flux2_dev",
+    "test_ltx2",
     "test_qwen3_image_families",
     "test_qwen_image",
     "test_qwen_image21",
