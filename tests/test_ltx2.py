@@ -223,8 +223,10 @@ def test_logged_sample_carries_its_audio(tiny_pipeline_path, tmp_path, monkeypat
 def test_clear_errors(tiny_pipeline_path, tmp_path):
     with pytest.raises(ValueError, match=r"num_frames = 1 \+ 2 \* k"):
         make_ltx2_trainer(tiny_pipeline_path, tmp_path, num_frames=4)
-    with pytest.raises(ValueError, match="divisible by 2"):
-        make_ltx2_trainer(tiny_pipeline_path, tmp_path, height=33)
+    from trl_dancegrpo.adapters import LTX2Adapter
+
+    with pytest.raises(ValueError, match="height and width divisible by 2, got 33x32"):
+        LTX2Adapter(DiffusionPipeline.from_pretrained(tiny_pipeline_path(NAME)), 2, height=33, width=32)
 
 
 def darkness(prompts, images, **kwargs):

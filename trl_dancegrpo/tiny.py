@@ -1096,6 +1096,7 @@ def tiny_ltx2_pipeline(seed: int = 0):
         caption_channels=32,
         rope_double_precision=False,
         rope_type="split",
+        perturbed_attn=True,  # LTX-2.3's spatio-temporal guidance, so that its forward is exercised
     )
     connectors = LTX2TextConnectors(
         caption_channels=32,

@@ -199,7 +199,8 @@ class LTX2Adapter(FlowMatchAdapter):
         """The velocity `LTX2Pipeline.__call__` steps with: its guidance terms in x0 space, rescaled, back to velocity.
 
         With `negative_cond` both CFG branches go through one forward (unconditional rows first, as the pipeline);
-        spatio-temporal and modality-isolation guidance each add a forward of the conditional rows.
+        spatio-temporal guidance (transformers with `perturbed_attn`) and modality-isolation guidance each add a
+        forward of the conditional rows.
         """
         from diffusers.pipelines.ltx2.pipeline_ltx2 import rescale_noise_cfg
 
@@ -221,7 +222,10 @@ class LTX2Adapter(FlowMatchAdapter):
         else:
             x0_video, x0_audio = to_x0(self._forward(denoiser, video, audio, step_index, cond))
             video_delta = audio_delta = 0
-        if self.stg_scale > 0 or self.audio_stg_scale > 0:
+        # spatio-temporal guidance perturbs only transformers built with `perturbed_attn` (LTX-2.3); for the others the
+        # pipeline's extra forward equals the conditional one and its term is zero, so it is skipped
+        perturbs = self.pipeline.transformer.config.get("perturbed_attn", False)
+        if perturbs and (self.stg_scale > 0 or self.audio_stg_scale > 0):
             blocks = list(self.spatio_temporal_guidance_blocks or [])
             stg = self._forward(denoiser, video, audio, step_index, cond, spatio_temporal_guidance_blocks=blocks)
             stg_video, stg_audio = to_x0(stg)
