@@ -206,6 +206,10 @@ class LTX2Adapter(FlowMatchAdapter):
 
         video, audio = self.split(latents.float())
         sigma = self.sigmas.to(latents.device)[step_index][:, None, None]
+        # The guidance forwards after the first go to the bare module: DDP takes one forward per backward, and the
+        # modality-isolation forward leaves the audio-video attention unused, which DDP would mark ready too early.
+        # Their gradients still reach every parameter before DDP reduces it.
+        bare = getattr(denoiser, "module", denoiser)
 
         def to_x0(velocities):
             return video - sigma * velocities[0], audio - sigma * velocities[1]
@@ -227,12 +231,12 @@ class LTX2Adapter(FlowMatchAdapter):
         perturbs = self.pipeline.transformer.config.get("perturbed_attn", False)
         if perturbs and (self.stg_scale > 0 or self.audio_stg_scale > 0):
             blocks = list(self.spatio_temporal_guidance_blocks or [])
-            stg = self._forward(denoiser, video, audio, step_index, cond, spatio_temporal_guidance_blocks=blocks)
+            stg = self._forward(bare, video, audio, step_index, cond, spatio_temporal_guidance_blocks=blocks)
             stg_video, stg_audio = to_x0(stg)
             video_delta = video_delta + self.stg_scale * (x0_video - stg_video)
             audio_delta = audio_delta + self.audio_stg_scale * (x0_audio - stg_audio)
         if self.modality_scale > 1 or self.audio_modality_scale > 1:
-            isolated = self._forward(denoiser, video, audio, step_index, cond, isolate_modalities=True)
+            isolated = self._forward(bare, video, audio, step_index, cond, isolate_modalities=True)
             isolated_video, isolated_audio = to_x0(isolated)
             video_delta = video_delta + (self.modality_scale - 1) * (x0_video - isolated_video)
             audio_delta = audio_delta + (self.audio_modality_scale - 1) * (x0_audio - isolated_audio)
