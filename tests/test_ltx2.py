@@ -3,6 +3,7 @@ stereo audio at 16 kHz): the video and audio latents denoised together, the pipe
 rewards and the logged samples, LoRA in diffusers' format, two processes, resuming, and two-sided learning."""
 
 import math
+import os
 import sys
 
 import pytest
@@ -150,10 +151,20 @@ def test_schedule_and_layout(tiny_pipeline_path, tmp_path, monkeypatch):
 
 def test_lora_round_trip_through_load_lora_weights(tiny_pipeline_path, tmp_path):
     path = tiny_pipeline_path(NAME)
-    trainer = make_ltx2_trainer(tiny_pipeline_path, tmp_path, peft_config=lora_config(), learning_rate=1e-2)
+    from huggingface_hub import ModelCard
+
+    trainer = make_ltx2_trainer(
+        tiny_pipeline_path, tmp_path, peft_config=lora_config(), learning_rate=1e-2, hub_model_id="user/ltx2-grpo"
+    )
     trainer.train()
     folder = tmp_path / "lora"
     trainer.save_model(str(folder))
+    trainer.create_model_card()
+    card = ModelCard.load(os.path.join(trainer.args.output_dir, "README.md")).text
+    assert 'pipe.load_lora_weights("user/ltx2-grpo")' in card
+    # the example call samples as training did: every guidance term and the frame rate
+    assert "guidance_scale=3, stg_scale=1, modality_scale=3, guidance_rescale=0.7, audio_guidance_scale=7" in card
+    assert "frame_rate=24" in card
     assert all(key.startswith("transformer.") for key in load_file(folder / "pytorch_lora_weights.safetensors"))
     trained = pipeline_output(trainer)
     base = DiffusionPipeline.from_pretrained(path)
