@@ -231,6 +231,35 @@ def test_logged_sample_carries_its_audio(tiny_pipeline_path, tmp_path, monkeypat
         assert (saved.getnchannels(), saved.getframerate(), saved.getnframes()) == (2, 16000, 68)
 
 
+def test_wandb_gets_the_samples_audio(tiny_pipeline_path, tmp_path, monkeypatch):
+    import glob
+    import json
+    import time
+
+    pytest.importorskip("wandb")
+    from .test_trackers import finish_wandb_run, read_wandb_records, train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train("wandb", tiny_pipeline_path, tmp_path, pipeline=NAME, num_frames=5, max_steps=1, num_inference_steps=2)
+    run_dir = finish_wandb_run()
+    (run_file,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
+    for _ in range(300):  # wandb's service process writes the file: wait for the run's exit record
+        records = read_wandb_records(run_file)
+        if any(record.WhichOneof("record_type") == "exit" for record in records):
+            break
+        time.sleep(0.1)
+    history = [
+        {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+        for record in records
+        if record.WhichOneof("record_type") == "history"
+    ]
+    [row] = [row for row in history if "samples_audio/_type" in row]
+    assert row["samples_audio/_type"] == "audio-file" and row["samples/_type"] == "video-file"
+    assert len(glob.glob(os.path.join(run_dir, "files", "media", "audio", "samples_audio_*.wav"))) == 1
+
+
 def test_clear_errors(tiny_pipeline_path, tmp_path):
     with pytest.raises(ValueError, match=r"num_frames = 1 \+ 2 \* k"):
         make_ltx2_trainer(tiny_pipeline_path, tmp_path, num_frames=4)
@@ -265,22 +294,39 @@ def held_out(trainer) -> tuple[float, float]:
     return tuple(sum(v[i] for v in values) / len(values) for i in range(2))
 
 
+# Adam lr 1e-2 for 20 steps moved the held-out loudness +0.041 / -0.0064 dB (training seed 42), +0.033 / -0.0064 (seed 1)
+LOUDNESS_LR, LOUDNESS_MARGIN = 1e-2, 0.003
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("reward, index", [((brightness, darkness), 0), ((audio_loudness, quietness), 1)])
-def test_rewards_move_held_out_samples_both_ways(reward, index, tiny_pipeline_path, tmp_path):
+@pytest.mark.parametrize(
+    "rewards, index, optim, learning_rate, margin",
+    [
+        # brightness, SGD lr 2 for 20 steps: held-out +0.0130 / -0.0119 (training seed 42), +0.0136 / -0.0253 (seed 1)
+        pytest.param((brightness, darkness), 0, "sgd", 2.0, 0.005, id="brightness"),
+        # loudness (dBFS): the audio is 0.6% of the tiny model's latent elements, so SGD barely moves it (lr 2:
+        # +0.0004 dB; lr 100: +0.0026 / -0.0004); Adam scales the audio stream's own parameters up
+        pytest.param((audio_loudness, quietness), 1, "adamw_torch", LOUDNESS_LR, LOUDNESS_MARGIN, id="loudness"),
+    ],
+)
+def test_rewards_move_held_out_samples_both_ways(
+    rewards, index, optim, learning_rate, margin, tiny_pipeline_path, tmp_path
+):
+    """Training on a reward moves deterministic samples of unseen prompts and seeds its way; on its negation, the
+    other way (the tiny model's guidance off, eta 0.7, every step trained)."""
     from datasets import Dataset
 
     shifts = {}
-    for direction, func in zip(("up", "down"), reward):
+    for direction, func in zip(("up", "down"), rewards):
         trainer = make_ltx2_trainer(
             tiny_pipeline_path,
             tmp_path / direction,
             dataset=Dataset.from_dict({"prompt": ["a cat", "a dog", "a car", "a tree", "a boat", "a bird"]}),
             reward=func,
             per_device_train_batch_size=16,
-            max_steps=LEARNING_STEPS,
-            optim="sgd",
-            learning_rate=LEARNING_RATES[index],
+            max_steps=20,
+            optim=optim,
+            learning_rate=learning_rate,
             eta=0.7,
             timestep_fraction=1.0,
             num_inference_steps=4,
@@ -289,10 +335,5 @@ def test_rewards_move_held_out_samples_both_ways(reward, index, tiny_pipeline_pa
         before = held_out(trainer)[index]
         trainer.train()
         shifts[direction] = held_out(trainer)[index] - before
-    assert shifts["up"] > MARGINS[index], shifts
-    assert shifts["down"] < -MARGINS[index], shifts
-
-
-LEARNING_STEPS = 20
-LEARNING_RATES = (2.0, 0.05)
-MARGINS = (0.001, 0.05)
+    assert shifts["up"] > margin, shifts
+    assert shifts["down"] < -margin, shifts
