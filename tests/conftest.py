@@ -17,6 +17,7 @@ FAMILY_MATRIX_MODULES = {
     "test_editing",
     "test_flux2_dev",
     "test_hunyuan_video15",
+    "test_ltx2",
     "test_qwen3_image_families",
     "test_qwen_image",
     "test_qwen_image21",

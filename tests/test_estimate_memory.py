@@ -217,6 +217,7 @@ def test_tiny_estimate_exact_bytes(tiny_pipeline_path):
         "tiny_qwen_image21_pipeline",
         "tiny_z_image_pipeline",
         "tiny_wan22_ti2v_pipeline",
+        "tiny_ltx2_pipeline",
     ],
 )
 def test_tiny_pipelines_of_every_family(builder, tmp_path):
@@ -224,7 +225,7 @@ def test_tiny_pipelines_of_every_family(builder, tmp_path):
 
     path = str(tmp_path / builder)
     getattr(tiny, builder)().save_pretrained(path)
-    extra = ["--num_frames", "5"] if ("wan" in builder or "hunyuan" in builder or "skyreels" in builder) else []
+    extra = ["--num_frames", "5"] if any(name in builder for name in ("wan", "hunyuan", "skyreels", "ltx2")) else []
     result = tiny_estimate(path, tmp_path, "--use_peft", *extra)
     assert result["breakdown_gib"]["activations"] >= 0 and result["peak_gib"] >= 0
     assert result["flops_per_iteration"] > 0

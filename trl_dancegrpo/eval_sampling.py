@@ -67,7 +67,7 @@ def sample_and_score(
     for offset in range(0, per_process, batch):
         part = local[offset : offset + batch]
         prompts = [row["prompt"] for row in part]
-        images, _ = trainer.generate(
+        images, trajectory = trainer.generate(
             prompts,
             seed=seed,
             eta=0.0,
@@ -76,7 +76,7 @@ def sample_and_score(
         )
         if first_sample is None:
             first_sample = images[0].detach().cpu()
-        rewards.append(trainer._score(prompts, images, part)[0].float().cpu())
+        rewards.append(trainer._score(prompts, images, part, trajectory.extras)[0].float().cpu())
         if thumbnail_size is not None:
             thumbnails.append(_thumbnail(images.detach().cpu(), thumbnail_size))
         bar.update(min(len(part) * world, total - bar.n))

@@ -18,7 +18,7 @@ training forward compute exactly the same thing on the same batch composition.
 import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,12 +42,15 @@ class Trajectory:
             deterministic steps).
         window (`range`, *optional*): The stochastic steps, decided once per rollout (`TrajectorySampler.rollout`).
         train_steps (`torch.Tensor`, *optional*): `[N, J]`, the steps of each sample that are trained on.
+        extras (`dict`): What the adapter decodes besides the images (`decode_extras`; LTX-2: `audio` `[N, C, S]`
+            and `audio_sample_rate`), for the rewards; empty for most families.
     """
 
     latents: torch.Tensor
     log_probs: torch.Tensor
     window: range | None = None
     train_steps: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)
 
     @property
     def final_latents(self) -> torch.Tensor:
@@ -55,7 +58,12 @@ class Trajectory:
 
     @classmethod
     def cat(cls, trajectories: list["Trajectory"]) -> "Trajectory":
-        return cls(torch.cat([t.latents for t in trajectories]), torch.cat([t.log_probs for t in trajectories]))
+        extras = {
+            key: torch.cat([t.extras[key] for t in trajectories]) if isinstance(value, torch.Tensor) else value
+            for key, value in trajectories[0].extras.items()
+        }
+        latents, log_probs = (torch.cat([getattr(t, name) for t in trajectories]) for name in ("latents", "log_probs"))
+        return cls(latents, log_probs, extras=extras)
 
 
 def sample_slices(num_samples: int, micro_batch_size: int, rollout_batch_size: int | None) -> list[slice]:
@@ -101,16 +109,14 @@ def denoise(
 ) -> torch.Tensor:
     """The model output for a batch, with classifier-free guidance when `negative_cond` is given.
 
-    With CFG both branches go through the denoiser in one batched forward (unconditional rows first, as the adapter's
-    `guidance_batch` builds them), so the log-prob computed from the output is that of the guided step; the adapter's
-    `combine_guidance` combines them (plain CFG, or a family's variant such as Qwen-Image's norm rescale).
+    With CFG the adapter's `predict_guided` runs: by default both branches go through the denoiser in one batched
+    forward (unconditional rows first, as the adapter's `guidance_batch` builds them), so the log-prob computed from
+    the output is that of the guided step; the adapter's `combine_guidance` combines them (plain CFG, or a family's
+    variant such as Qwen-Image's norm rescale). LTX-2 adds its pipeline's further guidance forwards.
     """
     if negative_cond is None:
         return adapter.predict(denoiser, latents, step_index, cond)
-    both = adapter.guidance_batch(cond, negative_cond)
-    output = adapter.predict(denoiser, torch.cat([latents, latents]), torch.cat([step_index, step_index]), both)
-    uncond, text = output.float().chunk(2)
-    return adapter.combine_guidance(uncond, text)
+    return adapter.predict_guided(denoiser, latents, step_index, cond, negative_cond)
 
 
 class TrajectorySampler:
@@ -251,7 +257,7 @@ class TrajectorySampler:
         group_size: int = 1,
         share_prefix: bool = True,
         autocast: Callable | None = None,
-        on_part: Callable[[slice, torch.Tensor], None] | None = None,
+        on_part: Callable[..., None] | None = None,
     ) -> Trajectory:
         """Sample and decode the trajectories of the samples `first, first + 1, ...` of the global batch.
 
@@ -261,7 +267,8 @@ class TrajectorySampler:
             first (`int`): Global index of the first sample (its noise).
             seed (`int`): Seed of this rollout.
             parts (`list[slice]`): Consecutive parts the samples go through the denoiser in (the loss's slices); each
-                is decoded and handed to `on_part(part, images)` before the next one is sampled.
+                is decoded and handed to `on_part(part, images, **extras)` before the next one is sampled (`extras`:
+                the adapter's `decode_extras`, such as LTX-2's audio).
             window (`range`, *optional*): The stochastic steps; `None`: all but the last.
             eta (`float`, *optional*): Noise scale of the stochastic steps; `None`: the sampler's. `0` samples the ODE.
             group_size (`int`): Samples `i`, `j` share their initial noise when `i // group_size == j // group_size`.
@@ -298,9 +305,12 @@ class TrajectorySampler:
                     part_latents.append(step.prev_sample)
                     part_log_probs.append(step.log_prob)
                 images = self.adapter.decode(part_latents[-1])
-            trajectories.append(Trajectory(torch.stack(part_latents, dim=1), torch.stack(part_log_probs, dim=1)))
+                extras = self.adapter.decode_extras(part_latents[-1])
+            trajectories.append(
+                Trajectory(torch.stack(part_latents, dim=1), torch.stack(part_log_probs, dim=1), extras=extras)
+            )
             if on_part is not None:
-                on_part(part, images)
+                on_part(part, images, **extras)
         return Trajectory.cat(trajectories)
 
     @staticmethod

@@ -1141,3 +1141,165 @@ def tiny_hunyuan_video15_i2v_pipeline(seed: int = 0):
 
 TINY_PIPELINES["tiny-hunyuan-video15"] = tiny_hunyuan_video15_pipeline
 TINY_PIPELINES["tiny-hunyuan-video15-i2v"] = tiny_hunyuan_video15_i2v_pipeline
+
+
+# -- LTX-2 (video with audio) ------------------------------------------------------------------------------------------
+def _gemma_tokenizer(max_length: int = 16):
+    from transformers import GemmaTokenizer
+
+    # Character-level (no merges); LTX2Pipeline pads Gemma prompts on the left.
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "\u2581": 4}
+    for char in string.ascii_letters + string.digits + string.punctuation:
+        vocab.setdefault(char, len(vocab))
+    return GemmaTokenizer(vocab=vocab, merges=[], model_max_length=max_length, padding_side="left")
+
+
+def tiny_ltx2_pipeline(seed: int = 0):
+    """An `LTX2Pipeline` (LTX-2, text to video with audio): a two-block audio-video transformer, the video and audio
+    VAEs, the vocoder, the text connectors and a two-layer Gemma 3 at diffusers' test sizes; 32-64 px, 1 + 2k frames
+    at 25 fps, stereo audio at 16 kHz."""
+    from diffusers import (
+        AutoencoderKLLTX2Audio,
+        AutoencoderKLLTX2Video,
+        FlowMatchEulerDiscreteScheduler,
+        LTX2Pipeline,
+        LTX2VideoTransformer3DModel,
+    )
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    tokenizer = _gemma_tokenizer()
+    torch.manual_seed(seed)
+    text_config = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "max_position_embeddings": 64,
+        "sliding_window": 16,
+    }
+    vision_config = {
+        "hidden_size": 16,
+        "intermediate_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 16,
+        "patch_size": 8,
+    }
+    text_encoder = Gemma3ForConditionalGeneration(
+        Gemma3Config(text_config=text_config, vision_config=vision_config, mm_tokens_per_image=4)
+    ).eval()
+    torch.manual_seed(seed)
+    transformer = LTX2VideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        cross_attention_dim=16,
+        audio_in_channels=4,
+        audio_out_channels=4,
+        audio_num_attention_heads=2,
+        audio_attention_head_dim=4,
+        audio_cross_attention_dim=8,
+        num_layers=2,
+        qk_norm="rms_norm_across_heads",
+        caption_channels=32,
+        rope_double_precision=False,
+        rope_type="split",
+        perturbed_attn=True,  # LTX-2.3's spatio-temporal guidance, so that its forward is exercised
+    )
+    connectors = LTX2TextConnectors(
+        caption_channels=32,
+        text_proj_in_factor=text_config["num_hidden_layers"] + 1,
+        video_connector_num_attention_heads=4,
+        video_connector_attention_head_dim=8,
+        video_connector_num_layers=1,
+        video_connector_num_learnable_registers=None,
+        audio_connector_num_attention_heads=4,
+        audio_connector_attention_head_dim=8,
+        audio_connector_num_layers=1,
+        audio_connector_num_learnable_registers=None,
+        connector_rope_base_seq_len=32,
+        rope_theta=10000.0,
+        rope_double_precision=False,
+        causal_temporal_positioning=False,
+        rope_type="split",
+    )
+    vae = AutoencoderKLLTX2Video(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8,),
+        decoder_block_out_channels=(8,),
+        layers_per_block=(1,),
+        decoder_layers_per_block=(1, 1),
+        spatio_temporal_scaling=(True,),
+        decoder_spatio_temporal_scaling=(True,),
+        decoder_inject_noise=(False, False),
+        downsample_type=("spatial",),
+        upsample_residual=(False,),
+        upsample_factor=(1,),
+        timestep_conditioning=False,
+        patch_size=1,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
+    )
+    vae.use_framewise_encoding = vae.use_framewise_decoding = False
+    audio_vae = AutoencoderKLLTX2Audio(
+        base_channels=4,
+        output_channels=2,
+        ch_mult=(1,),
+        num_res_blocks=1,
+        attn_resolutions=None,
+        in_channels=2,
+        resolution=32,
+        latent_channels=2,
+        norm_type="pixel",
+        causality_axis="height",
+        dropout=0.0,
+        mid_block_add_attention=False,
+        sample_rate=16000,
+        mel_hop_length=160,
+        is_causal=True,
+        mel_bins=8,
+    )
+    vocoder = LTX2Vocoder(
+        in_channels=audio_vae.config.output_channels * audio_vae.config.mel_bins,
+        hidden_channels=32,
+        out_channels=2,
+        upsample_kernel_sizes=[4, 4],
+        upsample_factors=[2, 2],
+        resnet_kernel_sizes=[3],
+        resnet_dilations=[[1, 3, 5]],
+        leaky_relu_negative_slope=0.1,
+        output_sampling_rate=16000,
+    )
+    # the resolution-dependent shift of the LTX-2 scheduler config (mu from the video's token count)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        base_shift=0.95,
+        max_shift=2.05,
+        base_image_seq_len=1024,
+        max_image_seq_len=4096,
+        shift_terminal=0.1,
+    )
+    return LTX2Pipeline(
+        scheduler=scheduler,
+        vae=vae,
+        audio_vae=audio_vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        connectors=connectors,
+        transformer=transformer,
+        vocoder=vocoder,
+    )
+
+
+TINY_PIPELINES["tiny-ltx2"] = tiny_ltx2_pipeline

@@ -51,7 +51,7 @@ from .objectives import (  # noqa: F401  (compute_advantages, best_of_n_indices:
 from .rewards.scoring import RewardScorer, resolve_reward_funcs
 from .rollout import TrajectorySampler, denoise, index_conditioning, mix_seed, sample_slices, split_batch
 from .sharding import save_denoiser_state_dict
-from .video import load_image, log_sample_to_integrations, save_sample, side_by_side
+from .video import first_audio, load_image, log_sample_to_integrations, save_sample, side_by_side
 
 
 RewardFunc = Callable[..., list]
@@ -300,13 +300,15 @@ class DanceGRPOTrainer(Trainer):
             eta=eta,
             group_size=group_size,
             autocast=self.accelerator.autocast,
-            on_part=lambda part, part_images: outputs.append(part_images),
+            on_part=lambda part, part_images, **extras: outputs.append(part_images),
         )
         return torch.cat(outputs), trajectory
 
-    def _score(self, prompts: list[str], images: torch.Tensor, inputs: list[dict]):
-        """Rewards `[N, K]` on this process (NaN for `None` and for NaN scores) and the mask of the `None`s."""
+    def _score(self, prompts: list[str], images: torch.Tensor, inputs: list[dict], extras: dict | None = None):
+        """Rewards `[N, K]` on this process (NaN for `None` and for NaN scores) and the mask of the `None`s; `extras`
+        (the adapter's `decode_extras`, e.g. LTX-2's `audio`) go to the rewards with the dataset columns."""
         columns = {key: [row[key] for row in inputs] for key in inputs[0] if key != "prompt"}
+        columns.update(extras or {})
         with self._rewards_on_device():
             return self.reward_scorer(prompts, images, columns)
 
@@ -333,11 +335,12 @@ class DanceGRPOTrainer(Trainer):
         executor = ThreadPoolExecutor(max_workers=1) if args.overlap_rewards else None
         images, scores = [], []
 
-        def on_part(part: slice, part_images: torch.Tensor) -> None:
+        def on_part(part: slice, part_images: torch.Tensor, **extras) -> None:
             if part.start == 0 and args.log_samples:  # kept for the sample logged at the next logging step
-                self._latest_sample = (prompts[0], self._sample_to_log(part_images[0], inputs[0]))
+                sample = self._sample_to_log(part_images[0], inputs[0])
+                self._latest_sample = (prompts[0], sample, first_audio(extras))
             if executor is not None:
-                scores.append(executor.submit(self._score, prompts[part], part_images, inputs[part]))
+                scores.append(executor.submit(self._score, prompts[part], part_images, inputs[part], extras))
             else:
                 images.append(part_images)
 
@@ -362,7 +365,7 @@ class DanceGRPOTrainer(Trainer):
                 results = [future.result() for future in scores]
                 local, not_applicable = (torch.cat(tensors) for tensors in zip(*results))
             else:
-                local, not_applicable = self._score(prompts, torch.cat(images), inputs)
+                local, not_applicable = self._score(prompts, torch.cat(images), inputs, trajectory.extras)
             reward_time = time.perf_counter() - start  # with overlap: only the wait after the last part
         finally:
             if executor is not None:
@@ -574,12 +577,12 @@ class DanceGRPOTrainer(Trainer):
         """
         if sample is None:
             sample, self._latest_sample = self._latest_sample, None  # each rollout is logged once
-        prompt, sample = sample
+        prompt, sample, audio = (*sample, None)[:3]  # audio: (waveform, sample rate) of families that make sound
         if not self.is_world_process_zero():
             return
         step = self.state.global_step
-        path = save_sample(sample, os.path.join(self.args.output_dir, "_samples", f"{name}-{step:06d}"))
-        log_sample_to_integrations(self.callback_handler.callbacks, path, sample, prompt, step)
+        path = save_sample(sample, os.path.join(self.args.output_dir, "_samples", f"{name}-{step:06d}"), audio=audio)
+        log_sample_to_integrations(self.callback_handler.callbacks, path, sample, prompt, step, audio=audio)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Deterministic (eta = 0) samples of the evaluation prompts, scored by every reward.

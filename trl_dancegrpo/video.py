@@ -150,8 +150,32 @@ def to_uint8_frames(sample: torch.Tensor) -> list:
     return list((frames.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
 
 
-def save_sample(sample: torch.Tensor, path_without_suffix: str, fps: int = 8) -> str:
-    """Write a video `(F, 3, H, W)` as an animated GIF (looping) or an image `(3, H, W)` as a PNG; returns the path."""
+def first_audio(extras: dict) -> tuple[torch.Tensor, int] | None:
+    """The first sample's audio track `(channels, samples)` (on the CPU) and its sample rate, from what an adapter
+    decodes besides the images (`decode_extras`); `None` for families without audio."""
+    if "audio" not in extras:
+        return None
+    return extras["audio"][0].detach().float().cpu(), int(extras["audio_sample_rate"])
+
+
+def save_audio(waveform: torch.Tensor, sample_rate: int, path: str) -> str:
+    """Write a waveform `(channels, samples)` in [-1, 1] as a 16-bit PCM WAV file; returns the path."""
+    import wave
+
+    pcm = (waveform.detach().float().clamp(-1, 1) * 32767).round().to(torch.int16).t().contiguous().cpu().numpy()
+    with wave.open(path, "wb") as handle:
+        handle.setnchannels(waveform.shape[0])
+        handle.setsampwidth(2)
+        handle.setframerate(sample_rate)
+        handle.writeframes(pcm.tobytes())
+    return path
+
+
+def save_sample(sample: torch.Tensor, path_without_suffix: str, fps: int = 8, audio=None) -> str:
+    """Write a video `(F, 3, H, W)` as an animated GIF (looping) or an image `(3, H, W)` as a PNG; returns the path.
+
+    `audio` (`(waveform (channels, samples), sample_rate)`, LTX-2) is written beside it as a `.wav` of the same name.
+    """
     from PIL import Image
 
     frames = [Image.fromarray(frame) for frame in to_uint8_frames(sample)]
@@ -162,15 +186,22 @@ def save_sample(sample: torch.Tensor, path_without_suffix: str, fps: int = 8) ->
     else:
         path = path_without_suffix + ".gif"
         frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
+    if audio is not None:
+        save_audio(*audio, path_without_suffix + ".wav")
     return path
 
 
-def log_sample_to_integrations(callbacks, path: str, sample: torch.Tensor, caption: str, step: int, fps: int = 8):
+def log_sample_to_integrations(
+    callbacks, path: str, sample: torch.Tensor, caption: str, step: int, fps: int = 8, audio=None
+):
     """Send a saved sample to the Trainer's reporting integrations that take media (wandb, TensorBoard, MLflow, Trackio).
 
     The integrations are found among the Trainer's callbacks (what `report_to` set up), so a sample goes exactly where
-    the scalars go. Integrations without media support are skipped.
+    the scalars go. Integrations without media support are skipped. `audio` (`(waveform, sample_rate)`, saved by
+    `save_sample` beside `path`) goes along as `samples_audio` to wandb (`wandb.Audio`, every channel) and TensorBoard
+    (`add_audio`, which takes one channel: the channels' mean).
     """
+    audio_path = os.path.splitext(path)[0] + ".wav" if audio is not None else None
     is_video = sample.ndim == 4
     for callback in callbacks:
         name = type(callback).__name__
@@ -179,12 +210,18 @@ def log_sample_to_integrations(callbacks, path: str, sample: torch.Tensor, capti
             if getattr(wandb, "run", None) is None:
                 continue
             media = wandb.Video(path, caption=caption) if is_video else wandb.Image(path, caption=caption)
-            wandb.log({"samples": media, "train/global_step": step})
+            logged = {"samples": media, "train/global_step": step}
+            if audio is not None:
+                logged["samples_audio"] = wandb.Audio(audio_path, caption=caption)
+            wandb.log(logged)
         elif name == "TensorBoardCallback" and getattr(callback, "tb_writer", None) is not None:
             if is_video:
                 _add_tensorboard_gif(callback.tb_writer, "samples", path, sample, step)
             else:
                 callback.tb_writer.add_image("samples", to_uint8_frames(sample)[0], step, dataformats="HWC")
+            if audio is not None:
+                waveform, sample_rate = audio
+                callback.tb_writer.add_audio("samples_audio", waveform.mean(dim=0), step, sample_rate=sample_rate)
         elif name == "MLflowCallback" and getattr(callback, "_initialized", False):
             callback._ml_flow.log_artifact(path, artifact_path="samples")
         elif name == "TrackioCallback" and getattr(callback, "_initialized", False):

@@ -8,6 +8,7 @@ from .flux_kontext import FluxKontextAdapter
 from .hunyuan_video import HunyuanVideoAdapter, SkyReelsImageToVideoAdapter
 from .hunyuan_video15 import HunyuanVideo15Adapter, HunyuanVideo15ImageToVideoAdapter
 from .image_base import PackedLatentAdapter, ReferenceImageMixin
+from .ltx2 import LTX2Adapter
 from .qwen_image import QwenImageAdapter, QwenImageEditAdapter, QwenImageEditPlusAdapter
 from .qwen_image21 import QwenImage21Adapter
 from .sd3 import StableDiffusion3Adapter
@@ -39,6 +40,7 @@ ADAPTERS: list[type[PipelineAdapter]] = [
     QwenImageEditPlusAdapter,
     QwenImage21Adapter,
     FluxKontextAdapter,
+    LTX2Adapter,
 ]
 
 
@@ -68,6 +70,7 @@ __all__ = [
     "HunyuanVideo15Adapter",
     "HunyuanVideo15ImageToVideoAdapter",
     "HunyuanVideoAdapter",
+    "LTX2Adapter",
     "PackedLatentAdapter",
     "PipelineAdapter",
     "QwenImage21Adapter",

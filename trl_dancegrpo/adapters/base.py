@@ -183,6 +183,15 @@ class PipelineAdapter:
             both[key] = torch.cat([negative, value])
         return both
 
+    def predict_guided(self, denoiser, latents, step_index, cond: Conditioning, negative_cond: Conditioning):
+        """The model output with classifier-free guidance: both branches in one batched forward (unconditional rows
+        first, as `guidance_batch` builds them), combined by `combine_guidance`. Families whose guidance takes more
+        forwards (LTX-2) override this."""
+        both = self.guidance_batch(cond, negative_cond)
+        output = self.predict(denoiser, torch.cat([latents, latents]), torch.cat([step_index, step_index]), both)
+        uncond, text = output.float().chunk(2)
+        return self.combine_guidance(uncond, text)
+
     def combine_guidance(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The guided model output from the two branches' (float32): plain classifier-free guidance."""
         return uncond + self.guidance_scale * (cond - uncond)
@@ -201,6 +210,11 @@ class PipelineAdapter:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents to images, a float tensor in [0, 1] of shape `(N, 3, H, W)` (videos: `(N, F, 3, H, W)`)."""
         raise NotImplementedError
+
+    def decode_extras(self, latents: torch.Tensor) -> dict:
+        """What a family decodes besides the images, handed to the rewards as keyword arguments (LTX-2: `audio`,
+        `audio_sample_rate`); `{}` for most."""
+        return {}
 
     def save_lora_weights(self, save_directory: str, lora_state_dict: dict, lora_metadata: dict | None) -> None:
         """Write diffusers-format LoRA weights that `pipeline.load_lora_weights(save_directory)` loads.

@@ -89,7 +89,7 @@ def load_pipeline_config(model_name_or_path: str) -> dict:
 
 
 def _tokenizer(class_name: str, config: dict):
-    from ..tiny import _clip_tokenizer, _llama_tokenizer, _qwen_tokenizer, _t5_tokenizer
+    from ..tiny import _clip_tokenizer, _gemma_tokenizer, _llama_tokenizer, _qwen_tokenizer, _t5_tokenizer
 
     # Tokens only decide shapes here: an in-memory vocabulary with the checkpoint's maximum length pads exactly as the
     # real tokenizer does (prompts are padded to max_length by every supported pipeline).
@@ -108,6 +108,8 @@ def _tokenizer(class_name: str, config: dict):
         from transformers import ByT5Tokenizer
 
         return ByT5Tokenizer(model_max_length=max_length)
+    if class_name.startswith("GemmaTokenizer"):  # LTX-2's Gemma 3 (left padding, as the pipeline sets it)
+        return _gemma_tokenizer(max_length)
     raise ValueError(f"No stand-in for the tokenizer class {class_name}.")
 
 
@@ -198,6 +200,12 @@ def build_meta_pipeline(config: dict):
         elif library == "diffusers":
             with torch.device("meta"):
                 components[name] = getattr(diffusers, class_name).from_config(component_config)
+        elif library != "transformers":  # a pipeline's own module (LTX-2's connectors and vocoder: library "ltx2")
+            import importlib
+
+            module = importlib.import_module(f"diffusers.pipelines.{library}")
+            with torch.device("meta"):
+                components[name] = getattr(module, class_name).from_config(component_config)
         else:
             with torch.device("meta"):
                 components[name] = _transformers_model(class_name, component_config)

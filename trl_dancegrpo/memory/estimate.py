@@ -21,7 +21,7 @@ from .configs import MODEL_CONFIGS_DIR, build_meta_pipeline, load_pipeline_confi
 
 
 ENCODER_PREFIXES = ("text_encoder", "image_encoder")
-WEIGHT_FREE_REWARDS = ("brightness", "jpeg_compressibility", "jpeg_incompressibility")
+WEIGHT_FREE_REWARDS = ("brightness", "jpeg_compressibility", "jpeg_incompressibility", "audio_loudness")
 # pipelines whose prompt embeddings keep each prompt's own tokens: estimated with prompts of the maximum length
 OWN_TOKEN_PIPELINES = (
     "QwenImagePipeline",

@@ -19,7 +19,12 @@ Built in, by registry name:
   text alignment of VideoAlign (one shared Qwen2-VL model);
 - `"shapes_geneval"`, `"shapes_geneval_dense"`: GenEval-style strict and partial-credit scores on the synthetic shapes
   domain (rule-based: color segmentation and connected components; see `trl_dancegrpo.rewards.shapes`);
-- `"jpeg_compressibility"`, `"jpeg_incompressibility"`, `"brightness"`: weight-free rewards.
+- `"clap_score"`: [`CLAPScoreReward`], text-audio agreement of LAION CLAP (transformers `ClapModel`), for pipelines
+  that generate sound (LTX-2);
+- `"jpeg_compressibility"`, `"jpeg_incompressibility"`, `"brightness"`, `"audio_loudness"`: weight-free rewards.
+
+Pipelines that generate sound (LTX-2) also pass `audio` (a float tensor `(N, channels, samples)` in [-1, 1]) and
+`audio_sample_rate` (Hz) to the rewards that take them (by name or through `**kwargs`).
 
 Wrappers: [`BinaryReward`] (thresholded to 0/1) and [`per_frame`] (an image reward on every frame of a video).
 Model rewards load lazily, once, on the trainer's device and dtype (see [`ModelReward`]).
@@ -34,6 +39,8 @@ __getattr__, __dir__ = lazy_attributes(
     __name__,
     {
         "ModelReward": "._base",
+        "CLAPScoreReward": ".audio",
+        "audio_loudness": ".audio",
         "RewardModelNotFoundError": "._loading",
         "clear_model_cache": "._loading",
         "HPSv3Reward": ".hpsv3",
@@ -67,6 +74,7 @@ __all__ = [
     "REWARD_REGISTRY",
     "AestheticReward",
     "BinaryReward",
+    "CLAPScoreReward",
     "CLIPScoreReward",
     "HPSReward",
     "HPSv3Reward",
@@ -80,6 +88,7 @@ __all__ = [
     "VLMJudgeError",
     "VLMServerError",
     "VideoAlignReward",
+    "audio_loudness",
     "brightness",
     "clear_model_cache",
     "get_reward",

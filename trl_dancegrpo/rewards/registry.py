@@ -32,7 +32,9 @@ def _function(module: str, attr: str) -> Callable[..., Callable]:
 
 REWARD_REGISTRY: dict[str, Callable[..., Callable]] = {
     "aesthetic": _builder(".image", "AestheticReward"),
+    "audio_loudness": _function(".audio", "audio_loudness"),
     "brightness": _function(".simple", "brightness"),
+    "clap_score": _builder(".audio", "CLAPScoreReward"),
     "clip_score": _builder(".image", "CLIPScoreReward"),
     "hpsv2": _builder(".image", "HPSReward", version="v2.0"),
     "hpsv2.1": _builder(".image", "HPSReward", version="v2.1"),

@@ -1,7 +1,8 @@
 """Calling the reward functions of a batch: timeouts, retries of transient failures, and checks of what they return.
 
 [`RewardScorer`] is what the trainer calls after each rollout (and for evaluation and the model card): every reward is
-called with the prompts, the images and the other dataset columns; `async def` rewards are awaited concurrently. Each
+called with the prompts, the images and the other dataset columns (and, from pipelines that generate sound, `audio`
+and `audio_sample_rate` where the reward takes them); `async def` rewards are awaited concurrently. Each
 call may be limited in time (`reward_timeout`) and retried after a transient failure (`reward_retries`), and each
 result is checked: one number (or `None`) per sample, as a list, a NumPy array or a tensor of shape `(N,)` or `(N, 1)`.
 """
@@ -42,6 +43,20 @@ PERMANENT_ERRORS = (
     NotADirectoryError,
     PermissionError,
 )
+
+
+# What pipelines decode besides the images (LTX-2's sound track): passed only to the rewards whose signature names them
+# or takes `**kwargs`, so that image rewards written without `**kwargs` keep working with such pipelines.
+DECODED_KEYWORDS = ("audio", "audio_sample_rate")
+
+
+def takes(func, keyword: str) -> bool:
+    """Whether calling `func` with the keyword argument `keyword` is allowed (named, or `**kwargs`)."""
+    try:
+        parameters = inspect.signature(func).parameters
+    except (TypeError, ValueError):  # no signature to read (some builtins): pass it along
+        return True
+    return keyword in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def is_transient(error: BaseException) -> bool:
@@ -96,6 +111,7 @@ class RewardScorer:
 
     def _call_once(self, k: int, prompts, images, columns):
         func = self.funcs[k]
+        columns = {key: value for key, value in columns.items() if key not in DECODED_KEYWORDS or takes(func, key)}
         if self.timeout is None:
             return func(prompts, images, **columns)
         # A plain function cannot be interrupted: it runs in a daemon thread that is abandoned when it overruns (a

@@ -579,3 +579,49 @@ def save_tiny_qwen2_5_vl_judge(path: str, seed: int = 0) -> str:
     processor.save_pretrained(path)
     model.generation_config.save_pretrained(path)
     return path
+
+
+def save_tiny_clap_model(path: str, seed: int = 0) -> str:
+    """Write a tiny transformers `ClapModel` (HTSAT audio tower, RoBERTa text tower) and its processor files to the
+    folder `path`, as `laion/clap-htsat-unfused` holds them (`config.json`, `model.safetensors`,
+    `preprocessor_config.json`, the tokenizer files); its feature extractor takes 2 s at 48 kHz, 16 mel bins."""
+    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, RobertaTokenizer
+
+    # Without merges, byte-level BPE splits every word into characters ("\u0120" marks a leading space).
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "\u0120": 4}
+    for char in _CHARS:
+        vocab.setdefault(char, len(vocab))
+    tokenizer = RobertaTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    config = ClapConfig(
+        text_config={
+            "vocab_size": len(vocab),
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 37,
+            "max_position_embeddings": 80,
+            "projection_dim": 16,
+        },
+        audio_config={
+            "window_size": 4,
+            "spec_size": 64,
+            "num_mel_bins": 16,
+            "patch_size": 4,
+            "patch_stride": [4, 4],
+            "patch_embeds_hidden_size": 16,
+            "hidden_size": 32,
+            "depths": [1, 1],
+            "num_attention_heads": [2, 2],
+            "projection_dim": 16,
+            "projection_hidden_size": 32,
+            "enable_fusion": False,
+        },
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    ClapModel(config).save_pretrained(path)
+    ClapFeatureExtractor(
+        feature_size=16, sampling_rate=48000, hop_length=480, max_length_s=2, truncation="rand_trunc"
+    ).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
