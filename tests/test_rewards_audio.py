@@ -135,6 +135,18 @@ def test_audio_reaches_only_the_rewards_that_take_it():
     assert seen == {"named": ((2, 2, 100), 24000), "kwargs": ["audio", "audio_sample_rate"]}
 
 
+def test_wrappers_pass_the_audio_only_to_rewards_that_take_it():
+    from trl_dancegrpo.rewards import BinaryReward, per_frame
+
+    def image_only(prompts, images):  # no **kwargs: the wrappers (which take **kwargs) must not hand it the audio
+        return [float(images.mean())] * len(prompts)
+
+    scorer = RewardScorer([BinaryReward(image_only, threshold=0.5), per_frame(image_only)], ["binary", "per_frame"])
+    videos = torch.ones(2, 3, 3, 8, 8)
+    rewards, _ = scorer(["a", "b"], videos, {"audio": torch.zeros(2, 2, 100), "audio_sample_rate": 24000})
+    assert rewards.tolist() == [[1.0, 1.0]] * 2
+
+
 def test_audio_rewards_without_audio_are_a_clear_error(clap_dir):
     with pytest.raises(ValueError, match="'audio_loudness' scores audio.*LTX2Pipeline"):
         audio_loudness(["a"], torch.zeros(1, 3, 8, 8))

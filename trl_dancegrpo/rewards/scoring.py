@@ -17,6 +17,7 @@ import torch
 from transformers.utils import logging
 
 from ._loading import RewardModelNotFoundError
+from .wrappers import DECODED_KEYWORDS, keywords_for, takes  # noqa: F401  (importable from here, as before)
 
 
 logger = logging.get_logger(__name__)
@@ -43,20 +44,6 @@ PERMANENT_ERRORS = (
     NotADirectoryError,
     PermissionError,
 )
-
-
-# What pipelines decode besides the images (LTX-2's sound track): passed only to the rewards whose signature names them
-# or takes `**kwargs`, so that image rewards written without `**kwargs` keep working with such pipelines.
-DECODED_KEYWORDS = ("audio", "audio_sample_rate")
-
-
-def takes(func, keyword: str) -> bool:
-    """Whether calling `func` with the keyword argument `keyword` is allowed (named, or `**kwargs`)."""
-    try:
-        parameters = inspect.signature(func).parameters
-    except (TypeError, ValueError):  # no signature to read (some builtins): pass it along
-        return True
-    return keyword in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def is_transient(error: BaseException) -> bool:
@@ -111,7 +98,7 @@ class RewardScorer:
 
     def _call_once(self, k: int, prompts, images, columns):
         func = self.funcs[k]
-        columns = {key: value for key, value in columns.items() if key not in DECODED_KEYWORDS or takes(func, key)}
+        columns = keywords_for(func, columns)  # the decoded extras (audio) only for the rewards that take them
         if self.timeout is None:
             return func(prompts, images, **columns)
         # A plain function cannot be interrupted: it runs in a daemon thread that is abandoned when it overruns (a

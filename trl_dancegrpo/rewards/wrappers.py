@@ -11,6 +11,25 @@ from collections.abc import Callable
 import torch
 
 
+# What pipelines decode besides the images (LTX-2's sound track): passed only to the rewards whose signature names them
+# or takes `**kwargs`, so that image rewards written without `**kwargs` keep working with such pipelines.
+DECODED_KEYWORDS = ("audio", "audio_sample_rate")
+
+
+def takes(func, keyword: str) -> bool:
+    """Whether calling `func` with the keyword argument `keyword` is allowed (named, or `**kwargs`)."""
+    try:
+        parameters = inspect.signature(func).parameters
+    except (TypeError, ValueError):  # no signature to read (some builtins): pass it along
+        return True
+    return keyword in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def keywords_for(func, columns: dict) -> dict:
+    """`columns` without the decoded extras (`DECODED_KEYWORDS`) that `func` does not take."""
+    return {key: value for key, value in columns.items() if key not in DECODED_KEYWORDS or takes(func, key)}
+
+
 def reward_name(reward) -> str:
     """The name a reward is logged under: its `__name__`, else its class name."""
     return getattr(reward, "__name__", None) or type(reward).__name__
@@ -97,7 +116,8 @@ class BinaryReward(_RewardWrapper):
         return [None if score is None else float(score > self.threshold) for score in scores]
 
     def __call__(self, prompts, images, **kwargs):
-        return _then(self.reward(prompts, images, **kwargs), self._binarize)
+        # a wrapper takes **kwargs: the decoded extras (audio) reach the wrapped reward only if it takes them
+        return _then(self.reward(prompts, images, **keywords_for(self.reward, kwargs)), self._binarize)
 
 
 class PerFrameReward(_RewardWrapper):
@@ -126,6 +146,7 @@ class PerFrameReward(_RewardWrapper):
         return inner
 
     def __call__(self, prompts, images, **kwargs):
+        kwargs = keywords_for(self.reward, kwargs)  # the decoded extras (audio) only if the wrapped reward takes them
         if not isinstance(images, torch.Tensor) or images.ndim != 5:
             return self.reward(prompts, images, **kwargs)
         num_videos, num_frames = images.shape[:2]
