@@ -37,7 +37,7 @@ from .rewards.shapes import (
 
 __all__ = ["ShapesBuildSettings", "build_shapes_pipeline", "evaluate_shapes", "shapes_pipeline_path"]
 
-BUILD_VERSION = "1"  # bump when the build changes what it produces
+BUILD_VERSION = "2"  # bump when the build changes what it produces
 GUIDANCE = 3.5  # the embedded guidance value the denoiser is trained with (the trainer's FLUX default)
 
 
@@ -48,9 +48,9 @@ class ShapesBuildSettings:
     seed: int = 0
     image_size: int = 32
     num_images: int = 6000
-    vae_steps: int = 400
+    vae_steps: int = 1000
     vae_batch_size: int = 32
-    denoiser_steps: int = 1500
+    denoiser_steps: int = 1800
     batch_size: int = 64
     learning_rate: float = 1e-3
     num_layers: int = 2
@@ -141,6 +141,19 @@ def _render_dataset(settings: ShapesBuildSettings) -> tuple[list[str], torch.Ten
 
 
 # -- training ----------------------------------------------------------------------------------------------------------
+def _warmup_cosine(total: int, floor: float):
+    """The learning-rate factor at a step: linear warmup over 5% of `total`, then cosine decay to `floor`."""
+    warmup = max(1, total // 20)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
 def _train_vae(images: torch.Tensor, settings: ShapesBuildSettings, log):
     from diffusers import AutoencoderKL
 
@@ -159,6 +172,10 @@ def _train_vae(images: torch.Tensor, settings: ShapesBuildSettings, log):
         use_post_quant_conv=False,
     )
     optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    # Decaying the rate matters: at a constant 2e-3 the reconstructions keep rounded corners and a tinted background
+    # (squares read as circles, 0.62 of reconstructed scenes pass the strict test after 400 steps; 0.76 after 1,000
+    # cosine-decayed steps).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(settings.vae_steps, floor=0.05))
     generator = torch.Generator().manual_seed(settings.seed)
     for step in range(settings.vae_steps):
         batch = images[torch.randint(len(images), (settings.vae_batch_size,), generator=generator)] * 2 - 1
@@ -170,7 +187,8 @@ def _train_vae(images: torch.Tensor, settings: ShapesBuildSettings, log):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 100 == 0 or step == settings.vae_steps - 1:
+        scheduler.step()
+        if step % 250 == 0 or step == settings.vae_steps - 1:
             log(f"vae step {step}: mse {F.mse_loss(reconstruction, batch).item():.4f}")
     vae.eval().requires_grad_(False)
     with torch.no_grad():
@@ -204,15 +222,7 @@ def _train_denoiser(latents, prompt_embeds, pooled, pipeline_class, settings: Sh
     image_ids = pipeline_class._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
     text_ids = torch.zeros(prompt_embeds.shape[1], 3)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=settings.learning_rate, weight_decay=0.0)
-    warmup = max(1, settings.denoiser_steps // 20)
-
-    def lr_factor(step):  # linear warmup, cosine decay to a tenth
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, settings.denoiser_steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(settings.denoiser_steps, floor=0.1))
     generator = torch.Generator().manual_seed(settings.seed + 2)
     guidance = torch.full((settings.batch_size,), GUIDANCE)
     running = None
@@ -220,8 +230,12 @@ def _train_denoiser(latents, prompt_embeds, pooled, pipeline_class, settings: Sh
         index = torch.randint(n, (settings.batch_size,), generator=generator)
         x0 = tokens[index]
         noise = torch.randn(x0.shape, generator=generator)
-        # logit-normal times (SD3's recipe): most training near the middle of the path
-        sigma = torch.sigmoid(torch.randn(settings.batch_size, generator=generator)).view(-1, 1, 1)
+        # Half the batch at logit-normal times (SD3's recipe: most training near the middle of the path), half at
+        # uniform times: logit-normal alone puts under 3% of the samples below sigma = 0.125, the last of the
+        # 8 sampling steps, which draws the edges and settles the hues.
+        logit_normal = torch.sigmoid(torch.randn(settings.batch_size, generator=generator))
+        uniform = torch.rand(settings.batch_size, generator=generator)
+        sigma = torch.where(torch.arange(settings.batch_size) % 2 == 0, logit_normal, uniform).view(-1, 1, 1)
         x_t = (1 - sigma) * x0 + sigma * noise
         velocity = transformer(
             hidden_states=x_t,
