@@ -205,15 +205,32 @@ def main(argv=None):
     parser.add_argument("--model_name_or_path", help="Another saved shapes pipeline instead of the cached build.")
     parser.add_argument("--output_dir", default="bench-learning")
     parser.add_argument("--report_only", action="store_true", help="Print the table and plot of results.json.")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        help="With --report_only: first merge the results.json of these output folders (runs made in parallel) into "
+        "--output_dir's, the runs of each variant in the order given.",
+    )
     args = parser.parse_args(argv)
     if args.max_steps % args.eval_every:
         parser.error("--max_steps must be a multiple of --eval_every")
+    if args.merge and not args.report_only:
+        parser.error("--merge goes with --report_only")
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     settings = ShapesBuildSettings.small() if args.small else ShapesBuildSettings()
     path = args.model_name_or_path or (None if args.report_only else shapes_pipeline_path(settings))
     results_file = output_dir / "results.json"
     if args.report_only:
+        if args.merge:
+            merged = {"args": [], "results": {}}
+            for folder in args.merge:
+                part = json.loads((Path(folder) / "results.json").read_text())
+                merged["args"].append(part["args"])
+                for variant, runs in part["results"].items():
+                    merged["results"].setdefault(variant, []).extend(runs)
+            results_file.write_text(json.dumps(merged, indent=1))
         report(json.loads(results_file.read_text())["results"], output_dir)
         return
     results = {}
