@@ -13,8 +13,9 @@ Trains the shapes model (`benchmarks/shapes/build.py`, built once into the cache
 Compute is counted from what the run does: a forward hook on the denoiser adds the batch size of every call made
 during training (rollouts and loss, not the held-out evaluation), 1 per sample for a forward without gradient and 3
 for one with gradient (its backward costs about two forwards). Run it on one thread (`OMP_NUM_THREADS=1`): these
-layers are too small to split, and on a shared machine two threads cost several times the CPU time. Prints the table (score at equal compute, compute to
-reach a score), writes `results.json` and a PNG plot (score vs compute, one line per variant, a band over seeds).
+layers are too small to split, and on a shared machine two threads cost several times the CPU time. Prints the table
+(score at equal compute, compute to reach a score), writes `results.json` and a PNG plot (score vs compute, one line
+per variant, a band over seeds).
 """
 
 import argparse
