@@ -12,8 +12,10 @@ Trains the shapes model (`benchmarks/shapes/build.py`, built once into the cache
 
 Compute is counted from what the run does: a forward hook on the denoiser adds the batch size of every call made
 during training (rollouts and loss, not the held-out evaluation), 1 per sample for a forward without gradient and 3
-for one with gradient (its backward costs about two forwards). Prints the table (score at equal compute, compute to
-reach a score), writes `results.json` and a PNG plot (score vs compute, one line per variant, a band over seeds).
+for one with gradient (its backward costs about two forwards). Run it on one thread (`OMP_NUM_THREADS=1`): these
+layers are too small to split, and on a shared machine two threads cost several times the CPU time. Prints the table
+(score at equal compute, compute to reach a score), writes `results.json` and a PNG plot (score vs compute, one line
+per variant, a band over seeds).
 """
 
 import argparse
@@ -198,22 +200,40 @@ def main(argv=None):
     parser.add_argument("--eval_per_category", type=int, default=8)
     parser.add_argument("--eval_seeds", type=int, default=2)
     parser.add_argument("--group_size", type=int, default=8)
-    parser.add_argument("--prompts_per_step", type=int, default=2)
+    # 2 prompts (16 samples) per step left the v2 shapes build's held-out score moving at random; 8 let it rise
+    parser.add_argument("--prompts_per_step", type=int, default=8)
     parser.add_argument("--steps", type=int, default=8, help="Sampler steps T.")
     parser.add_argument("--learning_rate", type=float, default=2e-4)
     parser.add_argument("--small", action="store_true", help="Train the small build (the slow test's).")
     parser.add_argument("--model_name_or_path", help="Another saved shapes pipeline instead of the cached build.")
     parser.add_argument("--output_dir", default="bench-learning")
     parser.add_argument("--report_only", action="store_true", help="Print the table and plot of results.json.")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        help="With --report_only: first merge the results.json of these output folders (runs made in parallel) into "
+        "--output_dir's, the runs of each variant in the order given.",
+    )
     args = parser.parse_args(argv)
     if args.max_steps % args.eval_every:
         parser.error("--max_steps must be a multiple of --eval_every")
+    if args.merge and not args.report_only:
+        parser.error("--merge goes with --report_only")
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     settings = ShapesBuildSettings.small() if args.small else ShapesBuildSettings()
     path = args.model_name_or_path or (None if args.report_only else shapes_pipeline_path(settings))
     results_file = output_dir / "results.json"
     if args.report_only:
+        if args.merge:
+            merged = {"args": [], "results": {}}
+            for folder in args.merge:
+                part = json.loads((Path(folder) / "results.json").read_text())
+                merged["args"].append(part["args"])
+                for variant, runs in part["results"].items():
+                    merged["results"].setdefault(variant, []).extend(runs)
+            results_file.write_text(json.dumps(merged, indent=1))
         report(json.loads(results_file.read_text())["results"], output_dir)
         return
     results = {}

@@ -12,7 +12,7 @@ from .test_trainer import make_trainer
 
 # Measured on 2026-12-04 (small build, seed 0): held-out dense +0.073 up, -0.042 down, the same on a fresh build (the
 # build is deterministic); 2 min 9 s with the build (about 95 s of it), 35 s with the cached build, one other job
-# running. On the full build, 20 steps at lr 2e-4 raised the held-out dense score on all three seeds (+0.026, +0.078,
+# running. Build 2 (one thread): +0.042 up, -0.042 down, 77 s with the build (50 s of it), load about 3. On the full build, 20 steps at lr 2e-4 raised the held-out dense score on all three seeds (+0.026, +0.078,
 # +0.034; benchmarks/RESULTS.md) and lr 5e-4 was unstable.
 STEPS, LEARNING_RATE = 20, 2e-4
 MARGIN = 0.02  # held-out dense score, in [0, 1]

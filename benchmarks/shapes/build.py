@@ -9,6 +9,7 @@ cache (`$TRL_DANCEGRPO_CACHE` or `~/.cache/trl_dancegrpo`) that tests and benchm
 """
 
 import argparse
+import os
 import shutil
 import time
 
@@ -49,12 +50,16 @@ def main(argv=None):
     parser.add_argument("--no_eval", action="store_true", help="Skip the held-out evaluation.")
     args = parser.parse_args(argv)
     settings = ShapesBuildSettings.small(args.seed) if args.small else ShapesBuildSettings(seed=args.seed)
-    start = time.perf_counter()
+    start, cpu_start, load_start = time.perf_counter(), time.process_time(), os.getloadavg()[0]
     path = shapes_pipeline_path(settings)
     if args.output_dir:
         shutil.copytree(path, args.output_dir, dirs_exist_ok=True)
         path = args.output_dir
-    print(f"pipeline at {path} ({time.perf_counter() - start:.0f} s)")
+    # CPU time of this process (all its threads) next to the wall time: on a shared machine the two part ways
+    print(
+        f"pipeline at {path} ({time.perf_counter() - start:.0f} s wall, {time.process_time() - cpu_start:.0f} s CPU; "
+        f"load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end)"
+    )
     if not args.no_eval:
         scores = held_out_scores(path)
         print("| category | strict |\n|---|---|")
