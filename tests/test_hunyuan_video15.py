@@ -199,14 +199,13 @@ def test_ema_loads_through_load_lora_adapter_as_the_card_says(tiny_pipeline_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [T2V, I2V])
-def test_two_processes_match_one(name, tiny_pipeline_path, tmp_path):
-    extra = ["--num_frames", "5"] + (["--conditioning", "image"] if name == I2V else [])
-    assert_two_processes_match_one(tiny_pipeline_path(name), tmp_path, extra)
+def test_two_processes_match_one(tiny_pipeline_path, tmp_path):
+    # image-to-video: the text-to-video path plus the image column (kept to one launch: the suite's time)
+    assert_two_processes_match_one(tiny_pipeline_path(I2V), tmp_path, ["--num_frames", "5", "--conditioning", "image"])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("use_lora", [True], ids=["lora"])  # full: the shared path, tested on FLUX and Wan 2.2
 def test_resume_continues_exactly(use_lora, tiny_pipeline_path, tmp_path):
     settings = dict(max_steps=4, learning_rate=1e-2, save_steps=2, save_strategy="steps", log_samples=False)
     peft = lora_config() if use_lora else None

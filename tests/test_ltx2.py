@@ -176,7 +176,7 @@ def test_lora_round_trip_through_load_lora_weights(tiny_pipeline_path, tmp_path)
         torch.testing.assert_close(loaded[i], trained[i], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("use_lora", [True], ids=["lora"])  # full: the shared path, tested on FLUX and Wan 2.2
 def test_resume_continues_exactly(use_lora, tiny_pipeline_path, tmp_path):
     settings = dict(max_steps=4, learning_rate=1e-2, save_steps=2, save_strategy="steps", num_inference_steps=3)
 

@@ -133,14 +133,14 @@ def test_every_parameter_gets_a_gradient(tiny_pipeline_path, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("guidance_scale", [[], ["--guidance_scale", "3.0"]], ids=["default", "cfg-3"])
-def test_two_processes_match_one(guidance_scale, tiny_pipeline_path, tmp_path):
-    # prompts of different lengths run in groups by length: the groups differ between one process and two
-    assert_two_processes_match_one(tiny_pipeline_path(NAME), tmp_path, guidance_scale)
+def test_two_processes_match_one(tiny_pipeline_path, tmp_path):
+    # prompts of different lengths run in groups by length: the groups differ between one process and two; with CFG
+    # (each branch its own forward), which covers the default's single forward too
+    assert_two_processes_match_one(tiny_pipeline_path(NAME), tmp_path, ["--guidance_scale", "3.0"])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("use_lora", [True], ids=["lora"])  # full: the shared path, tested on FLUX and Wan 2.2
 def test_resume_continues_exactly(use_lora, tiny_pipeline_path, tmp_path):
     settings = dict(max_steps=4, learning_rate=1e-2, save_steps=2, save_strategy="steps", log_samples=False)
     peft = lora_config() if use_lora else None

@@ -152,7 +152,7 @@ def test_two_processes_match_one(tiny_pipeline_path, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("use_lora", [True], ids=["lora"])  # full: the shared path, tested on FLUX and Wan 2.2
 def test_resume_continues_exactly(use_lora, tiny_pipeline_path, tmp_path):
     settings = dict(max_steps=4, learning_rate=1e-2, save_steps=2, save_strategy="steps", log_samples=False)
     peft = lora_config() if use_lora else None
