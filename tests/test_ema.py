@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 from trl_dancegrpo import DanceGRPOConfig
 from trl_dancegrpo.ema import PolicyEMA
 
-from .test_resume import StopAt
+from .test_resume import StopAt, assert_resume_continues_exactly
 from .test_trainer import IMAGE_CALL, lora_config, make_config, make_trainer
 
 
@@ -105,9 +105,8 @@ def test_ema_update_on_a_bfloat16_parameter_keeps_float32():
     assert torch.equal(param.data, torch.full((4,), 3.0, dtype=torch.bfloat16))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("use_lora", [True], ids=["lora"])  # full: test_distributed's FSDP resume (full and LoRA)
-def test_ema_resumes_exactly(use_lora, tiny_pipeline_path, tmp_path):
+@pytest.mark.slow  # with LoRA; full fine-tuning: test_distributed's FSDP resume (full and LoRA)
+def test_ema_resumes_exactly(tiny_pipeline_path, tmp_path):
     path = tiny_pipeline_path("tiny-flux")
     settings = dict(
         max_steps=4,
@@ -119,23 +118,12 @@ def test_ema_resumes_exactly(use_lora, tiny_pipeline_path, tmp_path):
         ema_on_cpu=True,
         log_samples=False,
     )
-
-    def trainer(out):
-        return make_trainer(path, out, peft_config=lora_config() if use_lora else None, **settings)
-
-    straight = trainer(tmp_path / "straight")
-    straight.train()
-
-    first = trainer(tmp_path / "resumed")
-    first.add_callback(StopAt(2))
-    first.train()
+    straight, _, second = assert_resume_continues_exactly(
+        lambda out: make_trainer(path, out, peft_config=lora_config(), **settings), tmp_path
+    )
     checkpoint = tmp_path / "resumed" / "out" / "checkpoint-2"
     assert (checkpoint / "ema_state.safetensors").is_file()
     assert (checkpoint / "ema").is_dir()  # each checkpoint also holds the EMA as loadable weights
-
-    second = trainer(tmp_path / "resumed")
-    second.train(resume_from_checkpoint=True)
-    assert second.state.global_step == 4
     assert second.ema.num_updates == straight.ema.num_updates == 3
     for name, value in straight.ema.shadow.items():
         assert second.ema.shadow[name].device.type == "cpu"

@@ -58,9 +58,10 @@ def test_resume_continues_exactly(use_lora, tiny_pipeline_path, tmp_path):
     assert len(resumed_rewards) == 4
 
 
-def assert_resume_continues_exactly(make, tmp_path, steps: int = 4, stop: int = 2) -> None:
+def assert_resume_continues_exactly(make, tmp_path, steps: int = 4, stop: int = 2):
     """A run stopped at `stop` (a checkpoint there) and resumed ends on the uninterrupted run's weights and rewards.
-    `make(out)` builds the trainer writing into `out`, saving every `stop` steps, `steps` steps in all."""
+    `make(out)` builds the trainer writing into `out`, saving every `stop` steps, `steps` steps in all. Returns the
+    uninterrupted, the stopped and the resumed trainers, for more checks."""
     straight = make(tmp_path / "straight")
     straight.train()
     first = make(tmp_path / "resumed")
@@ -72,6 +73,7 @@ def assert_resume_continues_exactly(make, tmp_path, steps: int = 4, stop: int = 
     assert second.state.global_step == steps
     assert torch.equal(params(second), params(straight))
     assert {**rewards_by_step(first), **rewards_by_step(second)} == rewards_by_step(straight)
+    return straight, first, second
 
 
 @pytest.mark.slow
