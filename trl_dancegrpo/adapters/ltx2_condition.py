@@ -29,6 +29,8 @@ class LTX2ConditionAdapter(LTX2Adapter):
 
     pipeline_class_names = ("LTX2ConditionPipeline",)
     requires_image = True
+    image_call_argument = "conditions=[LTX2VideoCondition(frames=image, index=0)]"
+    image_call_import = "from diffusers.pipelines.ltx2 import LTX2VideoCondition"
     # the H.264 quality the pipeline re-compresses the image at before encoding it (`LTX2VideoCondition.crf`): `None`
     # is the pipeline's default for the checkpoint (33 for LTX-2 and 2.3, 18 for LTX-2.5; it needs PyAV), 0 skips it
     image_crf = None
