@@ -460,10 +460,12 @@ def test_condition_lora_round_trip_and_card(tiny_pipeline_path, tmp_path):
 def test_condition_resume_continues_exactly_with_lora(tiny_pipeline_path, tmp_path):
     from .test_resume import assert_resume_continues_exactly
 
-    settings = dict(max_steps=4, learning_rate=1e-2, save_steps=2, save_strategy="steps", num_inference_steps=3)
+    settings = dict(max_steps=2, learning_rate=1e-2, save_steps=1, save_strategy="steps", num_inference_steps=3)
     assert_resume_continues_exactly(
         lambda out: make_ltx2_trainer(tiny_pipeline_path, out, CONDITION, peft_config=lora_config(), **settings),
         tmp_path,
+        steps=2,
+        stop=1,
     )
 
 
@@ -474,8 +476,15 @@ def test_condition_two_processes_match_one(tiny_pipeline_path, tmp_path):
     assert_two_processes_match_one(tiny_pipeline_path(CONDITION), tmp_path, extra)
 
 
-def test_condition_clear_errors(tiny_pipeline_path, tmp_path, monkeypatch):
+def test_condition_on_the_ltx2_checkpoint_and_clear_errors(tiny_pipeline_path, tmp_path, monkeypatch):
     from datasets import Dataset
+
+    from trl_dancegrpo.adapters import get_adapter_class
+    from trl_dancegrpo.models import resolve_pipeline
+
+    # the recipe's way: the text-to-video checkpoint's modules in LTX2ConditionPipeline (`pipeline_class`)
+    pipeline = resolve_pipeline(tiny_pipeline_path(NAME), "LTX2ConditionPipeline")
+    assert get_adapter_class(pipeline).__name__ == "LTX2ConditionAdapter"
 
     with pytest.raises(ValueError, match="image-to-video: train_dataset needs an 'image' column"):
         make_ltx2_trainer(tiny_pipeline_path, tmp_path, CONDITION, dataset=Dataset.from_dict({"prompt": PROMPTS}))
