@@ -638,6 +638,7 @@ def _settings(run: _Run) -> dict:
         "ema_decay": args.ema_decay,
         "ema_on_cpu": args.ema_on_cpu,
     }
+    settings["sequence_tokens"] = sequence_tokens(run.latents(1), dict(run.denoiser.config))
     if adapter.is_video:
         settings["num_frames"] = adapter.num_frames
     if adapter.has_experts:
