@@ -3,12 +3,13 @@ the peak per process re-derived for context parallelism over N = 1, 2, 4, 8 proc
 as `--context_parallel N` does), with FSDP over 8 processes and both savers (text encoders and reward models
 offloaded).
 
-    python benchmarks/estimate_context_parallel.py > /tmp/rows.md
+    python benchmarks/estimate_context_parallel.py [WORD ...] > /tmp/rows.md   (only the rows whose label has a WORD)
 
 A few minutes of CPU per model (fake tensors at the real size).
 """
 
 import os
+import sys
 import time
 
 from trl_dancegrpo.cli import make_parser
@@ -35,10 +36,13 @@ CARD_GIB = 80
 def main() -> None:
     print(
         "| model, size (tokens per sample) | peak, 1 GPU | FSDP over 8 + both savers: N = 1 | N = 2 | N = 4 | N = 8 | "
-        f"smallest N for {CARD_GIB} GB | estimate took |"
+        f"smallest N for {CARD_GIB} GB (its peak phase) | estimate took |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    only = sys.argv[1:]
     for label, recipe, extra in ROWS:
+        if only and not any(word in label for word in only):
+            continue
         parser = make_parser()
         parser.set_defaults(bf16=True, use_cpu=True, report_to="none")
         parsed = parser.parse_args_and_config(["--config", recipe, "--output_dir", "/tmp/unused", *extra])
@@ -46,10 +50,11 @@ def main() -> None:
         estimate = estimate_memory(*parsed)
         seconds = time.perf_counter() - started
         savers = dict(offload_text_encoders=True, offload_reward_models=True, num_processes=8)
-        peaks = {n: estimate.with_options(context_parallel=n, **savers).peak for n in SIZES}
+        derived = {n: estimate.with_options(context_parallel=n, **savers) for n in SIZES}
+        peaks = {n: derived[n].peak for n in SIZES}
         fitting = [n for n in SIZES if needed_gib(peaks[n]) <= CARD_GIB]
         cells = " | ".join(f"{peaks[n] / 2**30:.1f}" for n in SIZES)
-        smallest = str(fitting[0]) if fitting else f"none up to {SIZES[-1]}"
+        smallest = f"{fitting[0]} ({derived[fitting[0]].peak_phase})" if fitting else f"none up to {SIZES[-1]}"
         print(
             f"| {label} ({estimate.settings['sequence_tokens']:,}) | {estimate.peak / 2**30:.1f} | {cells} | "
             f"{smallest} | {seconds:.0f} s ({estimate.cpu_seconds:.0f} s CPU) |",
