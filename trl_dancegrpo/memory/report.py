@@ -268,14 +268,6 @@ def main(argv: list[str]) -> int:
     if own.num_processes < 1:
         print("trl-dancegrpo estimate-memory: error: --num_processes must be at least 1", file=sys.stderr)
         return 2
-    context_parallel, rest = _context_parallel_size(own.context_parallel, rest)
-    if context_parallel < 1 or (own.num_processes > 1 and own.num_processes % context_parallel):
-        print(
-            f"trl-dancegrpo estimate-memory: error: --context_parallel {context_parallel} must be at least 1 and "
-            f"divide --num_processes {own.num_processes}",
-            file=sys.stderr,
-        )
-        return 2
     from ..arguments import ModelArguments, ScriptArguments, make_parser
     from ..cli_checks import precheck
 
@@ -283,6 +275,14 @@ def main(argv: list[str]) -> int:
         precheck(rest, (ScriptArguments, ModelArguments), check_dataset=False)
     except ValueError as error:
         print(f"trl-dancegrpo estimate-memory: error: {error}", file=sys.stderr)
+        return 2
+    context_parallel, rest = _context_parallel_size(own.context_parallel, rest)
+    if context_parallel < 1 or (own.num_processes > 1 and own.num_processes % context_parallel):
+        print(
+            f"trl-dancegrpo estimate-memory: error: --context_parallel {context_parallel} must be at least 1 and "
+            f"divide --num_processes {own.num_processes}",
+            file=sys.stderr,
+        )
         return 2
     from .estimate import estimate_memory
 
