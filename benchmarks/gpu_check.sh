@@ -24,4 +24,13 @@ timeout 300 python benchmarks/bench_trainer.py --preset flux-dev --device cuda -
 # 5. SDE windows at FLUX.1-dev size: full trajectory vs random 2-step vs sliding 4-step window, s/it side by side
 timeout 300 python benchmarks/bench_sampler.py --preset flux-dev --device cuda --bf16 --lora_rank 128 --size 512 \
       --G 4 --repeats 1 --skip_learning --json benchmarks/bench_sampler_flux_dev.json || echo "bench_sampler FAILED"
+# 6. context parallelism (needs 2 GPUs; skipped on one): 1 GPU vs 2 splitting one sample's sequence, Ulysses and ring
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+  for type in ulysses ring; do
+    timeout 300 python benchmarks/bench_context_parallel.py --device cuda --tokens 16384 --repeats 3 --type $type \
+      || echo "bench_context_parallel $type FAILED"
+  done
+else
+  echo "bench_context_parallel: skipped (one GPU)"
+fi
 cat benchmarks/gpu_check.jsonl

@@ -10,6 +10,7 @@ from .config_checks import (
     AGGREGATIONS,
     SDE_TYPES,
     WINDOW_SCHEDULES,
+    check_context_parallel,
     check_sde_window,
     check_values,
     parse_reward_kwargs,
@@ -115,6 +116,17 @@ class DanceGRPOConfig(TrainingArguments):
         offload_reward_models (`bool`, *optional*, defaults to `False`):
             Keep the model-based rewards (those with `move_to`, such as the built-in ones) on the CPU and move them to
             the GPU only to score. Scores are identical; each scoring pays two copies of the reward model.
+        context_parallel_size (`int`, *optional*, defaults to `1`):
+            Processes that share each sample and split its sequence (its image or video tokens) for the denoiser's
+            forward and backward, through diffusers' context parallelism (`trl_dancegrpo.parallel`). The launched
+            processes form `num_processes / context_parallel_size` data-parallel groups of consecutive ranks; the
+            processes of one group draw the same prompts and noise, and the update equals the one without it. Must
+            divide the number of processes; the denoiser needs a context-parallel plan (FLUX, FLUX.2, Qwen-Image,
+            Wan, LTX-Video...). `1`: off.
+        context_parallel_type (`str`, *optional*, defaults to `"ulysses"`):
+            How attention sees the whole sequence: `"ulysses"` (all-to-all over the heads: the number of attention
+            heads must be a multiple of `context_parallel_size`; runs on CPU and GPU) or `"ring"` (key/value chunks
+            passed around; needs an attention kernel that returns the log-sum-exp: CUDA only).
 
         > Parameters that control the rewards
 
@@ -306,6 +318,13 @@ class DanceGRPOConfig(TrainingArguments):
     offload_reward_models: bool = field(
         default=False, metadata={"help": "Keep reward models on the CPU; move them to the GPU only to score."}
     )
+    context_parallel_size: int = field(
+        default=1,
+        metadata={"help": "Processes that split each sample's sequence (context parallelism); 1 = off."},
+    )
+    context_parallel_type: str = field(
+        default="ulysses", metadata={"help": "Context parallelism: 'ulysses' (all-to-all) or 'ring' (CUDA only)."}
+    )
 
     # Rewards
     reward_weights: list[float] | None = field(
@@ -392,10 +411,14 @@ class DanceGRPOConfig(TrainingArguments):
             self.steps_per_generation = self.gradient_accumulation_steps
         if self.steps_per_generation < 1:
             raise ValueError(f"steps_per_generation must be at least 1, got {self.steps_per_generation}.")
-        generation_batch_size = self.per_device_train_batch_size * self.world_size * self.steps_per_generation
+        check_context_parallel(
+            self.context_parallel_size, self.world_size, self.context_parallel_type, self.device.type
+        )
+        generation_batch_size = self.generation_batch_size
         if generation_batch_size % self.num_generations:
             raise ValueError(
-                f"The global batch of one rollout (num_processes {self.world_size} x per_device_train_batch_size "
+                f"The global batch of one rollout (data-parallel processes {self.data_parallel_size} x "
+                f"per_device_train_batch_size "
                 f"{self.per_device_train_batch_size} x steps_per_generation {self.steps_per_generation} = "
                 f"{generation_batch_size} samples) must be a multiple of num_generations ({self.num_generations}). "
                 "Change per_device_train_batch_size or num_generations."
@@ -433,6 +456,11 @@ class DanceGRPOConfig(TrainingArguments):
             )
 
     @property
+    def data_parallel_size(self) -> int:
+        """Groups of processes that sample different prompts: `world_size / context_parallel_size`."""
+        return self.world_size // self.context_parallel_size
+
+    @property
     def generation_batch_size(self) -> int:
-        """Samples in one rollout, over all processes."""
-        return self.per_device_train_batch_size * self.world_size * self.steps_per_generation
+        """Samples in one rollout, over all processes (the processes of a context-parallel group share theirs)."""
+        return self.per_device_train_batch_size * self.data_parallel_size * self.steps_per_generation

@@ -17,6 +17,7 @@ import warnings
 AGGREGATIONS = ("normalize_then_sum", "sum_then_normalize")
 SDE_TYPES = ("dancegrpo", "flow_grpo", "cps")
 WINDOW_SCHEDULES = ("random", "sliding")
+CONTEXT_PARALLEL_TYPES = ("ulysses", "ring")
 
 
 def parse_reward_kwargs(value) -> dict[str, dict] | None:
@@ -82,6 +83,15 @@ def check_values(args) -> None:
         raise ValueError(
             f"num_inference_steps must be at least 2, got {args.num_inference_steps}: the last step is "
             "deterministic (the clean image), so one step leaves nothing to train."
+        )
+    if args.context_parallel_size < 1:
+        raise ValueError(
+            f"context_parallel_size must be at least 1 (got {args.context_parallel_size}); 1 turns context "
+            "parallelism off."
+        )
+    if args.context_parallel_type not in CONTEXT_PARALLEL_TYPES:
+        raise ValueError(
+            f"context_parallel_type must be one of {CONTEXT_PARALLEL_TYPES}, got {args.context_parallel_type!r}."
         )
     if args.sde_type not in SDE_TYPES:
         raise ValueError(f"sde_type must be one of {SDE_TYPES}, got {args.sde_type!r}.")
@@ -265,3 +275,18 @@ def check_image_column(dataset, name: str, adapter) -> None:
         for i, path in enumerate(column.to_pylist()):
             if not os.path.isfile(path):
                 raise ValueError(f"Row {i} of {name}: the {key} file {path!r} does not exist.")
+
+
+def check_context_parallel(size: int, world_size: int, kind: str, device_type: str) -> None:
+    """The launched processes must split into whole context-parallel groups; ring attention needs CUDA."""
+    if size > 1 and kind == "ring" and device_type == "cpu":
+        raise ValueError(
+            "context_parallel_type='ring' needs an attention kernel that returns the log-sum-exp, which diffusers has "
+            "on CUDA only (its native CPU attention returns none): use context_parallel_type='ulysses' on the CPU."
+        )
+    if world_size % size:
+        raise ValueError(
+            f"context_parallel_size ({size}) must divide the number of processes ({world_size}): each group of "
+            f"{size} consecutive processes shares its samples. Launch a multiple of {size} processes or change "
+            "context_parallel_size."
+        )

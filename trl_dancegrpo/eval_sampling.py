@@ -50,14 +50,17 @@ def sample_and_score(
     `per_device_eval_batch_size`, and the rewards are gathered. A collective: every process calls it.
     """
     import torch
-    from accelerate.utils import gather
     from tqdm.auto import tqdm
+
+    from .parallel import DataParallelLayout
 
     accelerator = trainer.accelerator
     seed = trainer.args.seed if seed is None else seed
     samples = [row for row in rows for _ in range(num_images_per_prompt)]
     total = len(samples)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    # a context-parallel group samples together: the samples split over the data-parallel groups
+    layout = getattr(trainer, "data_parallel", None) or DataParallelLayout(accelerator)
+    rank, world = layout.rank, layout.size
     per_process = math.ceil(total / world)
     start = rank * per_process
     local = [samples[i % total] for i in range(start, start + per_process)]
@@ -82,10 +85,10 @@ def sample_and_score(
         bar.update(min(len(part) * world, total - bar.n))
     bar.close()
     device = accelerator.device
-    gathered = gather(torch.cat(rewards).to(device)).cpu()[:total]
+    gathered = layout.gather(torch.cat(rewards).to(device)).cpu()[:total]
     gathered_thumbnails = None
     if thumbnail_size is not None:
-        gathered_thumbnails = gather(torch.cat(thumbnails).to(device)).cpu()[:total]
+        gathered_thumbnails = layout.gather(torch.cat(thumbnails).to(device)).cpu()[:total]
     return EvalSamples(gathered, gathered_thumbnails, first_sample)
 
 

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from accelerate.utils import gather
 from diffusers.configuration_utils import FrozenDict
 from transformers import Trainer, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
@@ -48,6 +47,7 @@ from .objectives import (  # noqa: F401  (compute_advantages, best_of_n_indices:
     policy_metrics,
     rollout_metrics,
 )
+from .parallel import GroupRepeatSampler, check_context_parallel_support, setup_context_parallel
 from .rewards.scoring import RewardScorer, resolve_reward_funcs
 from .rollout import TrajectorySampler, denoise, index_conditioning, mix_seed, sample_slices, split_batch
 from .sharding import save_denoiser_state_dict
@@ -159,6 +159,7 @@ class DanceGRPOTrainer(Trainer):
         self.adapter: PipelineAdapter = make_adapter(self.pipeline, args)
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             check_image_column(dataset, name, self.adapter)
+        check_context_parallel_support(self.adapter, args)
         self.sampler = TrajectorySampler(
             self.adapter,
             eta=args.eta if args.eta is not None else self.adapter.eta_for(args.sde_type),
@@ -209,6 +210,8 @@ class DanceGRPOTrainer(Trainer):
             import copy
 
             self.ref_denoiser = copy.deepcopy(self.model).requires_grad_(False).eval()
+        # the processes of one context-parallel group share samples (parallel.py); the copy above has no hooks yet
+        self.data_parallel = setup_context_parallel(self, [self.model, self.ref_denoiser])
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._micro_step = 0
         self._buffered_inputs = None
@@ -241,7 +244,7 @@ class DanceGRPOTrainer(Trainer):
         # Each prompt appears num_generations times in a row, and each generation batch is repeated for all the
         # micro-steps that consume it (TRL's GRPO scheme); groups may straddle processes.
         args = self.args
-        return PromptSampler(
+        sampler = PromptSampler(
             data_source=dataset if dataset is not None else self.train_dataset,
             mini_repeat_count=args.num_generations,
             batch_size=args.generation_batch_size // args.num_generations,
@@ -249,6 +252,8 @@ class DanceGRPOTrainer(Trainer):
             shuffle=args.shuffle_dataset,
             seed=args.seed,
         )
+        block = self._train_batch_size * args.steps_per_generation  # one dataloader batch, for one context group
+        return GroupRepeatSampler.wrap(sampler, block, args.context_parallel_size)
 
     def get_train_dataloader(self):
         if self.train_dataset is None:
@@ -294,7 +299,7 @@ class DanceGRPOTrainer(Trainer):
             self.denoiser,
             cond,
             negative,
-            first=self.accelerator.process_index * len(prompts) if first is None else first,
+            first=self.data_parallel.rank * len(prompts) if first is None else first,
             seed=seed,
             parts=sample_slices(len(prompts), self.args.per_device_eval_batch_size, self.args.rollout_batch_size),
             eta=eta,
@@ -326,7 +331,7 @@ class DanceGRPOTrainer(Trainer):
         args, device = self.args, self.accelerator.device
         prompts = [row["prompt"] for row in inputs]
         seed = mix_seed(args.seed, self._micro_step)  # a new seed per rollout, reproducible from the step
-        first = self.accelerator.process_index * len(prompts)
+        first = self.data_parallel.rank * len(prompts)
         self.model.eval()
         cond, negative = self._conditioning(prompts, [row.get(self.adapter.conditioning_column) for row in inputs])
         # The rollout goes part by part, each part exactly one slice of the loss (so the ratio starts at 1). With
@@ -372,8 +377,8 @@ class DanceGRPOTrainer(Trainer):
                 executor.shutdown(wait=True)
         # a None is "not applicable" to that reward; a NaN score means the sample failed: it is skipped and counted
         failed_local = (torch.isnan(local) & ~not_applicable).any(dim=1)
-        rewards = gather(local.to(device)).cpu()
-        failed = gather(failed_local.to(device)).cpu()
+        rewards = self.data_parallel.gather(local.to(device)).cpu()
+        failed = self.data_parallel.gather(failed_local.to(device)).cpu()
         if rewards.shape[0] % args.num_generations:
             raise RuntimeError("The gathered batch is not made of whole groups; this is a bug, please report it.")
         if failed.all():
@@ -508,7 +513,7 @@ class DanceGRPOTrainer(Trainer):
                 sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
                 with sync:
                     loss = self._step_loss(model, chunk, s, j, stats) * scale
-                    self.accelerator.backward(loss)
+                    self.accelerator.backward(loss * self.data_parallel.grad_scale)
                 total_loss += loss.detach()
         for key, value in policy_metrics(stats).items():
             self._metrics["train"][key].append(value)

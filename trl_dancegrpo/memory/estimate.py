@@ -76,6 +76,15 @@ class MemoryEstimate:
         gathered = 2 * p["largest_block_compute"] if shards > 1 else 0
         activations = p["activations"] - (p["autocast_weight_casts"] if shards > 1 else 0)
         rollout_forward = p["rollout_forward"] - (p["rollout_autocast_weight_casts"] if shards > 1 else 0)
+        # Context parallelism over `n` processes: each holds 1/n of every sequence-sized activation (the tokens it
+        # owns; Ulysses' attention holds all tokens of 1/n of the heads, the same size), plus the communication
+        # buffers: the all-to-all send and receive copies of one attention's q, k, v (one layer at a time) and the
+        # gathered whole prediction (and, in training, its gradient). Weights, the trajectory buffer and the decode
+        # are per process as without it (a group's processes all hold their samples).
+        n = o.get("context_parallel", 1)
+        if n > 1:
+            activations = activations // n + 2 * p["attention_qkv_train"] // n + 2 * p["prediction_train"]
+            rollout_forward = rollout_forward // n + 2 * p["attention_qkv_rollout"] // n + p["prediction_rollout"]
         return {
             "denoiser_weights": p["frozen_denoiser"] // shards + gathered,
             "trainable_weights": p["trainable"] // shards,
@@ -489,8 +498,11 @@ class _Flops:
         return counting()
 
 
-def estimate_memory(script_args, args, model_args, num_processes: int = 1) -> MemoryEstimate:
-    """Run the fake-tensor estimate of one training process of the recipe given by the three parsed argument sets."""
+def estimate_memory(
+    script_args, args, model_args, num_processes: int = 1, context_parallel: int = 1
+) -> MemoryEstimate:
+    """Run the fake-tensor estimate of one training process of the recipe given by the three parsed argument sets
+    (`context_parallel`: processes splitting each sample's sequence, see `MemoryEstimate.breakdown`)."""
     from .fake import LiveMemory, RealValues, cuda_autocast_policy, flash_attention
 
     started, started_cpu = time.perf_counter(), time.process_time()
@@ -539,10 +551,13 @@ def estimate_memory(script_args, args, model_args, num_processes: int = 1) -> Me
         "trajectory_buffer": trajectory,
         "conditioning": cond_bytes,
         "images": image_bytes,
+        **_sequence_parts(run),
     }
     options = {
         "fsdp": not adapter.has_experts,  # two experts train under DDP only (the trainer refuses FSDP for them)
         "num_processes": num_processes,
+        "context_parallel": context_parallel,
+        "context_parallel_plan": _has_context_parallel_plan(run.adapter),
         "offload_text_encoders": args.offload_text_encoders,
         "offload_reward_models": args.offload_reward_models,
         "ema": args.ema_decay is not None,
@@ -556,6 +571,42 @@ def estimate_memory(script_args, args, model_args, num_processes: int = 1) -> Me
     estimate.seconds = time.perf_counter() - started
     estimate.cpu_seconds = time.process_time() - started_cpu
     return estimate
+
+
+def _has_context_parallel_plan(adapter) -> bool:
+    from ..parallel import context_parallel_plan
+
+    return context_parallel_plan(adapter) is not None
+
+
+def sequence_tokens(latents: torch.Tensor, denoiser_config) -> int:
+    """Tokens of one sample's sequence in the denoiser: packed latents `(1, S, C)` hold them as rows; otherwise the
+    latent's elements over the channels and the patch (`patch_size`, and `patch_size_t` for video)."""
+    if latents.dim() == 3:
+        return latents.shape[1]
+    patch = denoiser_config.get("patch_size", 1) or 1
+    patch_volume = math.prod(patch) if isinstance(patch, (list, tuple)) else patch**2
+    patch_volume *= denoiser_config.get("patch_size_t", 1) or 1
+    channels = latents.shape[1]
+    return math.ceil(latents.numel() / (channels * patch_volume))
+
+
+def _sequence_parts(run: _Run) -> dict[str, int]:
+    """Bytes of the whole sequence's q, k, v of one attention and of the whole prediction, per rollout and training
+    forward (rows doubled with CFG): what context parallelism communicates (see `MemoryEstimate.breakdown`)."""
+    config = dict(run.denoiser.config)
+    latents = run.latents(1)
+    inner = (config.get("num_attention_heads") or 0) * (config.get("attention_head_dim") or 0)
+    element = torch.tensor([], dtype=run.weight_dtype).element_size()
+    per_row_qkv = 3 * sequence_tokens(latents, config) * inner * element
+    per_row_prediction = latents.numel() * element
+    rows = 2 if run.adapter.use_cfg else 1
+    return {
+        "attention_qkv_rollout": rows * run.rollout_slice_size * per_row_qkv,
+        "attention_qkv_train": rows * run.slice_size * per_row_qkv,
+        "prediction_rollout": rows * run.rollout_slice_size * per_row_prediction,
+        "prediction_train": rows * run.slice_size * per_row_prediction,
+    }
 
 
 def _blocks(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
@@ -587,6 +638,7 @@ def _settings(run: _Run) -> dict:
         "ema_decay": args.ema_decay,
         "ema_on_cpu": args.ema_on_cpu,
     }
+    settings["sequence_tokens"] = sequence_tokens(run.latents(1), dict(run.denoiser.config))
     if adapter.is_video:
         settings["num_frames"] = adapter.num_frames
     if adapter.has_experts:

@@ -88,6 +88,14 @@ def changes_for_target(estimate: "MemoryEstimate", target_gib: float) -> list[tu
             if savers:
                 label += " with " + " + ".join(labels.values())
             candidates.append((label, sharded.peak))
+    for size in (2, 4, 8) if options.get("context_parallel_plan") and options.get("fsdp", True) else ():
+        if size > options.get("context_parallel", 1):
+            processes = max(size, options["num_processes"])
+            split = estimate.with_options(num_processes=processes, context_parallel=size, **savers)
+            label = f"--context_parallel_size {size} with FSDP over {processes} processes"
+            if savers:
+                label += " with " + " + ".join(labels.values())
+            candidates.append((label, split.peak))
     fits = [(label, peak) for label, peak in candidates if needed_gib(peak) <= target_gib]
     advice = []
     if not settings["gradient_checkpointing"]:
@@ -130,6 +138,7 @@ def to_json(estimate: "MemoryEstimate", gpu: str | None = None, target_gib: floa
         "model": estimate.model,
         "per_process": True,
         "num_processes": estimate.options["num_processes"],
+        "context_parallel": estimate.options.get("context_parallel", 1),
         "peak_gib": gib(estimate.peak),
         "peak_phase": estimate.peak_phase,
         "training_step_peak_gib": gib(estimate.training_step_peak),
@@ -163,13 +172,15 @@ def format_report(estimate: "MemoryEstimate", target_gib: float | None = None, g
     s, b = estimate.settings, estimate.breakdown
     size = f"{s['height']}x{s['width']}" + (f"x{s['num_frames']}" if "num_frames" in s else "")
     processes = estimate.options["num_processes"]
+    context_parallel = estimate.options.get("context_parallel", 1)
     lines = [
         f"estimate-memory: {estimate.model} ({s['pipeline']}; config: {s['config_source']})",
         f"  {size}, {s['dtype']}, {s['lora']}, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, "
         f"{s['per_device_train_batch_size']} samples per process, {s['rollout_batch_size']} per rollout forward, "
         f"{s['training_slice']} per training forward{' (x2 with CFG)' if s['cfg'] else ''}, "
         f"{s['num_inference_steps']} steps ({s['trained_steps_per_sample']} trained per sample)",
-        f"  per process{f', denoiser sharded by FSDP over {processes} processes' if processes > 1 else ''}; "
+        f"  per process{f', denoiser sharded by FSDP over {processes} processes' if processes > 1 else ''}"
+        f"{f', each sequence split over {context_parallel} (context parallel)' if context_parallel > 1 else ''}; "
         f"rewards: {', '.join(s['reward_funcs'])}",
     ]
     if "trained_experts" in s:
@@ -226,12 +237,13 @@ def _own_options(argv: list[str]):
     parser.add_argument("--json", dest="json_path", default=None)
     parser.add_argument("--target_gib", type=float, default=None)
     parser.add_argument("--num_processes", type=int, default=1)
+    parser.add_argument("--context_parallel", type=int, default=None)
     parser.add_argument("--gpu", choices=sorted(GPUS), default=None)
     return parser.parse_known_args(argv)
 
 
 HELP = """usage: trl-dancegrpo estimate-memory --config RECIPE.yaml [training options] [--json OUT] [--target_gib N]
-                                      [--num_processes N] [--gpu h100|h200|a100|l40s|4090]
+                                      [--num_processes N] [--context_parallel N] [--gpu h100|h200|a100|l40s|4090]
 
 Peak GPU memory per process of a DanceGRPO run, from one run of the trainer's own code (prompt encoding, a rollout
 slice, VAE decode, a training slice with backward, an optimizer step) at the real size on fake tensors: offline, on a
@@ -241,6 +253,8 @@ CPU, without weights. Every training option is accepted, exactly as for training
   --target_gib N      list the changes after which the run fits N GiB with the overheads the verdicts count
                       (without it, changes are listed when the run fits none of the cards)
   --num_processes N   FSDP processes the denoiser is sharded over (1: no sharding; DDP keeps everything per process)
+  --context_parallel N  processes that split each sample's sequence (default: the recipe's context_parallel_size);
+                      activations and sequence-sized buffers are divided by N, its communication buffers counted
   --gpu NAME          a lower bound on seconds per iteration on that GPU (from the FLOPs of the same run)
 """
 
@@ -262,6 +276,14 @@ def main(argv: list[str]) -> int:
     except ValueError as error:
         print(f"trl-dancegrpo estimate-memory: error: {error}", file=sys.stderr)
         return 2
+    context_parallel, rest = _context_parallel_size(own.context_parallel, rest)
+    if context_parallel < 1 or (own.num_processes > 1 and own.num_processes % context_parallel):
+        print(
+            f"trl-dancegrpo estimate-memory: error: --context_parallel {context_parallel} must be at least 1 and "
+            f"divide --num_processes {own.num_processes}",
+            file=sys.stderr,
+        )
+        return 2
     from .estimate import estimate_memory
 
     parser = make_parser()
@@ -275,7 +297,9 @@ def main(argv: list[str]) -> int:
     if model_args.model_name_or_path is None:
         parser.error("--model_name_or_path is required (on the command line or in the --config recipe).")
     try:
-        estimate = estimate_memory(script_args, training_args, model_args, num_processes=own.num_processes)
+        estimate = estimate_memory(
+            script_args, training_args, model_args, num_processes=own.num_processes, context_parallel=context_parallel
+        )
     except ValueError as error:
         parser.error(str(error).splitlines()[0])
     print(format_report(estimate, own.target_gib, own.gpu))
@@ -283,3 +307,20 @@ def main(argv: list[str]) -> int:
         with open(own.json_path, "w", encoding="utf-8") as handle:
             json.dump(to_json(estimate, own.gpu, own.target_gib), handle, indent=1)
     return 0
+
+
+def _context_parallel_size(option: int | None, rest: list[str]) -> tuple[int, list[str]]:
+    """`--context_parallel`, else the training option `context_parallel_size` (command line, then the recipe); the
+    training options then parse with 1: this one process estimates one process of the group, and the config's check
+    that the launched processes divide into groups does not apply here."""
+    import yaml
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--context_parallel_size", type=int, default=None)
+    parser.add_argument("--config", default=None)
+    known, _ = parser.parse_known_args(rest)
+    size = option or known.context_parallel_size
+    if size is None and known.config:
+        with open(known.config, encoding="utf-8") as handle:
+            size = (yaml.safe_load(handle) or {}).get("context_parallel_size")
+    return int(size or 1), [*rest, "--context_parallel_size", "1"]
