@@ -141,6 +141,24 @@ def test_refusals(tiny_pipeline_path, tmp_path):
 
 
 @pytest.mark.slow
+def test_estimate_memory_counts_the_stored_means(tiny_pipeline_path):
+    """GRPO-Guard keeps one more float32 latent per step and sample in the trajectory buffer."""
+    from diffusers import DiffusionPipeline
+
+    from trl_dancegrpo.memory import estimate_memory
+
+    from .test_estimate_memory import parse
+
+    path = tiny_pipeline_path("tiny-flux")
+    guard = estimate_memory(*parse(["--model_name_or_path", path, "--algorithm", "grpo_guard"]))
+    pipeline = DiffusionPipeline.from_pretrained(path)
+    side = 32 // pipeline.vae_scale_factor  # the unpacked latent is (in_channels / 4, side, side), float32
+    latent = side * side * pipeline.transformer.config.in_channels // 4
+    # 4 samples x (5 latents of the 4-step trajectory + 4 means + 4 float32 log-probs); GRPO: without the means
+    assert guard.parts["trajectory_buffer"] == 4 * ((latent * 4) * (5 + 4) + 4 * 4)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3", "tiny-wan"])
 @pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
 def test_train(name, use_lora, tiny_pipeline_path, tmp_path):
