@@ -7,7 +7,7 @@ and has a step-dependent spread: with `d = mu_theta - mu_old` and `x' - mu_old =
     log-ratio = mean(d * z) / s - mean(d**2) / (2 s**2)
 
 so its mean sits below 0 (the ratio below 1, where the clip never stops a positive-advantage sample) and its scale
-grows as `1 / s`, which differs by orders of magnitude across steps. GRPO-Guard's two changes:
+grows as `1 / s`, which differs widely across steps. GRPO-Guard's two changes:
 
 1. RatioNorm: the quadratic term is added back and the result multiplied by `s`, which leaves
 
@@ -36,13 +36,15 @@ The rollout keeps the mean `mu_old` of every transition (`Trajectory.means`, one
 
 import torch
 
+from ..adapters.base import FlowMatchAdapter
+
 
 ALGORITHM = "grpo_guard"  # config_checks refuses the sde_types it does not apply to (GUARD_SDE_TYPES there)
 
 
 def check_adapter(adapter) -> None:
     """Refuse model families GRPO-Guard does not apply to (construction time: the family is known)."""
-    if not hasattr(adapter, "sigmas"):  # the DDIM families (Stable Diffusion) have timesteps, no flow sigma grid
+    if not isinstance(adapter, FlowMatchAdapter):  # the DDIM families (Stable Diffusion): timesteps, no sigma grid
         raise ValueError(
             f"algorithm='grpo_guard' is for flow-matching models (FLUX, SD3, Wan, ...); {type(adapter.pipeline).__name__}"
             " is a diffusion model sampled with DDIM, whose steps have no flow time step dt for GRPO-Guard's "
