@@ -119,6 +119,13 @@ def test_ratio_is_exactly_one_on_policy(tiny_pipeline_path, tmp_path):
     assert trainer._buffered_inputs[0]["means"].shape == trainer._buffered_inputs[0]["latents"][:, 1:].shape
 
     best = make_trainer(path, tmp_path / "best", best_of_n=2, rollout_batch_size=2, max_steps=1, **guard)
+    # best-of-n's re-scoring (TrajectorySampler.rescore) rewrites the trained steps' means, not only their log-probs
+    batch = best._generate_and_score([{"prompt": p} for p in ["a cat"] * 4 + ["a dog"] * 4])
+    rows = torch.arange(batch["train_steps"].shape[0]).unsqueeze(1)
+    kept = batch["means"][rows, batch["train_steps"]].clone()
+    batch["means"][rows, batch["train_steps"]] = 0
+    best.sampler.rescore(best.model, batch, best.args.rollout_batch_size)
+    torch.testing.assert_close(batch["means"][rows, batch["train_steps"]], kept)
     best.train()
     assert ratio_logs(best) == [(1.0, 1.0, 0.0)]
 
