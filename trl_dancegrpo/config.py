@@ -8,6 +8,7 @@ from transformers import TrainingArguments
 
 from .config_checks import (
     AGGREGATIONS,
+    ALGORITHMS,
     SDE_TYPES,
     WINDOW_SCHEDULES,
     check_context_parallel,
@@ -17,7 +18,7 @@ from .config_checks import (
 )
 
 
-__all__ = ["AGGREGATIONS", "SDE_TYPES", "WINDOW_SCHEDULES", "DanceGRPOConfig"]
+__all__ = ["AGGREGATIONS", "ALGORITHMS", "SDE_TYPES", "WINDOW_SCHEDULES", "DanceGRPOConfig"]
 
 
 # `repr=False`: the dataclass-generated `__repr__` would print `hub_token`; TrainingArguments' own masks it.
@@ -159,6 +160,18 @@ class DanceGRPOConfig(TrainingArguments):
 
         > Parameters that control the loss
 
+        algorithm (`str`, *optional*, defaults to `"grpo"`):
+            The training objective. `"grpo"`: the PPO-clip loss of DanceGRPO and Flow-GRPO on the stored
+            transitions' log-probs. `"grpo_guard"`: GRPO-Guard (arXiv 2510.22319), the same loss on a normalized
+            ratio, centred on 1 at every step (the rollout then keeps each transition's mean: one more latent per step
+            and sample), with each step's loss weighted by `1 / (sigma - sigma_next)`; flow models with `sde_type`
+            `"dancegrpo"` or `"flow_grpo"` only (see `trl_dancegrpo/algorithms/grpo_guard.py`). Its normalized ratio
+            moves about `std` times less than GRPO's for the same update, so it wants a smaller `epsilon` (verl-omni's
+            GRPO-Guard docs suggest `2e-6`).
+        guard_gradient_reweighting (`bool`, *optional*, defaults to `True`):
+            With `algorithm="grpo_guard"`, weight each step's loss by `1 / (sigma - sigma_next)` (the paper's gradient
+            reweighting, in Flow-Factory's and verl-omni's implementations); `False` keeps only the ratio
+            normalization.
         timestep_fraction (`float`, *optional*, defaults to `0.6`):
             Fraction tau of the stochastic steps trained on. Without a window each sample trains on a random subset of
             `int(tau * (T - 1))` (at least one) of the first `T - 1` steps, as DanceGRPO's code; with `1.0` exactly
@@ -353,6 +366,13 @@ class DanceGRPOConfig(TrainingArguments):
     )
 
     # Loss
+    algorithm: str = field(
+        default="grpo",
+        metadata={"help": "Training objective: grpo or grpo_guard (GRPO-Guard).", "choices": list(ALGORITHMS)},
+    )
+    guard_gradient_reweighting: bool = field(
+        default=True, metadata={"help": "GRPO-Guard: weight each step's loss by 1 / (sigma - sigma_next)."}
+    )
     timestep_fraction: float = field(
         default=0.6, metadata={"help": "Fraction of the sampler steps trained on per sample, in (0, 1]."}
     )

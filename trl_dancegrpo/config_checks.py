@@ -15,6 +15,8 @@ import warnings
 
 
 AGGREGATIONS = ("normalize_then_sum", "sum_then_normalize")
+ALGORITHMS = ("grpo", "grpo_guard")
+GUARD_SDE_TYPES = ("dancegrpo", "flow_grpo")  # the steps GRPO-Guard applies to (see algorithms/grpo_guard.py)
 SDE_TYPES = ("dancegrpo", "flow_grpo", "cps")
 WINDOW_SCHEDULES = ("random", "sliding")
 CONTEXT_PARALLEL_TYPES = ("ulysses", "ring")
@@ -95,6 +97,15 @@ def check_values(args) -> None:
         )
     if args.sde_type not in SDE_TYPES:
         raise ValueError(f"sde_type must be one of {SDE_TYPES}, got {args.sde_type!r}.")
+    if args.algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {args.algorithm!r}.")
+    if args.algorithm == "grpo_guard" and args.sde_type not in GUARD_SDE_TYPES:
+        raise ValueError(
+            f"algorithm='grpo_guard' is defined for the flow SDE step (sde_type in {list(GUARD_SDE_TYPES)}), got "
+            f"sde_type={args.sde_type!r}: CPS's noise level does not scale with sqrt(-dt), so GRPO-Guard's ratio "
+            "normalization and 1/dt reweighting do not hold for it. Use sde_type='flow_grpo' (the paper's) or "
+            "'dancegrpo', or algorithm='grpo' with CPS."
+        )
     if args.eta is not None and args.eta <= 0:
         raise ValueError(
             f"eta must be > 0 or None (got {args.eta}): with a deterministic sampler the transitions have no log-prob."

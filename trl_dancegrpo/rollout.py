@@ -44,6 +44,8 @@ class Trajectory:
         train_steps (`torch.Tensor`, *optional*): `[N, J]`, the steps of each sample that are trained on.
         extras (`dict`): What the adapter decodes besides the images (`decode_extras`; LTX-2: `audio` `[N, C, S]`
             and `audio_sample_rate`), for the rewards; empty for most families.
+        means (`torch.Tensor`, *optional*): `[N, T, *latent_shape]` float32, the mean of each transition (of a
+            deterministic step: its result), kept when sampled with `keep_means` (GRPO-Guard's ratio needs them).
     """
 
     latents: torch.Tensor
@@ -51,6 +53,7 @@ class Trajectory:
     window: range | None = None
     train_steps: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
+    means: torch.Tensor | None = None
 
     @property
     def final_latents(self) -> torch.Tensor:
@@ -63,7 +66,8 @@ class Trajectory:
             for key, value in trajectories[0].extras.items()
         }
         latents, log_probs = (torch.cat([getattr(t, name) for t in trajectories]) for name in ("latents", "log_probs"))
-        return cls(latents, log_probs, extras=extras)
+        means = torch.cat([t.means for t in trajectories]) if trajectories[0].means is not None else None
+        return cls(latents, log_probs, extras=extras, means=means)
 
 
 def sample_slices(num_samples: int, micro_batch_size: int, rollout_batch_size: int | None) -> list[slice]:
@@ -169,6 +173,23 @@ class TrajectorySampler:
         step = self.adapter.step(output, x_t, step_index, self.eta, prev_sample=x_next)
         return step, rows, step_index, x_t, cond
 
+    @torch.no_grad()
+    def rescore(self, denoiser, chunk: dict, rollout_batch_size: int | None, autocast=contextlib.nullcontext) -> None:
+        """Recompute, in place, the old log-probs (and `means`, if kept) of the trained steps of `chunk` in exactly the
+        loss's batches (no gradient).
+
+        Best-of-n drops samples after the rollout, so the kept ones were sampled in other batch compositions than the
+        loss re-scores them in, and batched kernels (bf16 GPU ones especially) differ with the batch: the ratio would
+        start away from 1 and the tiny clip range would clip it. One extra forward per trained step fixes it exactly.
+        """
+        num_samples, num_steps = chunk["train_steps"].shape
+        for s in sample_slices(num_samples, num_samples, rollout_batch_size):
+            for j in range(num_steps):
+                step, rows, step_index, _, _ = self.recompute_transition(denoiser, chunk, s, j, autocast)
+                chunk["log_probs"][s][rows, step_index] = step.log_prob
+                if "means" in chunk:
+                    chunk["means"][s][rows, step_index] = step.prev_sample_mean
+
     # -- which steps --------------------------------------------------------------------------------------------------
     def window(self, seed: int, step: int) -> range:
         """The stochastic, trainable steps of the rollout made at optimizer step `step`.
@@ -258,6 +279,7 @@ class TrajectorySampler:
         share_prefix: bool = True,
         autocast: Callable | None = None,
         on_part: Callable[..., None] | None = None,
+        keep_means: bool = False,
     ) -> Trajectory:
         """Sample and decode the trajectories of the samples `first, first + 1, ...` of the global batch.
 
@@ -275,6 +297,7 @@ class TrajectorySampler:
             share_prefix (`bool`): Run the deterministic steps before the first stochastic one once per group, in
                 batches of at most the largest part (identical results; `False` runs them per sample).
             autocast (`Callable`, *optional*): A context-manager factory (mixed precision) for the forwards and decoding.
+            keep_means (`bool`): Keep the mean of every transition in `Trajectory.means` (GRPO-Guard).
         """
         step_eta = self.step_eta(
             range(0, self.num_steps - 1) if window is None else window, self.eta if eta is None else eta
@@ -296,6 +319,8 @@ class TrajectorySampler:
         trajectories = []
         for part in parts:
             part_latents, part_log_probs = [x[part] for x in latents], [zeros[part]] * start
+            # a shared prefix's deterministic steps: their means are their results
+            part_means = [x.float() for x in part_latents[1:]] if keep_means else []
             part_cond = index_conditioning(cond, part)
             with autocast():
                 for i in range(start, self.num_steps):
@@ -304,10 +329,15 @@ class TrajectorySampler:
                     )
                     part_latents.append(step.prev_sample)
                     part_log_probs.append(step.log_prob)
+                    if keep_means:
+                        part_means.append(step.prev_sample_mean)
                 images = self.adapter.decode(part_latents[-1])
                 extras = self.adapter.decode_extras(part_latents[-1])
+            means = torch.stack(part_means, dim=1) if keep_means else None
             trajectories.append(
-                Trajectory(torch.stack(part_latents, dim=1), torch.stack(part_log_probs, dim=1), extras=extras)
+                Trajectory(
+                    torch.stack(part_latents, dim=1), torch.stack(part_log_probs, dim=1), extras=extras, means=means
+                )
             )
             if on_part is not None:
                 on_part(part, images, **extras)

@@ -24,6 +24,7 @@ from trl.trainer.utils import RepeatSampler
 
 from . import checkpoints
 from .adapters import PipelineAdapter
+from .algorithms import grpo_guard
 from .config import DanceGRPOConfig
 from .config_checks import check_dataset, check_image_column, check_reward_weights_count
 from .ema import EMA_FOLDER, EMACallback, ema_state_name
@@ -363,6 +364,7 @@ class DanceGRPOTrainer(Trainer):
                 group_size=args.num_generations if args.init_same_noise else 1,
                 autocast=self.accelerator.autocast,
                 on_part=on_part,
+                keep_means=args.algorithm == grpo_guard.ALGORITHM,
             )
             rollout_time = time.perf_counter() - start  # sampling and decoding; with overlap, scoring runs meanwhile
             start = time.perf_counter()
@@ -405,6 +407,8 @@ class DanceGRPOTrainer(Trainer):
             "cond": cond,
             "negative_cond": negative,
         }
+        if trajectory.means is not None:  # GRPO-Guard: the transition means
+            batch["means"] = trajectory.means
         if args.best_of_n:
             keep = best_of_n_indices(advantages[process_slice], args.num_generations, args.best_of_n).to(device)
             batch = {key: value[keep] if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
@@ -447,8 +451,8 @@ class DanceGRPOTrainer(Trainer):
             batch = self._generate_and_score(inputs)
             self._buffered_inputs = split_batch(batch, args.steps_per_generation)
             if args.best_of_n:  # the kept samples were sampled in other batches than the loss will see them in
-                for buffered in self._buffered_inputs:
-                    self._recompute_old_log_probs(model, buffered)
+                for buffered in self._buffered_inputs:  # see TrajectorySampler.rescore
+                    self.sampler.rescore(model, buffered, args.rollout_batch_size, self.accelerator.autocast)
         chunk = self._buffered_inputs[self._micro_step % args.steps_per_generation]
         self._micro_step += 1
         start = time.perf_counter()
@@ -479,22 +483,6 @@ class DanceGRPOTrainer(Trainer):
             return None
         return self._buffered_inputs
 
-    @torch.no_grad()
-    def _recompute_old_log_probs(self, model, chunk: dict) -> None:
-        """Recompute, in place, the old log-probs of the trained steps in exactly the loss's batches (no gradient).
-
-        Best-of-n drops samples after the rollout, so the kept ones were sampled in other batch compositions than the
-        loss re-scores them in, and batched kernels (bf16 GPU ones especially) differ with the batch: the ratio would
-        start away from 1 and the tiny clip range would clip it. One extra forward per trained step fixes it exactly.
-        """
-        num_samples, num_steps = chunk["train_steps"].shape
-        for s in sample_slices(num_samples, num_samples, self.args.rollout_batch_size):
-            for j in range(num_steps):
-                step, rows, step_index, _, _ = self.sampler.recompute_transition(
-                    model, chunk, s, j, self.accelerator.autocast
-                )
-                chunk["log_probs"][s][rows, step_index] = step.log_prob
-
     def _policy_step(self, model, chunk: dict) -> torch.Tensor:
         """PPO-clip loss on the chosen steps of each sample, one backward per (step, slice): memory stays flat."""
         args = self.args
@@ -524,9 +512,12 @@ class DanceGRPOTrainer(Trainer):
         step, rows, step_index, x_t, cond = self.sampler.recompute_transition(
             model, chunk, s, j, self.accelerator.autocast
         )
-        old_log_prob = chunk["log_probs"][s][rows, step_index]
         advantages = chunk["advantages"][s]
-        per_sample, ratio, log_ratio = clipped_policy_loss(step.log_prob, old_log_prob, advantages, args.epsilon)
+        if args.algorithm == grpo_guard.ALGORITHM:  # its normalized ratio and 1/dt weight: algorithms/grpo_guard.py
+            per_sample, ratio, log_ratio = grpo_guard.step_loss(self.adapter, args, step, chunk, s, rows, step_index)
+        else:
+            old_log_prob = chunk["log_probs"][s][rows, step_index]
+            per_sample, ratio, log_ratio = clipped_policy_loss(step.log_prob, old_log_prob, advantages, args.epsilon)
         if args.beta > 0:
             kl = self._kl_to_reference(x_t, step_index, cond, chunk["negative_cond"], step)
             per_sample = per_sample + args.beta * kl

@@ -2,7 +2,7 @@
 
     train_and_dump.py PIPELINE OUT_DIR PER_DEVICE [--lora] [--max_steps N] [--save_steps N] [--resume CKPT]
         [--num_frames F] [--steps_per_generation N] [--cpu_fsdp] [--sde_window START] [--conditioning image|video]
-        [--guidance_scale S] [--ema_decay D] [--context_parallel N]
+        [--guidance_scale S] [--ema_decay D] [--context_parallel N] [--algorithm NAME]
 
 Writes `OUT_DIR/rank{r}.pt` per process and the saved model (`trainer.save_model`) into `OUT_DIR/final` (with
 `--ema_decay`, the EMA's weights into `OUT_DIR/final/ema`).
@@ -26,6 +26,7 @@ parser.add_argument("--sde_window", type=int, default=None, help="a one-step SDE
 parser.add_argument("--ema_decay", type=float, default=None, help="keep an EMA of the trained weights")
 parser.add_argument("--guidance_scale", type=float, default=None, help="the family's default if unset")
 parser.add_argument("--context_parallel", type=int, default=1, help="context_parallel_size (Ulysses)")
+parser.add_argument("--algorithm", default="grpo", help="DanceGRPOConfig.algorithm")
 parser.add_argument(
     "--conditioning", choices=["image", "video"], default=None, help="an 'image' or 'video' column (solid colours)"
 )
@@ -60,6 +61,7 @@ args = DanceGRPOConfig(
     save_steps=cli.save_steps or 500,
     disable_tqdm=True,
     context_parallel_size=cli.context_parallel,
+    algorithm=cli.algorithm,
     **({"num_frames": cli.num_frames} if cli.num_frames else {}),
     **({"sde_window_size": 1, "sde_window_range": [cli.sde_window, cli.sde_window + 1]} if cli.sde_window else {}),
     **({"steps_per_generation": cli.steps_per_generation} if cli.steps_per_generation else {}),

@@ -157,11 +157,19 @@ def _placeholder_images(adapter, count: int):
     return [Image.new("RGB", (adapter.width, adapter.height)) for _ in range(count)]
 
 
-def _training_loss(step, old_log_prob, advantages, epsilon: float) -> torch.Tensor:
-    """The trainer's PPO-clip loss on one slice (`objectives.clipped_policy_loss`, summed as the trainer does)."""
+def _training_loss(step, old_log_prob, advantages, args) -> torch.Tensor:
+    """The trainer's PPO-clip loss on one slice (`objectives.clipped_policy_loss`, or GRPO-Guard's on the stored
+    transition means, `algorithms.grpo_guard.guard_policy_loss`), summed as the trainer does."""
+    from ..algorithms.grpo_guard import ALGORITHM, guard_policy_loss
     from ..objectives import clipped_policy_loss
 
-    return clipped_policy_loss(step.log_prob, old_log_prob, advantages, epsilon)[0].sum()
+    if args.algorithm == ALGORITHM:
+        old_mean, dt = torch.empty_like(step.prev_sample_mean), -torch.ones_like(advantages)
+        loss = guard_policy_loss(
+            step.prev_sample_mean, old_mean, step.prev_sample, step.std_dev, dt, advantages, args.epsilon
+        )[0]
+        return loss.sum()
+    return clipped_policy_loss(step.log_prob, old_log_prob, advantages, args.epsilon)[0].sum()
 
 
 class _Run:
@@ -342,7 +350,7 @@ class _Run:
             self.weight_casts = tracker.weight_casts  # freed when the autocast region ends, after the forward
             _check_output(output, x_t, self.model_args.model_name_or_path)
             step = self.adapter.step(output, x_t, step_index, self.eta, prev_sample=x_next)
-            loss = _training_loss(step, torch.zeros(size), torch.ones(size), self.args.epsilon)
+            loss = _training_loss(step, torch.zeros(size), torch.ones(size), self.args)
             if self.args.beta > 0:  # the reference forward of the KL term, made while the graph is alive
                 with torch.no_grad(), self.autocast():
                     denoise(self.adapter, self.denoiser, x_t, step_index, part, negative)
@@ -529,7 +537,9 @@ def estimate_memory(
         optimizer_states, optimizer_temporaries = run.optimizer_step(tracker, trainable_params)
         latent_bytes = run.latents(1).numel() * 4
     steps = args.num_inference_steps
-    trajectory = run.rollout_samples * (latent_bytes * (steps + 1) + 4 * steps)
+    # the latents (initial noise + one per step) and float32 log-probs; GRPO-Guard also keeps each step's mean
+    stored_latents = steps + 1 + (steps if args.algorithm == "grpo_guard" else 0)
+    trajectory = run.rollout_samples * (latent_bytes * stored_latents + 4 * steps)
 
     parts = {
         "frozen_denoiser": frozen_denoiser,
