@@ -8,6 +8,8 @@ from transformers import TrainingArguments
 
 from .config_checks import (
     AGGREGATIONS,
+    ALGORITHMS,
+    AWM_WEIGHTINGS,
     SDE_TYPES,
     WINDOW_SCHEDULES,
     check_sde_window,
@@ -16,7 +18,7 @@ from .config_checks import (
 )
 
 
-__all__ = ["AGGREGATIONS", "SDE_TYPES", "WINDOW_SCHEDULES", "DanceGRPOConfig"]
+__all__ = ["AGGREGATIONS", "ALGORITHMS", "AWM_WEIGHTINGS", "SDE_TYPES", "WINDOW_SCHEDULES", "DanceGRPOConfig"]
 
 
 # `repr=False`: the dataclass-generated `__repr__` would print `hub_token`; TrainingArguments' own masks it.
@@ -144,6 +146,36 @@ class DanceGRPOConfig(TrainingArguments):
             How often a reward call that failed with a transient error (`ConnectionError`, a `TimeoutError` of its
             own, other `OSError`s such as a dropped connection to a remote reward) is repeated, after 1, 2, 4...
             seconds; each retry is logged. A call stopped by `reward_timeout` is not retried.
+
+        > Parameters that control the algorithm
+
+        algorithm (`str`, *optional*, defaults to `"grpo"`):
+            The objective trained on the rollouts (one rollout, reward and advantage path for all; see docs/math.md).
+            `"grpo"`: DanceGRPO's PPO-clip loss on the log-probs of the stochastic sampler's transitions.
+            `"nft"`: DiffusionNFT (arXiv 2509.16117), a flow-matching loss on the forward process contrasting an
+            implicit positive and negative velocity. `"awm"`: Advantage Weighted Matching (arXiv 2509.25050), the
+            pretraining flow-matching loss weighted by the advantage (as a clipped policy-gradient ratio). `"nft"` and
+            `"awm"` sample with the deterministic (ODE) solver (no `eta`, no SDE window: what Flow-Factory's NFT and
+            AWM recipes do, `dynamics_type: ODE`), keep only the clean final latents and the conditioning, each
+            sample from its own initial noise (`init_same_noise` is ignored: a deterministic sampler would make a
+            group's samples identical), and train the conditional model without CFG at `int(timestep_fraction * (T -
+            1))` sigmas of the sampler's grid per sample, each with fresh noise (Flow-Factory's `"discrete"` timestep
+            sampling). Rectified-flow families only; the KL term (`beta`) and `best_of_n` are GRPO's.
+        nft_beta (`float`, *optional*, defaults to `1.0`):
+            DiffusionNFT's beta: the positive velocity is `beta * v_theta + (1 - beta) * v_old`, the negative one
+            `(1 + beta) * v_old - beta * v_theta` (paper, eq. 8; 1.0 in the official and Flow-Factory recipes). The
+            advantage becomes the optimality probability `r = 0.5 + 0.5 * clip(A / adv_clip_max, -1, 1)`.
+        awm_weighting (`str`, *optional*, defaults to `"ghuber"`):
+            AWM's time weighting of the matching loss `m = mean((v_theta - (noise - x0))^2)`; the "log-likelihood" is
+            `-m` (`"uniform"`), `-sigma * m` (`"sigma"`), `-sigma^2 * m` (`"sigma_squared"`) or the generalised Huber
+            `-sigma * ((m + 1e-10)^p - 1e-10^p) / p` (`"ghuber"`, p = `awm_ghuber_power`), as in Flow-Factory's AWM
+            recipe that reproduces the paper's PickScore run (SD 3.5 Medium: ghuber, p = 0.25).
+        awm_ghuber_power (`float`, *optional*, defaults to `0.25`):
+            The power p of the `"ghuber"` weighting.
+        awm_clip_range (`float`, *optional*, defaults to `1.0`):
+            Clip range of AWM's ratio `exp(log_lik - log_lik_old)` (the same recipe: `clip_range: 1`). On-policy
+            (one optimizer step per rollout) the ratio is 1 and the gradient is exactly the advantage-weighted
+            matching loss's.
 
         > Parameters that control the loss
 
@@ -332,6 +364,22 @@ class DanceGRPOConfig(TrainingArguments):
     reward_retries: int = field(
         default=0, metadata={"help": "Retries of a reward call after a transient error (ConnectionError, OSError)."}
     )
+
+    # Algorithm
+    algorithm: str = field(
+        default="grpo",
+        metadata={
+            "help": "Objective: 'grpo', 'nft' (DiffusionNFT) or 'awm' (Advantage Weighted Matching).",
+            "choices": list(ALGORITHMS),
+        },
+    )
+    nft_beta: float = field(default=1.0, metadata={"help": "DiffusionNFT's beta (implicit positive/negative policy)."})
+    awm_weighting: str = field(
+        default="ghuber",
+        metadata={"help": "AWM's time weighting of the matching loss.", "choices": list(AWM_WEIGHTINGS)},
+    )
+    awm_ghuber_power: float = field(default=0.25, metadata={"help": "Power of AWM's 'ghuber' weighting."})
+    awm_clip_range: float = field(default=1.0, metadata={"help": "Clip range of AWM's likelihood ratio."})
 
     # Loss
     timestep_fraction: float = field(

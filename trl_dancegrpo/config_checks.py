@@ -15,6 +15,9 @@ import warnings
 
 
 AGGREGATIONS = ("normalize_then_sum", "sum_then_normalize")
+ALGORITHMS = ("grpo", "nft", "awm")
+AWM_WEIGHTINGS = ("uniform", "sigma", "sigma_squared", "ghuber")
+FORWARD_PROCESS_ALGORITHMS = ("nft", "awm")  # they sample with the deterministic solver and keep no trajectory
 SDE_TYPES = ("dancegrpo", "flow_grpo", "cps")
 WINDOW_SCHEDULES = ("random", "sliding")
 
@@ -62,6 +65,36 @@ def check_ema(args) -> None:
         given += ["ema_start_step"] if args.ema_start_step else []
         if given:
             raise ValueError(f"{', '.join(given)} set without ema_decay: set ema_decay (e.g. 0.995) to keep an EMA.")
+
+
+def check_algorithm(args) -> None:
+    """The algorithm and its options; the GRPO-only options are refused with the forward-process objectives."""
+    if args.algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {args.algorithm!r}.")
+    if args.nft_beta <= 0:
+        raise ValueError(f"nft_beta must be > 0 (DiffusionNFT uses 1.0), got {args.nft_beta}.")
+    if args.awm_weighting not in AWM_WEIGHTINGS:
+        raise ValueError(f"awm_weighting must be one of {AWM_WEIGHTINGS}, got {args.awm_weighting!r}.")
+    if args.awm_ghuber_power <= 0:
+        raise ValueError(f"awm_ghuber_power must be > 0 (AWM's recipe uses 0.25), got {args.awm_ghuber_power}.")
+    if args.awm_clip_range <= 0:
+        raise ValueError(f"awm_clip_range must be > 0 (AWM's recipe uses 1.0), got {args.awm_clip_range}.")
+    if args.algorithm not in FORWARD_PROCESS_ALGORITHMS:
+        return
+    grpo_only = {
+        "eta": args.eta is not None,
+        "sde_type": args.sde_type != "dancegrpo",
+        "sde_window_size": args.sde_window_size is not None,
+        "best_of_n": getattr(args, "best_of_n", None) is not None,
+        "beta": args.beta > 0,
+    }
+    given = [name for name, set_ in grpo_only.items() if set_]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} set with algorithm={args.algorithm!r}: these options belong to algorithm='grpo' (its "
+            f"stochastic sampler and loss); {args.algorithm} samples with the deterministic solver and has no KL term. "
+            "Leave them unset, or use algorithm='grpo'."
+        )
 
 
 def check_values(args) -> None:
@@ -112,6 +145,7 @@ def check_values(args) -> None:
             f"multi_objective_aggregation must be one of {AGGREGATIONS}, got {args.multi_objective_aggregation!r}."
         )
     check_ema(args)
+    check_algorithm(args)
     if args.num_iterations < 1:
         raise ValueError(f"num_iterations must be at least 1, got {args.num_iterations}.")
     if args.rollout_batch_size is not None and args.rollout_batch_size < 1:
