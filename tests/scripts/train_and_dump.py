@@ -24,6 +24,7 @@ parser.add_argument("--steps_per_generation", type=int, default=None, help="reus
 parser.add_argument("--cpu_fsdp", action="store_true", help="FSDP in CPU processes (see cpu_fsdp.py)")
 parser.add_argument("--sde_window", type=int, default=None, help="a one-step SDE window at this step")
 parser.add_argument("--ema_decay", type=float, default=None, help="keep an EMA of the trained weights")
+parser.add_argument("--algorithm", default="grpo", help="grpo, nft or awm")
 parser.add_argument("--guidance_scale", type=float, default=None, help="the family's default if unset")
 parser.add_argument(
     "--conditioning", choices=["image", "video"], default=None, help="an 'image' or 'video' column (solid colours)"
@@ -58,6 +59,7 @@ args = DanceGRPOConfig(
     save_strategy="steps" if cli.save_steps else "no",
     save_steps=cli.save_steps or 500,
     disable_tqdm=True,
+    algorithm=cli.algorithm,
     **({"num_frames": cli.num_frames} if cli.num_frames else {}),
     **({"sde_window_size": 1, "sde_window_range": [cli.sde_window, cli.sde_window + 1]} if cli.sde_window else {}),
     **({"steps_per_generation": cli.steps_per_generation} if cli.steps_per_generation else {}),
