@@ -1,6 +1,6 @@
 """Learning per compute on the shapes yardstick: held-out GenEval-style strict score vs denoiser compute, per sampler.
 
-    python benchmarks/bench_learning.py [--variants dancegrpo flow_grpo cps window2 mixgrpo] [--seeds 0 1 2]
+    python benchmarks/bench_learning.py [--variants dancegrpo flow_grpo cps window2 mixgrpo nft awm] [--seeds 0 1 2]
                                         [--max_steps 40] [--eval_every 10] [--small] [--output_dir bench-learning]
 
 Trains the shapes model (`benchmarks/shapes/build.py`, built once into the cache) with the dense reward
@@ -8,7 +8,8 @@ Trains the shapes model (`benchmarks/shapes/build.py`, built once into the cache
 (unseen combinations included) with the deterministic sampler at fixed seeds and scores them with the strict reward
 `shapes_geneval`. Variants: DanceGRPO's full trajectory (`dancegrpo`: the default recipe, tau 0.6),
 `sde_type="flow_grpo"`, `sde_type="cps"`, the random 2-step window (`window2`, Flow-GRPO-Fast) and MixGRPO's sliding
-2-step window (`mixgrpo`).
+2-step window (`mixgrpo`); and the other objectives on the deterministic sampler, DiffusionNFT (`nft`) and
+Advantage Weighted Matching (`awm`), at the same settings (learning rate, trained steps per sample).
 
 Compute is counted from what the run does: a forward hook on the denoiser adds the batch size of every call made
 during training (rollouts and loss, not the held-out evaluation), 1 per sample for a forward without gradient and 3
@@ -41,6 +42,8 @@ VARIANTS = {
     "cps": {"sde_type": "cps"},
     "window2": {"sde_window_size": 2, "timestep_fraction": 1.0},
     "mixgrpo": {"sde_window_size": 2, "timestep_fraction": 1.0, "sde_window_schedule": "sliding"},
+    "nft": {"algorithm": "nft"},  # DiffusionNFT: deterministic rollout, forward-process loss (nft_beta 1)
+    "awm": {"algorithm": "awm"},  # Advantage Weighted Matching: deterministic rollout, weighted matching loss
 }
 
 

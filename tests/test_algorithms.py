@@ -172,7 +172,10 @@ def test_ddim_families_refuse_the_forward_process_algorithms(algorithm, tiny_pip
 def test_rollout_keeps_only_the_clean_samples_of_a_deterministic_sampler(algorithm, tiny_pipeline_path, tmp_path):
     trainer = make_trainer(tiny_pipeline_path("tiny-flux"), tmp_path, algorithm=algorithm, rollout_batch_size=3)
     rows = [{"prompt": "a cat"}] * 4 + [{"prompt": "a dog"}] * 4
+    rollout, kept = trainer.sampler.rollout, []
+    trainer.sampler.rollout = lambda *a, **k: kept.append(rollout(*a, **k)) or kept[-1]
     batch = trainer._generate_and_score(rows)
+    assert kept[0].latents.shape[1] == 1  # the sampler held no trajectory, only each sample's latest latent
     assert {"latents", "log_probs"}.isdisjoint(batch) and batch["final_latents"].shape[0] == 8
     assert batch["noise"].shape == (8, trainer.sampler.num_train_steps, *batch["final_latents"].shape[1:])
     # the ODE sampler from each sample's own noise: its clean sample, whatever the batch split

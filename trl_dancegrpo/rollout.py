@@ -258,6 +258,7 @@ class TrajectorySampler:
         share_prefix: bool = True,
         autocast: Callable | None = None,
         on_part: Callable[..., None] | None = None,
+        keep_trajectory: bool = True,
     ) -> Trajectory:
         """Sample and decode the trajectories of the samples `first, first + 1, ...` of the global batch.
 
@@ -275,6 +276,8 @@ class TrajectorySampler:
             share_prefix (`bool`): Run the deterministic steps before the first stochastic one once per group, in
                 batches of at most the largest part (identical results; `False` runs them per sample).
             autocast (`Callable`, *optional*): A context-manager factory (mixed precision) for the forwards and decoding.
+            keep_trajectory (`bool`): Keep every step's latents and log-probs; `False` keeps only the last step's
+                (`latents` is then `[N, 1, ...]`, the final latents: what DiffusionNFT and AWM train on).
         """
         step_eta = self.step_eta(
             range(0, self.num_steps - 1) if window is None else window, self.eta if eta is None else eta
@@ -304,6 +307,8 @@ class TrajectorySampler:
                     )
                     part_latents.append(step.prev_sample)
                     part_log_probs.append(step.log_prob)
+                    if not keep_trajectory:
+                        part_latents, part_log_probs = part_latents[-1:], part_log_probs[-1:]
                 images = self.adapter.decode(part_latents[-1])
                 extras = self.adapter.decode_extras(part_latents[-1])
             trajectories.append(

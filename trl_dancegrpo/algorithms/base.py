@@ -73,7 +73,7 @@ class ForwardProcessAlgorithm(Algorithm):
         self.reuses_rollout = args.num_iterations > 1 or args.steps_per_generation > args.gradient_accumulation_steps
 
     def rollout_options(self) -> dict:
-        return {"eta": 0.0, "group_size": 1}
+        return {"eta": 0.0, "group_size": 1, "keep_trajectory": False}
 
     def rollout_batch(self, trajectory, first: int, seed: int, device) -> dict:
         final = trajectory.final_latents

@@ -5,7 +5,10 @@ denoiser through `rollout.denoise` with the SDE step, the VAE decode of that sli
 step's log-prob, the PPO-clip loss, backward into existing gradients), and one optimizer step with the optimizer the
 Trainer builds. Every other slice and step of an iteration repeats one of these, so their peaks are the process's.
 Static parts (weights, gradients, optimizer states, the trajectory buffer, reward models) are counted from the
-tensors themselves.
+tensors themselves. DiffusionNFT and AWM (`algorithm`) keep no trajectory: their buffer is the clean latents and the
+training noises (and, for a reused rollout, the old velocities); they need no reference or old-policy copy of the model
+(the old velocity is the detached current one on-policy). Their training slice is measured as GRPO's (the same
+denoiser forward and backward; the losses differ by a few latent-sized tensors).
 """
 
 import copy
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config_checks import FORWARD_PROCESS_ALGORITHMS
 from .configs import MODEL_CONFIGS_DIR, build_meta_pipeline, load_pipeline_config
 
 
@@ -518,6 +522,9 @@ def estimate_memory(script_args, args, model_args, num_processes: int = 1) -> Me
         latent_bytes = run.latents(1).numel() * 4
     steps = args.num_inference_steps
     trajectory = run.rollout_samples * (latent_bytes * (steps + 1) + 4 * steps)
+    if args.algorithm in FORWARD_PROCESS_ALGORITHMS:  # NFT, AWM: no trajectory, no log-probs (algorithms/base.py)
+        # the clean final latent and one noise per trained step; a reused rollout keeps the old velocities too
+        trajectory = run.rollout_samples * latent_bytes * (1 + run.num_train_steps * (1 + _reuses_rollout(args)))
 
     parts = {
         "frozen_denoiser": frozen_denoiser,
@@ -556,6 +563,11 @@ def estimate_memory(script_args, args, model_args, num_processes: int = 1) -> Me
     estimate.seconds = time.perf_counter() - started
     estimate.cpu_seconds = time.process_time() - started_cpu
     return estimate
+
+
+def _reuses_rollout(args) -> bool:
+    """A rollout feeds more than one optimizer step (NFT and AWM then keep the sampling policy's velocities)."""
+    return args.num_iterations > 1 or args.steps_per_generation > args.gradient_accumulation_steps
 
 
 def _blocks(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
@@ -604,6 +616,7 @@ def _flops_per_iteration(run: _Run, parts: dict[str, float]) -> float:
     slices = math.ceil(run.micro_batch / run.slice_size)
     training = accumulation * run.num_train_steps * slices * parts["train_forward_backward"]
     rescoring = 0.0
-    if args.best_of_n:  # one no-gradient re-scoring forward per trained step
+    if args.best_of_n or (args.algorithm in FORWARD_PROCESS_ALGORITHMS and _reuses_rollout(args)):
+        # one no-gradient forward per trained step: best-of-n's re-scoring, NFT/AWM's old velocities
         rescoring = accumulation * run.num_train_steps * slices * parts["rollout_forward"]
     return rollout + decode + training + rescoring
