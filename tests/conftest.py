@@ -43,10 +43,15 @@ def pytest_sessionfinish(session):
 
 
 def pytest_collection_modifyitems(config, items):
+    from .real_size import TESTS
+
     for item in items:
         smoke = item.originalname == "test_train" and "lora" in item.name
         if item.module.__name__.rpartition(".")[2] in FAMILY_MATRIX_MODULES and not smoke:
             item.add_marker(pytest.mark.slow)
+    # The real-size estimates run in the background from the start (tests/real_size.py); the tests that read them go
+    # last, so the suite does not wait for them while other tests could run.
+    items.sort(key=lambda item: getattr(item, "originalname", None) in TESTS)
 
 
 @pytest.fixture(scope="session")

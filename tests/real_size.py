@@ -13,7 +13,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "examples", "recipes", "*.yaml")))
 GOAL = "goal-flux-lora-512"  # FLUX.1-dev LoRA r=128 (default targets), 512x512, one sample per forward, HPS-v2.1
 TESTS = {"test_every_recipe_at_real_size", "test_goal_flux_lora_512_under_40_gb"}
-_LONGEST = ("hunyuan", "skyreels", "wan", "qwen", "full")  # started first, so that the short ones fill in at the end
+# started first, so that the short ones fill in at the end
+_LONGEST = ("hunyuan", "skyreels", "wan", "qwen", "full", "flux2_dev", "ltx2")
 
 
 def command(name: str, out_dir: str) -> list[str]:

@@ -108,3 +108,14 @@ def test_gradient_checkpointing_reaches_the_denoiser(tmp_path):
     )
     assert trainer.model.gradient_checkpointing
     assert torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
+
+
+def test_last_line_names_the_ema_folder_when_there_is_one(tmp_path):
+    from trl_dancegrpo import DanceGRPOConfig
+    from trl_dancegrpo.cli import saved_message
+
+    plain = DanceGRPOConfig(output_dir=str(tmp_path))
+    with_ema = DanceGRPOConfig(output_dir=str(tmp_path), ema_decay=0.99)
+    assert "ema/" not in saved_message(plain, lora=True)
+    assert "Saved the LoRA, the EMA of the LoRA (ema/)," in saved_message(with_ema, lora=True)
+    assert "Saved the denoiser, the EMA of the denoiser (ema/)," in saved_message(with_ema, lora=False)

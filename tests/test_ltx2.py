@@ -1,6 +1,8 @@
 """LTX-2 (`LTX2Pipeline`, text to video with audio) on a tiny model loaded from disk (32x32 px, 5 frames at 24 fps,
 stereo audio at 16 kHz): the video and audio latents denoised together, the pipeline's guidance, the audio reaching the
-rewards and the logged samples, LoRA in diffusers' format, two processes, resuming, and two-sided learning."""
+rewards and the logged samples, LoRA in diffusers' format, two processes, resuming, and two-sided learning.
+`LTX2ConditionPipeline` (a first-frame image): its clean condition tokens, the step and log-prob over the generated
+tokens only, the pipeline's own samples, LoRA, two processes and resuming."""
 
 import math
 import os
@@ -9,11 +11,12 @@ import sys
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from PIL import Image
 from safetensors.torch import load_file
 
 from trl_dancegrpo.rewards import audio_loudness, brightness
 from trl_dancegrpo.rollout import mix_seed
-from trl_dancegrpo.sde import flow_sde_step_with_logprob
+from trl_dancegrpo.sde import flow_grpo_noise_level, flow_sde_step_with_logprob
 
 from .test_resume import StopAt, params
 from .test_trainer import (
@@ -22,15 +25,20 @@ from .test_trainer import (
     lora_config,
     snapshot_parameters,
 )
-from .test_video import make_video_trainer, one_thread  # noqa: F401 (fixture)
+from .test_video import COLORS, PROMPTS, make_video_trainer, one_thread, solid  # noqa: F401 (fixture)
 
 
-NAME = "tiny-ltx2"
+NAME, CONDITION = "tiny-ltx2", "tiny-ltx2-condition"
 CALL = dict(prompt="a blue house", height=32, width=32, num_frames=5, output_type="pt", max_sequence_length=16)
 
 
-def make_ltx2_trainer(tiny_pipeline_path, tmp_path, **overrides):
-    return make_video_trainer(NAME, tiny_pipeline_path, tmp_path, **overrides)
+def make_ltx2_trainer(tiny_pipeline_path, tmp_path, name=NAME, **overrides):
+    if name == CONDITION and "dataset" not in overrides:  # one first-frame image per row (solid colours)
+        from datasets import Dataset
+
+        images = [solid(COLORS[i % len(COLORS)]) for i in range(len(PROMPTS))]
+        overrides["dataset"] = Dataset.from_dict({"prompt": PROMPTS, "image": images})
+    return make_video_trainer(name, tiny_pipeline_path, tmp_path, **overrides)
 
 
 def pipeline_output(trainer, pipeline=None, seed=0, **extra):
@@ -42,25 +50,34 @@ def pipeline_output(trainer, pipeline=None, seed=0, **extra):
     return output.frames, output.audio.float().clamp(-1, 1)
 
 
+def first_frame_condition(image):
+    from diffusers.pipelines.ltx2 import LTX2VideoCondition
+
+    return {"conditions": [LTX2VideoCondition(frames=image, index=0)]}
+
+
+@pytest.mark.parametrize("name", [NAME, CONDITION])
 @pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
-def test_train(use_lora, tiny_pipeline_path, tmp_path):
+def test_train(use_lora, name, tiny_pipeline_path, tmp_path):
     seen = {}
 
-    def audio_shape(prompts, images, audio, audio_sample_rate):
+    def audio_shape(prompts, images, audio, audio_sample_rate, image=None):  # `image`: the condition's column
         seen["audio"], seen["rate"] = tuple(audio.shape), audio_sample_rate
         return audio_loudness(prompts, images, audio=audio, audio_sample_rate=audio_sample_rate)
 
-    def image_only(prompts, images):  # no **kwargs: gets no audio
+    def image_only(prompts, images, image=None):  # no **kwargs: gets no audio
         return brightness(prompts, images)
 
     trainer = make_ltx2_trainer(
         tiny_pipeline_path,
         tmp_path,
+        name,
         peft_config=lora_config() if use_lora else None,
         reward=[image_only, audio_shape],
         max_steps=1,
         num_inference_steps=3,
     )
+    assert type(trainer.adapter).__name__ == ("LTX2ConditionAdapter" if name == CONDITION else "LTX2Adapter")
     before = snapshot_parameters(trainer)
     assert before["trainable"] and before["others"]
     assert all("lora" in n for n in before["trainable"]) if use_lora else not before["frozen"]
@@ -337,3 +354,147 @@ def test_rewards_move_held_out_samples_both_ways(
         shifts[direction] = held_out(trainer)[index] - before
     assert shifts["up"] > margin, shifts
     assert shifts["down"] < -margin, shifts
+
+
+# -- LTX2ConditionPipeline: a clean first frame ------------------------------------------------------------------------
+@pytest.mark.parametrize("sde_type", ["dancegrpo", "flow_grpo"])
+def test_condition_step_and_logprob_cover_only_the_generated_elements(sde_type):
+    """The conditioned elements (the first latent frame's tokens, first in the flat latent) are copied through and
+    left out of the log-prob: the Gaussian's log-density summed over the generated elements and divided by their
+    count, against a float64 reference; counting the conditioned ones gives a different value."""
+    from trl_dancegrpo.adapters import LTX2Adapter, LTX2ConditionAdapter
+
+    adapter = LTX2ConditionAdapter.__new__(LTX2ConditionAdapter)  # the step needs only the grid and the mask's size
+    adapter.sigmas, adapter.sde_type, adapter.condition_size = torch.tensor([1.0, 0.8, 0.5, 0.0]), sde_type, 120
+    generator = torch.Generator().manual_seed(0)
+    latents, velocity = torch.randn(3, 400, generator=generator), torch.randn(3, 400, generator=generator)
+    velocity[:, :120] = 0  # as the adapter's velocity there (the guided x0 blended back to the clean condition)
+    step_index, eta = torch.tensor([0, 1, 2]), 0.7
+    step = adapter.step(velocity, latents, step_index, eta, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(step.prev_sample[:, :120], latents[:, :120])
+    assert (step.prev_sample[:, 120:] - latents[:, 120:]).abs().min() > 0
+    # float64 reference: the flow SDE's Gaussian (Flow-GRPO's noise level for `flow_grpo`) on every element
+    x, v, x_next = latents.double(), velocity.double(), step.prev_sample.double()
+    s, s_next = adapter.sigmas.double()[step_index, None], adapter.sigmas.double()[step_index + 1, None]
+    eta_t = eta if sde_type == "dancegrpo" else flow_grpo_noise_level(eta, s.float(), 0.8).double()
+    mean = x + (s_next - s) * (v + 0.5 * eta_t**2 * (x - (1 - s) * (x - s * v)) / s**2)
+    std = eta_t * torch.sqrt(s - s_next)
+    density = -((x_next - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    mask = torch.zeros(400, dtype=torch.float64)
+    mask[:120] = 1  # the pipeline's conditioning mask: 1 on the conditioned elements
+    expected = (density * (1 - mask)).sum(1) / (1 - mask).sum()
+    torch.testing.assert_close(step.log_prob.double(), expected, rtol=1e-5, atol=1e-5)
+    # the step of the unmasked LTX-2 adapter scores the same transition over every element: a different value
+    counted = LTX2Adapter.step(adapter, velocity, latents, step_index, eta, prev_sample=step.prev_sample).log_prob
+    torch.testing.assert_close(counted.double(), density.mean(1), rtol=1e-5, atol=1e-5)
+    assert (counted - step.log_prob).abs().min() > 0.05
+    torch.testing.assert_close(step.prev_sample_mean[:, 120:].double(), mean[:, 120:], rtol=1e-5, atol=1e-5)
+    # re-scoring the stored transition gives the same log-prob
+    rescored = adapter.step(velocity, latents, step_index, eta, prev_sample=step.prev_sample)
+    torch.testing.assert_close(rescored.log_prob, step.log_prob, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("guidance", ["defaults", "no-cfg"])
+def test_condition_rollout_is_the_pipelines_sampler(guidance, tiny_pipeline_path, tmp_path):
+    """With eta = 0 the trainer reproduces `LTX2ConditionPipeline`'s video and audio for a first-frame image (not
+    square: the pipeline's resize and crop, and its default CRF re-compression): the clean condition tokens, the
+    per-token timesteps, the blend of the guided x0 with the condition, every guidance term."""
+    trainer = make_ltx2_trainer(tiny_pipeline_path, tmp_path, CONDITION, num_inference_steps=3)
+    adapter = trainer.adapter
+    adapter.spatio_temporal_guidance_blocks = (0,)  # the tiny transformer has 2 blocks (the default perturbs 28)
+    if guidance == "no-cfg":
+        guidance_off(adapter)
+    image = Image.new("RGB", (40, 32), (200, 40, 40))
+    image.paste((30, 60, 220), (0, 0, 20, 16))
+    videos, trajectory = trainer.generate(["a blue house"], seed=0, images=[image])
+    frames, audio = pipeline_output(trainer, seed=mix_seed(0, 0), **first_frame_condition(image))
+    torch.testing.assert_close(videos, frames, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(trajectory.extras["audio"], audio, rtol=1e-4, atol=1e-4)
+    # the conditioned elements are the condition's latents at every step; the others move
+    n = adapter.condition_size
+    cond = adapter.encode_conditioning(["a blue house"], [image])
+    for latents in trajectory.latents.unbind(dim=1):
+        assert torch.equal(latents[:, :n], cond["condition_latents"].flatten(1))
+    assert (trajectory.latents[:, -1, n:] - trajectory.latents[:, 0, n:]).abs().max() > 0.1
+    # the velocity the model gives is the pipeline's: the guided x0 blended back to the condition, zero there
+    with torch.no_grad():
+        velocity = adapter.predict(trainer.pipeline.transformer, trajectory.latents[:, 1], torch.tensor([1]), cond)
+    assert not velocity[:, :n].any() and velocity[:, n:].abs().max() > 0.1
+    other, _ = trainer.generate(["a blue house"], seed=0, images=[solid((240, 240, 240))])
+    assert (other - videos).abs().max() > 0.05  # the image reaches the video
+
+
+def test_condition_lora_round_trip_and_card(tiny_pipeline_path, tmp_path):
+    path = tiny_pipeline_path(CONDITION)
+    from huggingface_hub import ModelCard
+
+    trainer = make_ltx2_trainer(
+        tiny_pipeline_path,
+        tmp_path,
+        CONDITION,
+        peft_config=lora_config(),
+        learning_rate=1e-2,
+        hub_model_id="user/ltx2-i2v-grpo",
+    )
+    trainer.train()
+    folder = tmp_path / "lora"
+    trainer.save_model(str(folder))
+    trainer.create_model_card()
+    card = ModelCard.load(os.path.join(trainer.args.output_dir, "README.md")).text
+    assert 'pipe.load_lora_weights("user/ltx2-i2v-grpo")' in card
+    assert "from diffusers.pipelines.ltx2 import LTX2VideoCondition" in card
+    assert "pipe(conditions=[LTX2VideoCondition(frames=image, index=0)], prompt=" in card
+    assert all(key.startswith("transformer.") for key in load_file(folder / "pytorch_lora_weights.safetensors"))
+    condition = first_frame_condition(solid((40, 200, 60)))
+    trained = pipeline_output(trainer, **condition)
+    base = DiffusionPipeline.from_pretrained(path)
+    assert type(base).__name__ == "LTX2ConditionPipeline"
+    untouched = pipeline_output(trainer, base, **condition)
+    base.load_lora_weights(str(folder))
+    loaded = pipeline_output(trainer, base, **condition)
+    for i in range(2):  # video and audio
+        assert (trained[i] - untouched[i]).abs().max() > 1e-4
+        torch.testing.assert_close(loaded[i], trained[i], rtol=1e-4, atol=1e-5)
+
+
+def test_condition_resume_continues_exactly_with_lora(tiny_pipeline_path, tmp_path):
+    from .test_resume import assert_resume_continues_exactly
+
+    settings = dict(max_steps=2, learning_rate=1e-2, save_steps=1, save_strategy="steps", num_inference_steps=3)
+    assert_resume_continues_exactly(
+        lambda out: make_ltx2_trainer(tiny_pipeline_path, out, CONDITION, peft_config=lora_config(), **settings),
+        tmp_path,
+        steps=2,
+        stop=1,
+    )
+
+
+def test_condition_two_processes_match_one(tiny_pipeline_path, tmp_path):
+    from .test_distributed import assert_two_processes_match_one
+
+    extra = ["--num_frames", "5", "--conditioning", "image", "--lora"]
+    assert_two_processes_match_one(tiny_pipeline_path(CONDITION), tmp_path, extra)
+
+
+def test_condition_on_the_ltx2_checkpoint_and_clear_errors(tiny_pipeline_path, tmp_path, monkeypatch):
+    from datasets import Dataset
+
+    from trl_dancegrpo.adapters import get_adapter_class
+    from trl_dancegrpo.models import resolve_pipeline
+
+    # the recipe's way: the text-to-video checkpoint's modules in LTX2ConditionPipeline (`pipeline_class`)
+    pipeline = resolve_pipeline(tiny_pipeline_path(NAME), "LTX2ConditionPipeline")
+    assert get_adapter_class(pipeline).__name__ == "LTX2ConditionAdapter"
+
+    with pytest.raises(ValueError, match="image-to-video: train_dataset needs an 'image' column"):
+        make_ltx2_trainer(tiny_pipeline_path, tmp_path, CONDITION, dataset=Dataset.from_dict({"prompt": PROMPTS}))
+    import diffusers.utils
+
+    from trl_dancegrpo.adapters import LTX2ConditionAdapter
+
+    pipeline = DiffusionPipeline.from_pretrained(tiny_pipeline_path(CONDITION))
+    monkeypatch.setattr(diffusers.utils, "is_av_available", lambda: False)
+    with pytest.raises(ValueError, match=r"H.264 \(CRF 33\).*pip install av"):
+        LTX2ConditionAdapter(pipeline, 2, height=32, width=32, num_frames=5)
+    monkeypatch.setattr(LTX2ConditionAdapter, "image_crf", 0)
+    assert LTX2ConditionAdapter(pipeline, 2, height=32, width=32, num_frames=5).condition_size == 4 * 16 * 16

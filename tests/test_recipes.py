@@ -38,7 +38,7 @@ def test_recipes_exist():
     expected = {"flux_lora.yaml", "flux_full.yaml", "sd14.yaml", "hunyuan_video.yaml", "skyreels_i2v.yaml"}
     expected |= {"wan22_t2v.yaml", "z_image.yaml", "flux2_klein.yaml", "flux2_dev.yaml", "wan21_v2v.yaml"}
     expected |= {"qwen_image21.yaml", "hunyuan_video15_t2v.yaml", "hunyuan_video15_i2v.yaml"}
-    expected |= {"ltx2.yaml"}
+    expected |= {"ltx2.yaml", "ltx2_condition.yaml"}
     expected |= {"qwen_image.yaml", "qwen_image_edit.yaml", "flux_kontext.yaml"}
     assert expected <= {os.path.basename(r) for r in RECIPES}
 

@@ -2,6 +2,8 @@
 a `video` column, the source noised to the first step `strength` keeps, CFG as the pipeline."""
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,6 +138,13 @@ def test_a_text_to_video_checkpoint_trains_video_to_video_with_pipeline_class(ti
     trainer = make_trainer(path, tmp_path, dataset=dataset, num_frames=5, pipeline_class="WanVideoToVideoPipeline")
     assert type(trainer.pipeline).__name__ == "WanVideoToVideoPipeline"
     assert type(trainer.adapter).__name__ == "WanVideoToVideoAdapter"
+    # the model card loads the checkpoint in the trained class (`DiffusionPipeline` would give the text-to-video one)
+    trainer.create_model_card()
+    card = (Path(trainer.args.output_dir) / "README.md").read_text()
+    assert f'WanVideoToVideoPipeline.from_pretrained(\n    "{os.path.abspath(path)}"' in card or (
+        f'WanVideoToVideoPipeline.from_pretrained("{os.path.abspath(path)}"' in card
+    ), card
+    assert "from diffusers import WanVideoToVideoPipeline" in card and "DiffusionPipeline" not in card
     with pytest.raises(ValueError, match="pipeline_class='NoSuchPipeline' is not a supported pipeline"):
         make_trainer(path, tmp_path, dataset=dataset, pipeline_class="NoSuchPipeline")
     with pytest.raises(ValueError, match="has no place for .* transformer_2"):

@@ -156,11 +156,18 @@ def run(script_args=None, training_args=None, model_args=None, argv=None):
     if not training_args.push_to_hub:  # with push_to_hub, train() has already saved and pushed the result
         trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
-        print(
-            f"Saved the {'LoRA' if peft_config else 'denoiser'}, its model card (README.md), metrics.json, "
-            f"reward_curve.png and samples of the rollouts (_samples/) to {os.path.abspath(training_args.output_dir)}"
-        )
+        print(saved_message(training_args, lora=peft_config is not None))
     return trainer
+
+
+def saved_message(training_args, lora: bool) -> str:
+    """The command's last line: what the output folder now holds."""
+    weights = "LoRA" if lora else "denoiser"
+    ema = f", the EMA of the {weights} (ema/)" if training_args.ema_decay is not None else ""
+    return (
+        f"Saved the {weights}{ema}, its model card (README.md), metrics.json, reward_curve.png and samples of the "
+        f"rollouts (_samples/) to {os.path.abspath(training_args.output_dir)}"
+    )
 
 
 if __name__ == "__main__":

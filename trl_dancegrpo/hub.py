@@ -343,10 +343,13 @@ def ema_summary(trainer, output_dir: str) -> dict | None:
 
 
 # -- the card ---------------------------------------------------------------------------------------------------------
-def _card_imports(task: str, tiny_builder: str | None, denoiser_class: str | None) -> str:
-    """The imports of the card's loading snippet: torch and the pipeline class (a tiny pipeline: its builder), the
-    denoiser class for full fine-tuning, diffusers' helpers for videos and source images."""
-    names = ([] if tiny_builder else ["DiffusionPipeline"]) + ([denoiser_class] if denoiser_class else [])
+def _card_imports(
+    task: str, tiny_builder: str | None, denoiser_class: str | None, extra: str = "", loader: str = "DiffusionPipeline"
+) -> str:
+    """The imports of the card's loading snippet: torch and the pipeline class `loader` (a tiny pipeline: its
+    builder), the denoiser class for full fine-tuning, diffusers' helpers for videos and source images, and `extra`
+    (what the adapter's `image_call_argument` needs)."""
+    names = ([] if tiny_builder else [loader]) + ([denoiser_class] if denoiser_class else [])
     lines = [] if tiny_builder else ["import torch"]
     lines += [f"from diffusers import {', '.join(names)}"] if names else []
     helpers = {
@@ -356,6 +359,7 @@ def _card_imports(task: str, tiny_builder: str | None, denoiser_class: str | Non
     }
     helper = helpers.get(task, "load_image" if task == "image-to-image" else None)
     lines += [f"from diffusers.utils import {helper}"] if helper else []
+    lines += [extra] if extra else []
     if tiny_builder:
         lines += ([""] if lines else []) + [f"from trl_dancegrpo.tiny import {tiny_builder}"]
     return "\n".join(lines)
@@ -419,6 +423,8 @@ def write_model_card(trainer, model_name=None, dataset_name=None, tags=None, lic
     ).__name__
     rewards = reward_summary(trainer, before_scores, after_scores)
     ema = ema_summary(trainer, output_dir)
+    # trained as another class than the checkpoint's (`pipeline_class`): `DiffusionPipeline` would load the checkpoint's
+    loader = type(pipeline).__name__ if getattr(pipeline, "reclassed_from", None) else "DiffusionPipeline"
     template = importlib.resources.files("trl_dancegrpo").joinpath("templates/model_card.md")
     card = ModelCard.from_template(
         card_data,
@@ -429,13 +435,21 @@ def write_model_card(trainer, model_name=None, dataset_name=None, tags=None, lic
         # a tiny pipeline built in memory (the demo): the card rebuilds it and loads the weights from this folder
         tiny_builder=tiny[0] if tiny else None,
         tiny_seed=tiny[1] if tiny and tiny[1] else "",
-        card_imports=_card_imports(task, tiny[0] if tiny else None, None if trainer.is_lora else denoiser_class),
+        card_imports=_card_imports(
+            task,
+            tiny[0] if tiny else None,
+            None if trainer.is_lora else denoiser_class,
+            adapter.image_call_import if task == "image-to-video" else "",
+            loader,
+        ),
+        loader=loader,
         hub_model_id=hub_model_id or (os.path.abspath(output_dir) if tiny else f"<your-username>/{model_name}"),
         dataset_name=dataset_name,
         is_lora=trainer.is_lora,
         is_video=task.endswith("-to-video"),
         is_edit=task == "image-to-image",
         needs_image=task == "image-to-video",
+        image_call_argument=adapter.image_call_argument,
         needs_video=task == "video-to-video",
         pipeline_class=type(pipeline).__name__,
         denoiser_name=adapter.denoiser_name,

@@ -62,8 +62,13 @@ def resolve_pipeline(model, pipeline_class: str | None = None):
                 f"pipeline_class={pipeline_class!r} has no place for this {type(model).__name__}'s "
                 f"{', '.join(left_out)}: use a checkpoint of the task {pipeline_class} serves."
             )
-        # the same modules in the other task's class
+        # the same modules in the other task's class, which keeps the source's name (the model card loads it by that)
+        source = model
         model = target(**{name: module for name, module in model.components.items() if name in accepted})
+        model.register_to_config(_name_or_path=getattr(source, "name_or_path", None))
+        model.reclassed_from = type(source).__name__
+        if hasattr(source, "tiny_builder"):  # built in memory (tiny.py): the card rebuilds it with its builder
+            model.tiny_builder = source.tiny_builder
     return model
 
 

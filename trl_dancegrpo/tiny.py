@@ -1302,4 +1302,13 @@ def tiny_ltx2_pipeline(seed: int = 0):
     )
 
 
+def tiny_ltx2_condition_pipeline(seed: int = 0):
+    """An `LTX2ConditionPipeline` (LTX-2 conditioned on images: image to video with audio) from the tiny LTX-2
+    components."""
+    from diffusers import LTX2ConditionPipeline
+
+    return LTX2ConditionPipeline(**tiny_ltx2_pipeline(seed).components)
+
+
 TINY_PIPELINES["tiny-ltx2"] = tiny_ltx2_pipeline
+TINY_PIPELINES["tiny-ltx2-condition"] = tiny_ltx2_condition_pipeline

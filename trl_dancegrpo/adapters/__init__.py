@@ -9,6 +9,7 @@ from .hunyuan_video import HunyuanVideoAdapter, SkyReelsImageToVideoAdapter
 from .hunyuan_video15 import HunyuanVideo15Adapter, HunyuanVideo15ImageToVideoAdapter
 from .image_base import PackedLatentAdapter, ReferenceImageMixin
 from .ltx2 import LTX2Adapter
+from .ltx2_condition import LTX2ConditionAdapter
 from .qwen_image import QwenImageAdapter, QwenImageEditAdapter, QwenImageEditPlusAdapter
 from .qwen_image21 import QwenImage21Adapter
 from .sd3 import StableDiffusion3Adapter
@@ -41,6 +42,7 @@ ADAPTERS: list[type[PipelineAdapter]] = [
     QwenImage21Adapter,
     FluxKontextAdapter,
     LTX2Adapter,
+    LTX2ConditionAdapter,
 ]
 
 
@@ -71,6 +73,7 @@ __all__ = [
     "HunyuanVideo15ImageToVideoAdapter",
     "HunyuanVideoAdapter",
     "LTX2Adapter",
+    "LTX2ConditionAdapter",
     "PackedLatentAdapter",
     "PipelineAdapter",
     "QwenImage21Adapter",

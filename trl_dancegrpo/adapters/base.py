@@ -58,6 +58,9 @@ class PipelineAdapter:
     has_experts: ClassVar[bool] = False  # several denoisers, one per range of steps (Wan 2.2): takes `train_experts`
     conditioning_column: ClassVar[str] = "image"  # the dataset column of the conditioning (video-to-video: "video")
     takes_strength: ClassVar[bool] = False  # starts from the noised source (video-to-video): takes `strength`
+    # how the pipeline's call takes the conditioning image `image` (the model card's example), and what that needs
+    image_call_argument: ClassVar[str] = "image=image"
+    image_call_import: ClassVar[str] = ""
     # conditioning whose values the denoiser branches on (HunyuanVideo 1.5: all-zero image tokens = text-to-video):
     # `estimate-memory`, whose encoders give values-free fake tensors, gives real stand-ins for them
     value_branch_keys: ClassVar[tuple[str, ...]] = ()

@@ -174,7 +174,8 @@ class LTX2Adapter(FlowMatchAdapter):
             audio_hidden_states=audio.to(dtype),
             encoder_hidden_states=cond["prompt_embeds"],
             audio_encoder_hidden_states=cond["audio_prompt_embeds"],
-            timestep=timestep,
+            timestep=self.video_timestep(timestep),
+            audio_timestep=timestep,
             sigma=timestep,  # as the pipeline (read by LTX-2.3 checkpoints)
             encoder_attention_mask=cond["prompt_attention_mask"],
             audio_encoder_attention_mask=cond["prompt_attention_mask"],
@@ -188,6 +189,14 @@ class LTX2Adapter(FlowMatchAdapter):
             **kwargs,
         )
         return video_out.float(), audio_out.float()
+
+    def video_timestep(self, timestep: torch.Tensor) -> torch.Tensor:
+        """The video tokens' timestep: one per sample here; per token where tokens are conditioned (`LTX2ConditionPipeline`)."""
+        return timestep
+
+    def video_x0(self, x0_video: torch.Tensor, cond) -> torch.Tensor:
+        """The guided clean video the step moves towards; image conditioning replaces its conditioned tokens here."""
+        return x0_video
 
     def predict(self, denoiser, latents, step_index, cond) -> torch.Tensor:
         return self.guided_velocity(denoiser, latents, step_index, cond, None)
@@ -245,6 +254,7 @@ class LTX2Adapter(FlowMatchAdapter):
             guided_video = rescale_noise_cfg(guided_video, x0_video, guidance_rescale=self.guidance_rescale)
         if self.audio_guidance_rescale > 0:
             guided_audio = rescale_noise_cfg(guided_audio, x0_audio, guidance_rescale=self.audio_guidance_rescale)
+        guided_video = self.video_x0(guided_video, cond)
         return self.join((video - guided_video) / sigma, (audio - guided_audio) / sigma)
 
     # -- decoding ----------------------------------------------------------------------------------------------------
