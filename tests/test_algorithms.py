@@ -167,6 +167,14 @@ def test_ddim_families_refuse_the_forward_process_algorithms(algorithm, tiny_pip
         make_trainer(tiny_pipeline_path("tiny-sd"), tmp_path, algorithm=algorithm)
 
 
+def test_first_frame_conditioned_ltx2_refuses_them(tiny_pipeline_path, tmp_path):
+    """LTX-2 condition keeps clean first-frame tokens inside the latent: the forward process would noise them."""
+    from .test_ltx2 import CONDITION, make_ltx2_trainer
+
+    with pytest.raises(ValueError, match="keeps clean condition tokens in it"):
+        make_ltx2_trainer(tiny_pipeline_path, tmp_path, CONDITION, algorithm="nft")
+
+
 # -- training ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("algorithm", ["nft", "awm"])
 def test_rollout_keeps_only_the_clean_samples_of_a_deterministic_sampler(algorithm, tiny_pipeline_path, tmp_path):

@@ -70,6 +70,12 @@ class ForwardProcessAlgorithm(Algorithm):
                 f"x0 + sigma * noise, velocity targets); {type(adapter.pipeline).__name__} is a DDIM (epsilon-"
                 "prediction) model, for which this trainer implements only algorithm='grpo'."
             )
+        if getattr(adapter, "condition_size", 0):  # LTX-2 condition: clean first-frame tokens inside the latent
+            raise ValueError(
+                f"algorithm={args.algorithm!r} noises the whole final latent, but {type(adapter.pipeline).__name__} "
+                "keeps clean condition tokens in it (a first-frame image), which must stay clean: use "
+                "algorithm='grpo' for this pipeline."
+            )
         self.reuses_rollout = args.num_iterations > 1 or args.steps_per_generation > args.gradient_accumulation_steps
 
     def rollout_options(self) -> dict:
