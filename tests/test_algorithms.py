@@ -144,6 +144,8 @@ def test_awm_loss_matches_the_paper_in_float64(weighting):
         ({"algorithm": "awm", "sde_window_size": 2}, "sde_window_size set with algorithm='awm'"),
         ({"algorithm": "nft", "beta": 0.01}, "beta set with algorithm='nft'"),
         ({"algorithm": "awm", "num_generations": 4, "best_of_n": 2}, "best_of_n set with algorithm='awm'"),
+        ({"algorithm": "nft", "sample_with_ema": True}, "sample_with_ema needs an EMA: set ema_decay"),
+        ({"sample_with_ema": True, "ema_decay": 0.5}, "sample_with_ema is for algorithm 'nft' or 'awm'"),
     ],
 )
 def test_bad_algorithm_options_are_refused(overrides, message, tmp_path):
@@ -203,6 +205,26 @@ def test_a_reused_rollout_keeps_the_sampling_policys_velocities(tiny_pipeline_pa
     assert ratios[0] == (1.0, 1.0) and ratios[1] != (1.0, 1.0)
 
 
+@pytest.mark.parametrize("sample_with_ema", [False, True], ids=["trained", "ema"])
+def test_sampling_with_the_ema_trains_against_its_velocities(sample_with_ema, tiny_pipeline_path, tmp_path):
+    """With `sample_with_ema` the old velocities are the EMA's (computed under the weights the rollout sampled with):
+    equal to the trained ones at the first step (the EMA starts as their copy), different from the second on; without
+    it the old velocity is the current one."""
+    trainer = make_trainer(
+        tiny_pipeline_path("tiny-flux"),
+        tmp_path,
+        algorithm="nft",
+        ema_decay=0.5,
+        sample_with_ema=sample_with_ema,
+        learning_rate=1e-2,
+        max_steps=3,
+    )
+    trainer.train()
+    distances = [log["nft/old_distance"] for log in trainer.state.log_history if "nft/old_distance" in log]
+    assert distances[0] == 0.0
+    assert all((distance > 0) == sample_with_ema for distance in distances[1:]), distances
+
+
 FLOW_FAMILIES = [("tiny-flux", {}), ("tiny-sd3", {}), ("tiny-wan", {"num_frames": 5})]
 
 
@@ -233,16 +255,19 @@ def test_two_processes_match_one_with_an_ema(algorithm, tiny_pipeline_path, tmp_
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "algorithm, reuse", [("nft", {}), ("awm", {}), ("nft", {"steps_per_generation": 2})], ids=["nft", "awm", "reused"]
+    "algorithm, reuse",
+    [("nft", {}), ("awm", {}), ("nft", {"steps_per_generation": 2}), ("awm", {"sample_with_ema": True})],
+    ids=["nft", "awm", "reused", "sample-with-ema"],
 )
 def test_resume_with_an_ema_continues_exactly(algorithm, reuse, tiny_pipeline_path, tmp_path):
     path = tiny_pipeline_path("tiny-flux")
-    settings = dict(max_steps=4, save_strategy="steps", save_steps=1 if reuse else 2, learning_rate=1e-2, **reuse)
+    reused = "steps_per_generation" in reuse
+    settings = dict(max_steps=4, save_strategy="steps", save_steps=1 if reused else 2, learning_rate=1e-2, **reuse)
 
     def make(out):
         return make_trainer(path, out, algorithm=algorithm, peft_config=lora_config(), ema_decay=0.5, **settings)
 
-    straight, _, resumed = assert_resume_continues_exactly(make, tmp_path, stop=1 if reuse else 2)
+    straight, _, resumed = assert_resume_continues_exactly(make, tmp_path, stop=1 if reused else 2)
     for name, value in straight.ema.shadow.items():
         assert torch.equal(resumed.ema.shadow[name], value), name
 

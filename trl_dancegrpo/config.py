@@ -172,6 +172,11 @@ class DanceGRPOConfig(TrainingArguments):
             recipe that reproduces the paper's PickScore run (SD 3.5 Medium: ghuber, p = 0.25).
         awm_ghuber_power (`float`, *optional*, defaults to `0.25`):
             The power p of the `"ghuber"` weighting.
+        sample_with_ema (`bool`, *optional*, defaults to `False`):
+            `"nft"` and `"awm"` only: sample the rollouts, and compute the old velocities `v_old`, with the EMA of the
+            weights (`ema_decay`, required) instead of the trained ones: Flow-Factory's `off_policy`, which its NFT
+            FLUX recipe turns on with a fast EMA (decay 0.5, on a ramped schedule; ours is constant). Until the EMA
+            starts (`ema_start_step`) the trained weights sample.
         awm_clip_range (`float`, *optional*, defaults to `1.0`):
             Clip range of AWM's ratio `exp(log_lik - log_lik_old)` (the same recipe: `clip_range: 1`). On-policy
             (one optimizer step per rollout) the ratio is 1 and the gradient is exactly the advantage-weighted
@@ -380,6 +385,9 @@ class DanceGRPOConfig(TrainingArguments):
     )
     awm_ghuber_power: float = field(default=0.25, metadata={"help": "Power of AWM's 'ghuber' weighting."})
     awm_clip_range: float = field(default=1.0, metadata={"help": "Clip range of AWM's likelihood ratio."})
+    sample_with_ema: bool = field(
+        default=False, metadata={"help": "nft/awm: sample and compute the old velocities with the EMA (ema_decay)."}
+    )
 
     # Loss
     timestep_fraction: float = field(

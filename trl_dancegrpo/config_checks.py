@@ -79,6 +79,14 @@ def check_algorithm(args) -> None:
         raise ValueError(f"awm_ghuber_power must be > 0 (AWM's recipe uses 0.25), got {args.awm_ghuber_power}.")
     if args.awm_clip_range <= 0:
         raise ValueError(f"awm_clip_range must be > 0 (AWM's recipe uses 1.0), got {args.awm_clip_range}.")
+    if getattr(args, "sample_with_ema", False):
+        if args.algorithm not in FORWARD_PROCESS_ALGORITHMS:
+            raise ValueError(
+                f"sample_with_ema is for algorithm 'nft' or 'awm' (their off-policy sampling), got {args.algorithm!r}: "
+                "GRPO's log-probs must come from the weights being trained."
+            )
+        if args.ema_decay is None:
+            raise ValueError("sample_with_ema needs an EMA: set ema_decay (Flow-Factory's NFT recipe uses 0.5).")
     if args.algorithm not in FORWARD_PROCESS_ALGORITHMS:
         return
     grpo_only = {

@@ -344,19 +344,20 @@ class DanceGRPOTrainer(Trainer):
 
         try:
             start = time.perf_counter()
-            trajectory = self.sampler.rollout(
-                self.denoiser,
-                cond,
-                negative,
-                first=first,
-                seed=seed,
-                parts=parts,
-                window_seed=args.seed,
-                optimizer_step=self._micro_step // args.gradient_accumulation_steps,
-                autocast=self.accelerator.autocast,
-                on_part=on_part,
-                **self.algorithm.rollout_options(),  # the noise scale (NFT, AWM: 0), the initial-noise groups
-            )
+            with self.algorithm.sampling_weights(self):  # NFT, AWM with sample_with_ema: the EMA's weights
+                trajectory = self.sampler.rollout(
+                    self.denoiser,
+                    cond,
+                    negative,
+                    first=first,
+                    seed=seed,
+                    parts=parts,
+                    window_seed=args.seed,
+                    optimizer_step=self._micro_step // args.gradient_accumulation_steps,
+                    autocast=self.accelerator.autocast,
+                    on_part=on_part,
+                    **self.algorithm.rollout_options(),  # the noise scale (NFT, AWM: 0), the initial-noise groups
+                )
             rollout_time = time.perf_counter() - start  # sampling and decoding; with overlap, scoring runs meanwhile
             start = time.perf_counter()
             if executor is not None:

@@ -35,6 +35,13 @@ class Algorithm:
         """The per-sample tensors of a rollout that the loss needs (the trainer adds advantages and conditioning)."""
         raise NotImplementedError
 
+    def sampling_weights(self, trainer):
+        """A context in which the model holds the weights the rollout samples with: the EMA's with `sample_with_ema`
+        (NFT, AWM; once the EMA has started), else the trained ones."""
+        if getattr(self.args, "sample_with_ema", False) and trainer.ema is not None:
+            return trainer.ema.applied()
+        return contextlib.nullcontext()
+
     def prepare_chunk(self, trainer, model, chunk: dict) -> None:
         """Called on each micro-step's chunk right after the rollout, before any of it is trained on."""
 
@@ -57,7 +64,8 @@ class ForwardProcessAlgorithm(Algorithm):
     (no CFG: both papers train CFG-free). The "old" velocity (the sampling policy's) is the current forward, detached,
     while the rollout is on-policy (one optimizer step per rollout: the weights have not moved since sampling); when a
     rollout feeds later optimizer steps (`steps_per_generation > gradient_accumulation_steps`, `num_iterations > 1`)
-    it is computed once after the rollout and kept with it.
+    or is sampled with the EMA (`sample_with_ema`), it is computed once after the rollout, under the sampling weights,
+    and kept with it.
     """
 
     keeps_trajectory = False
@@ -76,7 +84,9 @@ class ForwardProcessAlgorithm(Algorithm):
                 "keeps clean condition tokens in it (a first-frame image), which must stay clean: use "
                 "algorithm='grpo' for this pipeline."
             )
-        self.reuses_rollout = args.num_iterations > 1 or args.steps_per_generation > args.gradient_accumulation_steps
+        reuses_rollout = args.num_iterations > 1 or args.steps_per_generation > args.gradient_accumulation_steps
+        # the sampling policy differs from the trained one: its velocities are computed once, after the rollout
+        self.keeps_old_velocity = reuses_rollout or args.sample_with_ema
 
     def rollout_options(self) -> dict:
         return {"eta": 0.0, "group_size": 1, "keep_trajectory": False}
@@ -103,11 +113,11 @@ class ForwardProcessAlgorithm(Algorithm):
         return velocity.float(), x_t, x0, noise, sigma
 
     def prepare_chunk(self, trainer, model, chunk: dict) -> None:
-        if not self.reuses_rollout:
+        if not self.keeps_old_velocity:
             return
         num_samples, num_steps = chunk["train_steps"].shape
         old = torch.empty_like(chunk["noise"])
-        with torch.no_grad():
+        with torch.no_grad(), self.sampling_weights(trainer):
             for s in sample_slices(num_samples, num_samples, self.args.rollout_batch_size):
                 for j in range(num_steps):
                     old[s, j] = self.forward(model, chunk, s, j, trainer.accelerator.autocast)[0]

@@ -566,8 +566,10 @@ def estimate_memory(script_args, args, model_args, num_processes: int = 1) -> Me
 
 
 def _reuses_rollout(args) -> bool:
-    """A rollout feeds more than one optimizer step (NFT and AWM then keep the sampling policy's velocities)."""
-    return args.num_iterations > 1 or args.steps_per_generation > args.gradient_accumulation_steps
+    """NFT and AWM keep the sampling policy's velocities: a rollout feeds more than one optimizer step, or the EMA
+    samples (`sample_with_ema`)."""
+    reused = args.num_iterations > 1 or args.steps_per_generation > args.gradient_accumulation_steps
+    return reused or args.sample_with_ema
 
 
 def _blocks(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
