@@ -33,7 +33,7 @@ def broadcast(sigma, like):
 
 # -- DiffusionNFT -----------------------------------------------------------------------------------------------------
 def nft_reference(v, v_old, x0, noise, sigma, advantages, beta, clip):
-    """The paper's velocity-space loss (eq. 8 and 9), in float64, one sample at a time, with the official code's
+    """The paper's velocity-space loss (eq. 8 and 9), in float64, one sample at a time, with Flow-Factory's
     adaptive weight: for each sample, r ||v+ - (noise - x0)||^2 sigma^2 / w+ + (1 - r) ||v- - (noise - x0)||^2
     sigma^2 / w-, w = sigma mean|v - (noise - x0)| (constants), times clip / beta, r = 1/2 + 1/2 clip(A / clip)."""
     losses = []

@@ -163,7 +163,7 @@ class DanceGRPOConfig(TrainingArguments):
             sampling). Rectified-flow families only; the KL term (`beta`) and `best_of_n` are GRPO's.
         nft_beta (`float`, *optional*, defaults to `1.0`):
             DiffusionNFT's beta: the positive velocity is `beta * v_theta + (1 - beta) * v_old`, the negative one
-            `(1 + beta) * v_old - beta * v_theta` (paper, eq. 8; 1.0 in the official and Flow-Factory recipes). The
+            `(1 + beta) * v_old - beta * v_theta` (paper, eq. 8; 1.0 in Flow-Factory's NFT recipes). The
             advantage becomes the optimality probability `r = 0.5 + 0.5 * clip(A / adv_clip_max, -1, 1)`.
         awm_weighting (`str`, *optional*, defaults to `"ghuber"`):
             AWM's time weighting of the matching loss `m = mean((v_theta - (noise - x0))^2)`; the "log-likelihood" is

@@ -8,13 +8,13 @@ built from the trained velocity `v_theta` and the sampling policy's `v_old` (pap
 
 Each sample's reward becomes an optimality probability `r = 0.5 + 0.5 * clip(A / adv_clip_max, -1, 1)` (the paper's
 `r = 1/2 + 1/2 clip((reward - E reward) / Z, -1, 1)` with the group-normalised advantage `A` and `Z = adv_clip_max`, as
-the official code and Flow-Factory), and the loss pulls the positive policy towards high-reward samples and the
+Flow-Factory, whose NFT trainer says it follows the official code), and the loss pulls the positive policy towards high-reward samples and the
 negative one towards low-reward samples:
 
     L = (r * ||x0_plus - x0||^2 / w_plus + (1 - r) * ||x0_minus - x0||^2 / w_minus) * adv_clip_max / beta
 
 with `x0_pm = x_t - sigma * v_pm` (so `||x0_pm - x0||^2 = sigma^2 ||v_pm - (noise - x0)||^2`, the paper's velocity loss
-times `sigma^2`) and the adaptive weights `w = mean|x0_pm - x0|` (no gradient, at least 1e-5) of the official
+times `sigma^2`) and the adaptive weights `w = mean|x0_pm - x0|` (no gradient, at least 1e-5) of Flow-Factory's
 implementation; `||.||^2` is the mean over the non-batch dimensions. At `r = 1/2` (a zero advantage) the two terms'
 gradients cancel to first order: only samples better or worse than their group's mean move the model.
 """
