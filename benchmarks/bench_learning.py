@@ -1,6 +1,6 @@
 """Learning per compute on the shapes yardstick: held-out GenEval-style strict score vs denoiser compute, per sampler.
 
-    python benchmarks/bench_learning.py [--variants dancegrpo flow_grpo cps window2 mixgrpo grpo_guard ...]
+    python benchmarks/bench_learning.py [--variants dancegrpo flow_grpo cps window2 mixgrpo grpo_guard nft awm ...]
                                         [--seeds 0 1 2]
                                         [--max_steps 40] [--eval_every 10] [--small] [--output_dir bench-learning]
 
@@ -10,7 +10,9 @@ Trains the shapes model (`benchmarks/shapes/build.py`, built once into the cache
 `shapes_geneval`. Variants: DanceGRPO's full trajectory (`dancegrpo`: the default recipe, tau 0.6),
 `sde_type="flow_grpo"`, `sde_type="cps"`, the random 2-step window (`window2`, Flow-GRPO-Fast), MixGRPO's sliding
 2-step window (`mixgrpo`), and GRPO-Guard's objective (`algorithm="grpo_guard"`) on Flow-GRPO's step, as the paper
-(`grpo_guard`), and on DanceGRPO's (`grpo_guard_dancegrpo`): the same forwards, so the same compute per step.
+(`grpo_guard`), and on DanceGRPO's (`grpo_guard_dancegrpo`): the same forwards, so the same compute per step; and
+the other objectives on the deterministic sampler, DiffusionNFT (`nft`) and Advantage Weighted Matching (`awm`), at
+the same settings (learning rate, trained steps per sample).
 
 Compute is counted from what the run does: a forward hook on the denoiser adds the batch size of every call made
 during training (rollouts and loss, not the held-out evaluation), 1 per sample for a forward without gradient and 3
@@ -46,6 +48,8 @@ VARIANTS = {
     # the clip range of verl-omni's GRPO-Guard docs (on-policy, as here, the clip never acts: the ratio is 1)
     "grpo_guard": {"algorithm": "grpo_guard", "sde_type": "flow_grpo", "epsilon": 2e-6},
     "grpo_guard_dancegrpo": {"algorithm": "grpo_guard", "epsilon": 2e-6},
+    "nft": {"algorithm": "nft"},  # DiffusionNFT: deterministic rollout, forward-process loss (nft_beta 1)
+    "awm": {"algorithm": "awm"},  # Advantage Weighted Matching: deterministic rollout, weighted matching loss
 }
 
 

@@ -9,6 +9,7 @@ from transformers import TrainingArguments
 from .config_checks import (
     AGGREGATIONS,
     ALGORITHMS,
+    AWM_WEIGHTINGS,
     SDE_TYPES,
     WINDOW_SCHEDULES,
     check_context_parallel,
@@ -18,7 +19,7 @@ from .config_checks import (
 )
 
 
-__all__ = ["AGGREGATIONS", "ALGORITHMS", "SDE_TYPES", "WINDOW_SCHEDULES", "DanceGRPOConfig"]
+__all__ = ["AGGREGATIONS", "ALGORITHMS", "AWM_WEIGHTINGS", "SDE_TYPES", "WINDOW_SCHEDULES", "DanceGRPOConfig"]
 
 
 # `repr=False`: the dataclass-generated `__repr__` would print `hub_token`; TrainingArguments' own masks it.
@@ -158,20 +159,53 @@ class DanceGRPOConfig(TrainingArguments):
             own, other `OSError`s such as a dropped connection to a remote reward) is repeated, after 1, 2, 4...
             seconds; each retry is logged. A call stopped by `reward_timeout` is not retried.
 
-        > Parameters that control the loss
+        > Parameters that control the algorithm
 
         algorithm (`str`, *optional*, defaults to `"grpo"`):
-            The training objective. `"grpo"`: the PPO-clip loss of DanceGRPO and Flow-GRPO on the stored
-            transitions' log-probs. `"grpo_guard"`: GRPO-Guard (arXiv 2510.22319), the same loss on a normalized
-            ratio, centred on 1 at every step (the rollout then keeps each transition's mean: one more latent per step
-            and sample), with each step's loss weighted by `1 / (sigma - sigma_next)`; flow models with `sde_type`
-            `"dancegrpo"` or `"flow_grpo"` only (see `trl_dancegrpo/algorithms/grpo_guard.py`). Its normalized ratio
-            moves about `std` times less than GRPO's for the same update, so it wants a smaller `epsilon` (verl-omni's
-            GRPO-Guard docs suggest `2e-6`).
+            The objective trained on the rollouts (one rollout, reward and advantage path for all; see docs/math.md).
+            `"grpo"`: DanceGRPO's PPO-clip loss on the log-probs of the stochastic sampler's transitions.
+            `"grpo_guard"`: GRPO-Guard (arXiv 2510.22319), the same loss on a normalized ratio, centred on 1 at every
+            step (the rollout then keeps each transition's mean: one more latent per step and sample), with each
+            step's loss weighted by `1 / (sigma - sigma_next)`; flow models with `sde_type` `"dancegrpo"` or
+            `"flow_grpo"` only (see `trl_dancegrpo/algorithms/grpo_guard.py`). Its normalized ratio moves about `std`
+            times less than GRPO's for the same update, so it wants a smaller `epsilon` (verl-omni's GRPO-Guard docs
+            suggest `2e-6`).
+            `"nft"`: DiffusionNFT (arXiv 2509.16117), a flow-matching loss on the forward process contrasting an
+            implicit positive and negative velocity. `"awm"`: Advantage Weighted Matching (arXiv 2509.25050), the
+            pretraining flow-matching loss weighted by the advantage (as a clipped policy-gradient ratio). `"nft"` and
+            `"awm"` sample with the deterministic (ODE) solver (no `eta`, no SDE window: what Flow-Factory's NFT and
+            AWM recipes do, `dynamics_type: ODE`), keep only the clean final latents and the conditioning, each
+            sample from its own initial noise (`init_same_noise` is ignored: a deterministic sampler would make a
+            group's samples identical), and train the conditional model without CFG at `int(timestep_fraction * (T -
+            1))` sigmas of the sampler's grid per sample, each with fresh noise (Flow-Factory's `"discrete"` timestep
+            sampling). Rectified-flow families only; the KL term (`beta`) and `best_of_n` are GRPO's.
         guard_gradient_reweighting (`bool`, *optional*, defaults to `True`):
             With `algorithm="grpo_guard"`, weight each step's loss by `1 / (sigma - sigma_next)` (the paper's gradient
             reweighting, in Flow-Factory's and verl-omni's implementations); `False` keeps only the ratio
             normalization.
+        nft_beta (`float`, *optional*, defaults to `1.0`):
+            DiffusionNFT's beta: the positive velocity is `beta * v_theta + (1 - beta) * v_old`, the negative one
+            `(1 + beta) * v_old - beta * v_theta` (paper, eq. 8; 1.0 in Flow-Factory's NFT recipes). The
+            advantage becomes the optimality probability `r = 0.5 + 0.5 * clip(A / adv_clip_max, -1, 1)`.
+        awm_weighting (`str`, *optional*, defaults to `"ghuber"`):
+            AWM's time weighting of the matching loss `m = mean((v_theta - (noise - x0))^2)`; the "log-likelihood" is
+            `-m` (`"uniform"`), `-sigma * m` (`"sigma"`), `-sigma^2 * m` (`"sigma_squared"`) or the generalised Huber
+            `-sigma * ((m + 1e-10)^p - 1e-10^p) / p` (`"ghuber"`, p = `awm_ghuber_power`), as in Flow-Factory's AWM
+            recipe that reproduces the paper's PickScore run (SD 3.5 Medium: ghuber, p = 0.25).
+        awm_ghuber_power (`float`, *optional*, defaults to `0.25`):
+            The power p of the `"ghuber"` weighting.
+        sample_with_ema (`bool`, *optional*, defaults to `False`):
+            `"nft"` and `"awm"` only: sample the rollouts, and compute the old velocities `v_old`, with the EMA of the
+            weights (`ema_decay`, required) instead of the trained ones: Flow-Factory's `off_policy`, which its NFT
+            FLUX recipe turns on with a fast EMA (decay 0.5, on a ramped schedule; ours is constant). Until the EMA
+            starts (`ema_start_step`) the trained weights sample.
+        awm_clip_range (`float`, *optional*, defaults to `1.0`):
+            Clip range of AWM's ratio `exp(log_lik - log_lik_old)` (the same recipe: `clip_range: 1`). On-policy
+            (one optimizer step per rollout) the ratio is 1 and the gradient is exactly the advantage-weighted
+            matching loss's.
+
+        > Parameters that control the loss
+
         timestep_fraction (`float`, *optional*, defaults to `0.6`):
             Fraction tau of the stochastic steps trained on. Without a window each sample trains on a random subset of
             `int(tau * (T - 1))` (at least one) of the first `T - 1` steps, as DanceGRPO's code; with `1.0` exactly
@@ -365,14 +399,30 @@ class DanceGRPOConfig(TrainingArguments):
         default=0, metadata={"help": "Retries of a reward call after a transient error (ConnectionError, OSError)."}
     )
 
-    # Loss
+    # Algorithm
     algorithm: str = field(
         default="grpo",
-        metadata={"help": "Training objective: grpo or grpo_guard (GRPO-Guard).", "choices": list(ALGORITHMS)},
+        metadata={
+            "help": "Objective: 'grpo', 'grpo_guard' (GRPO-Guard), 'nft' (DiffusionNFT) or 'awm' (Advantage Weighted "
+            "Matching).",
+            "choices": list(ALGORITHMS),
+        },
     )
     guard_gradient_reweighting: bool = field(
         default=True, metadata={"help": "GRPO-Guard: weight each step's loss by 1 / (sigma - sigma_next)."}
     )
+    nft_beta: float = field(default=1.0, metadata={"help": "DiffusionNFT's beta (implicit positive/negative policy)."})
+    awm_weighting: str = field(
+        default="ghuber",
+        metadata={"help": "AWM's time weighting of the matching loss.", "choices": list(AWM_WEIGHTINGS)},
+    )
+    awm_ghuber_power: float = field(default=0.25, metadata={"help": "Power of AWM's 'ghuber' weighting."})
+    awm_clip_range: float = field(default=1.0, metadata={"help": "Clip range of AWM's likelihood ratio."})
+    sample_with_ema: bool = field(
+        default=False, metadata={"help": "nft/awm: sample and compute the old velocities with the EMA (ema_decay)."}
+    )
+
+    # Loss
     timestep_fraction: float = field(
         default=0.6, metadata={"help": "Fraction of the sampler steps trained on per sample, in (0, 1]."}
     )

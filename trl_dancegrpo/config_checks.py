@@ -15,8 +15,10 @@ import warnings
 
 
 AGGREGATIONS = ("normalize_then_sum", "sum_then_normalize")
-ALGORITHMS = ("grpo", "grpo_guard")
 GUARD_SDE_TYPES = ("dancegrpo", "flow_grpo")  # the steps GRPO-Guard applies to (see algorithms/grpo_guard.py)
+ALGORITHMS = ("grpo", "grpo_guard", "nft", "awm")
+AWM_WEIGHTINGS = ("uniform", "sigma", "sigma_squared", "ghuber")
+FORWARD_PROCESS_ALGORITHMS = ("nft", "awm")  # they sample with the deterministic solver and keep no trajectory
 SDE_TYPES = ("dancegrpo", "flow_grpo", "cps")
 WINDOW_SCHEDULES = ("random", "sliding")
 CONTEXT_PARALLEL_TYPES = ("ulysses", "ring")
@@ -67,6 +69,51 @@ def check_ema(args) -> None:
             raise ValueError(f"{', '.join(given)} set without ema_decay: set ema_decay (e.g. 0.995) to keep an EMA.")
 
 
+def check_algorithm(args) -> None:
+    """The algorithm and its options; the GRPO-only options are refused with the forward-process objectives."""
+    if args.algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {args.algorithm!r}.")
+    if args.algorithm == "grpo_guard" and args.sde_type not in GUARD_SDE_TYPES:
+        raise ValueError(
+            f"algorithm='grpo_guard' is defined for the flow SDE step (sde_type in {list(GUARD_SDE_TYPES)}), got "
+            f"sde_type={args.sde_type!r}: CPS's noise level does not scale with sqrt(-dt), so GRPO-Guard's ratio "
+            "normalization and 1/dt reweighting do not hold for it. Use sde_type='flow_grpo' (the paper's) or "
+            "'dancegrpo', or algorithm='grpo' with CPS."
+        )
+    if args.nft_beta <= 0:
+        raise ValueError(f"nft_beta must be > 0 (DiffusionNFT uses 1.0), got {args.nft_beta}.")
+    if args.awm_weighting not in AWM_WEIGHTINGS:
+        raise ValueError(f"awm_weighting must be one of {AWM_WEIGHTINGS}, got {args.awm_weighting!r}.")
+    if args.awm_ghuber_power <= 0:
+        raise ValueError(f"awm_ghuber_power must be > 0 (AWM's recipe uses 0.25), got {args.awm_ghuber_power}.")
+    if args.awm_clip_range <= 0:
+        raise ValueError(f"awm_clip_range must be > 0 (AWM's recipe uses 1.0), got {args.awm_clip_range}.")
+    if getattr(args, "sample_with_ema", False):
+        if args.algorithm not in FORWARD_PROCESS_ALGORITHMS:
+            raise ValueError(
+                f"sample_with_ema is for algorithm 'nft' or 'awm' (their off-policy sampling), got {args.algorithm!r}: "
+                "GRPO's log-probs must come from the weights being trained."
+            )
+        if args.ema_decay is None:
+            raise ValueError("sample_with_ema needs an EMA: set ema_decay (Flow-Factory's NFT recipe uses 0.5).")
+    if args.algorithm not in FORWARD_PROCESS_ALGORITHMS:
+        return
+    grpo_only = {
+        "eta": args.eta is not None,
+        "sde_type": args.sde_type != "dancegrpo",
+        "sde_window_size": args.sde_window_size is not None,
+        "best_of_n": getattr(args, "best_of_n", None) is not None,
+        "beta": args.beta > 0,
+    }
+    given = [name for name, set_ in grpo_only.items() if set_]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} set with algorithm={args.algorithm!r}: these options belong to algorithm='grpo' (its "
+            f"stochastic sampler and loss); {args.algorithm} samples with the deterministic solver and has no KL term. "
+            "Leave them unset, or use algorithm='grpo'."
+        )
+
+
 def check_values(args) -> None:
     """Raise a `ValueError` naming the first option (attribute of `args`) whose value is out of range."""
     if args.num_generations < 2:
@@ -97,15 +144,6 @@ def check_values(args) -> None:
         )
     if args.sde_type not in SDE_TYPES:
         raise ValueError(f"sde_type must be one of {SDE_TYPES}, got {args.sde_type!r}.")
-    if args.algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {args.algorithm!r}.")
-    if args.algorithm == "grpo_guard" and args.sde_type not in GUARD_SDE_TYPES:
-        raise ValueError(
-            f"algorithm='grpo_guard' is defined for the flow SDE step (sde_type in {list(GUARD_SDE_TYPES)}), got "
-            f"sde_type={args.sde_type!r}: CPS's noise level does not scale with sqrt(-dt), so GRPO-Guard's ratio "
-            "normalization and 1/dt reweighting do not hold for it. Use sde_type='flow_grpo' (the paper's) or "
-            "'dancegrpo', or algorithm='grpo' with CPS."
-        )
     if args.eta is not None and args.eta <= 0:
         raise ValueError(
             f"eta must be > 0 or None (got {args.eta}): with a deterministic sampler the transitions have no log-prob."
@@ -133,6 +171,7 @@ def check_values(args) -> None:
             f"multi_objective_aggregation must be one of {AGGREGATIONS}, got {args.multi_objective_aggregation!r}."
         )
     check_ema(args)
+    check_algorithm(args)
     if args.num_iterations < 1:
         raise ValueError(f"num_iterations must be at least 1, got {args.num_iterations}.")
     if args.rollout_batch_size is not None and args.rollout_batch_size < 1:

@@ -280,6 +280,7 @@ class TrajectorySampler:
         autocast: Callable | None = None,
         on_part: Callable[..., None] | None = None,
         keep_means: bool = False,
+        keep_trajectory: bool = True,
     ) -> Trajectory:
         """Sample and decode the trajectories of the samples `first, first + 1, ...` of the global batch.
 
@@ -298,6 +299,8 @@ class TrajectorySampler:
                 batches of at most the largest part (identical results; `False` runs them per sample).
             autocast (`Callable`, *optional*): A context-manager factory (mixed precision) for the forwards and decoding.
             keep_means (`bool`): Keep the mean of every transition in `Trajectory.means` (GRPO-Guard).
+            keep_trajectory (`bool`): Keep every step's latents and log-probs; `False` keeps only the last step's
+                (`latents` is then `[N, 1, ...]`, the final latents: what DiffusionNFT and AWM train on).
         """
         step_eta = self.step_eta(
             range(0, self.num_steps - 1) if window is None else window, self.eta if eta is None else eta
@@ -331,6 +334,8 @@ class TrajectorySampler:
                     part_log_probs.append(step.log_prob)
                     if keep_means:
                         part_means.append(step.prev_sample_mean)
+                    if not keep_trajectory:
+                        part_latents, part_log_probs = part_latents[-1:], part_log_probs[-1:]
                 images = self.adapter.decode(part_latents[-1])
                 extras = self.adapter.decode_extras(part_latents[-1])
             means = torch.stack(part_means, dim=1) if keep_means else None

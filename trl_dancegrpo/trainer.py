@@ -1,8 +1,8 @@
 """DanceGRPOTrainer: GRPO for diffusers pipelines. One rollout feeds `steps_per_generation` micro-steps:
 
 encode (`encoding.PromptEncoder`) -> sample (`rollout.TrajectorySampler`) -> score (the rewards) -> advantages and
-best-of-n (`objectives`) -> optimize (`_policy_step`: per trained step, the log-prob recomputed by
-`TrajectorySampler.recompute_transition`, the PPO-clip loss and KL term of `objectives`) -> log. Model construction is
+best-of-n (`objectives`) -> optimize (`_policy_step`: per trained step, the loss of the `algorithms` module chosen by
+`args.algorithm`: GRPO's PPO-clip loss, DiffusionNFT or AWM) -> log. Model construction is
 in `models.py`, the dataset checks in `config_checks.py`. `self.model` is the denoiser as `Trainer` wraps it (DDP,
 FSDP); `self.denoiser` is the same module unwrapped, for the forwards outside the loss.
 """
@@ -24,7 +24,7 @@ from trl.trainer.utils import RepeatSampler
 
 from . import checkpoints
 from .adapters import PipelineAdapter
-from .algorithms import grpo_guard
+from .algorithms import make_algorithm
 from .config import DanceGRPOConfig
 from .config_checks import check_dataset, check_image_column, check_reward_weights_count
 from .ema import EMA_FOLDER, EMACallback, ema_state_name
@@ -41,16 +41,12 @@ from .models import (  # noqa: F401  (cast_module: re-exported)
 )
 from .objectives import (  # noqa: F401  (compute_advantages, best_of_n_indices: re-exported, importable from here)
     best_of_n_indices,
-    clipped_mask,
-    clipped_policy_loss,
     compute_advantages,
-    gaussian_kl,
-    policy_metrics,
     rollout_metrics,
 )
 from .parallel import GroupRepeatSampler, check_context_parallel_support, setup_context_parallel
 from .rewards.scoring import RewardScorer, resolve_reward_funcs
-from .rollout import TrajectorySampler, denoise, index_conditioning, mix_seed, sample_slices, split_batch
+from .rollout import TrajectorySampler, index_conditioning, mix_seed, sample_slices, split_batch
 from .sharding import save_denoiser_state_dict
 from .video import first_audio, load_image, log_sample_to_integrations, save_sample, side_by_side
 
@@ -170,6 +166,7 @@ class DanceGRPOTrainer(Trainer):
             window_interval=args.sde_window_interval,
             timestep_fraction=args.timestep_fraction,
         )
+        self.algorithm = make_algorithm(args, self.adapter, self.sampler)  # before the model is prepared
 
         set_seed(args.seed)  # the LoRA's random initialisation is reproducible, as the Trainer's own model_init is
         self.is_lora = peft_config is not None
@@ -352,20 +349,20 @@ class DanceGRPOTrainer(Trainer):
 
         try:
             start = time.perf_counter()
-            trajectory = self.sampler.rollout(
-                self.denoiser,
-                cond,
-                negative,
-                first=first,
-                seed=seed,
-                parts=parts,
-                window_seed=args.seed,
-                optimizer_step=self._micro_step // args.gradient_accumulation_steps,
-                group_size=args.num_generations if args.init_same_noise else 1,
-                autocast=self.accelerator.autocast,
-                on_part=on_part,
-                keep_means=args.algorithm == grpo_guard.ALGORITHM,
-            )
+            with self.algorithm.sampling_weights(self):  # NFT, AWM with sample_with_ema: the EMA's weights
+                trajectory = self.sampler.rollout(
+                    self.denoiser,
+                    cond,
+                    negative,
+                    first=first,
+                    seed=seed,
+                    parts=parts,
+                    window_seed=args.seed,
+                    optimizer_step=self._micro_step // args.gradient_accumulation_steps,
+                    autocast=self.accelerator.autocast,
+                    on_part=on_part,
+                    **self.algorithm.rollout_options(),  # the noise scale (NFT, AWM: 0), the initial-noise groups
+                )
             rollout_time = time.perf_counter() - start  # sampling and decoding; with overlap, scoring runs meanwhile
             start = time.perf_counter()
             if executor is not None:
@@ -398,17 +395,12 @@ class DanceGRPOTrainer(Trainer):
 
         if args.sde_window_size is not None:
             self._metrics["train"]["sde_window/start"].append(float(trajectory.window.start))
-        batch = {
-            "latents": trajectory.latents,
-            "log_probs": trajectory.log_probs,
+        batch = {  # what the algorithm keeps of the rollout (GRPO: the trajectory; NFT, AWM: the clean samples)
+            **self.algorithm.rollout_batch(trajectory, first, seed, device),
             "advantages": advantages[process_slice].to(device),
-            # per sample, a random subset of the window's steps (without one: of all but the last step) to train on
-            "train_steps": trajectory.train_steps.to(device),
             "cond": cond,
             "negative_cond": negative,
         }
-        if trajectory.means is not None:  # GRPO-Guard: the transition means
-            batch["means"] = trajectory.means
         if args.best_of_n:
             keep = best_of_n_indices(advantages[process_slice], args.num_generations, args.best_of_n).to(device)
             batch = {key: value[keep] if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
@@ -450,9 +442,8 @@ class DanceGRPOTrainer(Trainer):
         if self._micro_step % (args.steps_per_generation * args.num_iterations) == 0 or self._buffered_inputs is None:
             batch = self._generate_and_score(inputs)
             self._buffered_inputs = split_batch(batch, args.steps_per_generation)
-            if args.best_of_n:  # the kept samples were sampled in other batches than the loss will see them in
-                for buffered in self._buffered_inputs:  # see TrajectorySampler.rescore
-                    self.sampler.rescore(model, buffered, args.rollout_batch_size, self.accelerator.autocast)
+            for buffered in self._buffered_inputs:  # GRPO: best-of-n's old log-probs; NFT, AWM: the old velocities
+                self.algorithm.prepare_chunk(self, model, buffered)
         chunk = self._buffered_inputs[self._micro_step % args.steps_per_generation]
         self._micro_step += 1
         start = time.perf_counter()
@@ -484,7 +475,7 @@ class DanceGRPOTrainer(Trainer):
         return self._buffered_inputs
 
     def _policy_step(self, model, chunk: dict) -> torch.Tensor:
-        """PPO-clip loss on the chosen steps of each sample, one backward per (step, slice): memory stays flat."""
+        """The algorithm's loss on the chosen steps of each sample, one backward per (step, slice): memory stays flat."""
         args = self.args
         num_samples, num_steps = chunk["train_steps"].shape
         slices = sample_slices(num_samples, num_samples, args.rollout_batch_size)
@@ -500,47 +491,12 @@ class DanceGRPOTrainer(Trainer):
                 last = j * len(slices) + n == num_backward - 1
                 sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
                 with sync:
-                    loss = self._step_loss(model, chunk, s, j, stats) * scale
+                    loss = self.algorithm.step_loss(self, model, chunk, s, j, stats) * scale
                     self.accelerator.backward(loss * self.data_parallel.grad_scale)
                 total_loss += loss.detach()
-        for key, value in policy_metrics(stats).items():
+        for key, value in self.algorithm.metrics(stats).items():
             self._metrics["train"][key].append(value)
         return total_loss * accumulation  # reported loss is per micro-step
-
-    def _step_loss(self, model, chunk, s, j, stats) -> torch.Tensor:
-        args = self.args
-        step, rows, step_index, x_t, cond = self.sampler.recompute_transition(
-            model, chunk, s, j, self.accelerator.autocast
-        )
-        advantages = chunk["advantages"][s]
-        if args.algorithm == grpo_guard.ALGORITHM:  # its normalized ratio and 1/dt weight: algorithms/grpo_guard.py
-            per_sample, ratio, log_ratio = grpo_guard.step_loss(self.adapter, args, step, chunk, s, rows, step_index)
-        else:
-            old_log_prob = chunk["log_probs"][s][rows, step_index]
-            per_sample, ratio, log_ratio = clipped_policy_loss(step.log_prob, old_log_prob, advantages, args.epsilon)
-        if args.beta > 0:
-            kl = self._kl_to_reference(x_t, step_index, cond, chunk["negative_cond"], step)
-            per_sample = per_sample + args.beta * kl
-            stats["kl"].append(kl.detach())
-        stats["ratio"].append(ratio.detach())
-        stats["log_ratio"].append(log_ratio.detach())
-        stats["clipped"].append(clipped_mask(ratio, advantages, args.epsilon))
-        return per_sample.sum()
-
-    def _kl_to_reference(self, x_t, step_index, cond, negative_cond, step) -> torch.Tensor:
-        """KL between the Gaussian transitions of the current and the starting model (same std, so a mean distance)."""
-        with torch.no_grad(), self.accelerator.autocast():
-            if self.ref_denoiser is not None:
-                ref_output = denoise(self.adapter, self.ref_denoiser, x_t, step_index, cond, negative_cond)
-            else:
-                denoiser = self.denoiser
-                denoiser.disable_adapters()
-                try:
-                    ref_output = denoise(self.adapter, denoiser, x_t, step_index, cond, negative_cond)
-                finally:
-                    denoiser.enable_adapters()
-            ref = self.adapter.step(ref_output, x_t, step_index, self.sampler.eta, prev_sample=step.prev_sample)
-        return gaussian_kl(step.prev_sample_mean, ref.prev_sample_mean, step.std_dev)
 
     # -- logging, evaluation, saving ----------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

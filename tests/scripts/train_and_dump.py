@@ -26,7 +26,7 @@ parser.add_argument("--sde_window", type=int, default=None, help="a one-step SDE
 parser.add_argument("--ema_decay", type=float, default=None, help="keep an EMA of the trained weights")
 parser.add_argument("--guidance_scale", type=float, default=None, help="the family's default if unset")
 parser.add_argument("--context_parallel", type=int, default=1, help="context_parallel_size (Ulysses)")
-parser.add_argument("--algorithm", default="grpo", help="DanceGRPOConfig.algorithm")
+parser.add_argument("--algorithm", default="grpo", help="DanceGRPOConfig.algorithm (grpo, grpo_guard, nft, awm)")
 parser.add_argument(
     "--conditioning", choices=["image", "video"], default=None, help="an 'image' or 'video' column (solid colours)"
 )

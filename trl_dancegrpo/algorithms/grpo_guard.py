@@ -37,6 +37,7 @@ The rollout keeps the mean `mu_old` of every transition (`Trajectory.means`, one
 import torch
 
 from ..adapters.base import FlowMatchAdapter
+from .grpo import GRPO
 
 
 ALGORITHM = "grpo_guard"  # config_checks refuses the sde_types it does not apply to (GUARD_SDE_TYPES there)
@@ -111,20 +112,32 @@ def guard_policy_loss(
     return loss, ratio, log_ratio
 
 
-def step_loss(adapter, args, step, chunk: dict, s: slice, rows: torch.Tensor, step_index: torch.Tensor):
-    """[`guard_policy_loss`] of the samples `s` of a rollout `chunk` (with its `means` and `advantages`), recomputed by
-    `TrajectorySampler.recompute_transition` (`step`, `rows`, `step_index`), with `args.epsilon` and
-    `args.guard_gradient_reweighting`; `dt` from the adapter's sigma grid."""
-    sigmas = adapter.sigmas.to(step_index.device)
-    dt = sigmas[step_index + 1] - sigmas[step_index]
-    old_mean = chunk["means"][s][rows, step_index]
-    return guard_policy_loss(
-        step.prev_sample_mean,
-        old_mean,
-        step.prev_sample,
-        step.std_dev,
-        dt,
-        chunk["advantages"][s],
-        args.epsilon,
-        args.guard_gradient_reweighting,
-    )
+class GRPOGuard(GRPO):
+    """`algorithm="grpo_guard"`: GRPO whose rollout also keeps every transition's mean, with [`guard_policy_loss`] in
+    place of the PPO-clip loss (the KL term, best-of-n and the metrics are GRPO's)."""
+
+    name = ALGORITHM  # the model family is checked by `check_adapter` (models.make_adapter)
+
+    def rollout_options(self) -> dict:
+        return {**super().rollout_options(), "keep_means": True}
+
+    def rollout_batch(self, trajectory, first: int, seed: int, device) -> dict:
+        return {**super().rollout_batch(trajectory, first, seed, device), "means": trajectory.means}
+
+    def policy_loss(self, step, chunk: dict, s: slice, rows, step_index):
+        """[`guard_policy_loss`] of the samples `s` of a rollout `chunk` (with its `means` and `advantages`),
+        recomputed by `TrajectorySampler.recompute_transition` (`step`, `rows`, `step_index`), with `args.epsilon` and
+        `args.guard_gradient_reweighting`; `dt` from the adapter's sigma grid."""
+        sigmas = self.adapter.sigmas.to(step_index.device)
+        dt = sigmas[step_index + 1] - sigmas[step_index]
+        old_mean = chunk["means"][s][rows, step_index]
+        return guard_policy_loss(
+            step.prev_sample_mean,
+            old_mean,
+            step.prev_sample,
+            step.std_dev,
+            dt,
+            chunk["advantages"][s],
+            self.args.epsilon,
+            self.args.guard_gradient_reweighting,
+        )

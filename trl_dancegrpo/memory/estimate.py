@@ -5,7 +5,10 @@ denoiser through `rollout.denoise` with the SDE step, the VAE decode of that sli
 step's log-prob, the PPO-clip loss, backward into existing gradients), and one optimizer step with the optimizer the
 Trainer builds. Every other slice and step of an iteration repeats one of these, so their peaks are the process's.
 Static parts (weights, gradients, optimizer states, the trajectory buffer, reward models) are counted from the
-tensors themselves.
+tensors themselves. DiffusionNFT and AWM (`algorithm`) keep no trajectory: their buffer is the clean latents and the
+training noises (and, for a reused rollout, the old velocities); they need no reference or old-policy copy of the model
+(the old velocity is the detached current one on-policy). Their training slice is measured as GRPO's (the same
+denoiser forward and backward; the losses differ by a few latent-sized tensors).
 """
 
 import copy
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config_checks import FORWARD_PROCESS_ALGORITHMS
 from .configs import MODEL_CONFIGS_DIR, build_meta_pipeline, load_pipeline_config
 
 
@@ -540,6 +544,9 @@ def estimate_memory(
     # the latents (initial noise + one per step) and float32 log-probs; GRPO-Guard also keeps each step's mean
     stored_latents = steps + 1 + (steps if args.algorithm == "grpo_guard" else 0)
     trajectory = run.rollout_samples * (latent_bytes * stored_latents + 4 * steps)
+    if args.algorithm in FORWARD_PROCESS_ALGORITHMS:  # NFT, AWM: no trajectory, no log-probs (algorithms/base.py)
+        # the clean final latent and one noise per trained step; a reused rollout keeps the old velocities too
+        trajectory = run.rollout_samples * latent_bytes * (1 + run.num_train_steps * (1 + _reuses_rollout(args)))
 
     parts = {
         "frozen_denoiser": frozen_denoiser,
@@ -619,6 +626,13 @@ def _sequence_parts(run: _Run) -> dict[str, int]:
     }
 
 
+def _reuses_rollout(args) -> bool:
+    """NFT and AWM keep the sampling policy's velocities: a rollout feeds more than one optimizer step, or the EMA
+    samples (`sample_with_ema`)."""
+    reused = args.num_iterations > 1 or args.steps_per_generation > args.gradient_accumulation_steps
+    return reused or args.sample_with_ema
+
+
 def _blocks(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks FSDP wraps: the children of the denoiser's `ModuleList`s."""
     return [block for module in denoiser.modules() if isinstance(module, torch.nn.ModuleList) for block in module]
@@ -666,6 +680,7 @@ def _flops_per_iteration(run: _Run, parts: dict[str, float]) -> float:
     slices = math.ceil(run.micro_batch / run.slice_size)
     training = accumulation * run.num_train_steps * slices * parts["train_forward_backward"]
     rescoring = 0.0
-    if args.best_of_n:  # one no-gradient re-scoring forward per trained step
+    if args.best_of_n or (args.algorithm in FORWARD_PROCESS_ALGORITHMS and _reuses_rollout(args)):
+        # one no-gradient forward per trained step: best-of-n's re-scoring, NFT/AWM's old velocities
         rescoring = accumulation * run.num_train_steps * slices * parts["rollout_forward"]
     return rollout + decode + training + rescoring
