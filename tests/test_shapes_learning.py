@@ -5,7 +5,13 @@ reward, and the held-out dense score moves up; with the negated reward it moves 
 import pytest
 
 from trl_dancegrpo.rewards.shapes import shapes_geneval_dense, shapes_prompts
-from trl_dancegrpo.shapes_model import ShapesBuildSettings, evaluate_shapes, shapes_pipeline_path
+from trl_dancegrpo.shapes_model import (
+    EVAL_GUIDANCE_SCALE,
+    EVAL_NUM_INFERENCE_STEPS,
+    ShapesBuildSettings,
+    evaluate_shapes,
+    shapes_pipeline_path,
+)
 
 from .test_trainer import make_trainer
 
@@ -41,7 +47,8 @@ def test_shapes_reward_moves_held_out_scores_both_ways(tmp_path):
             dataset=train,
             num_generations=8,
             per_device_train_batch_size=32,  # 4 prompts x G = 8
-            num_inference_steps=8,
+            num_inference_steps=EVAL_NUM_INFERENCE_STEPS,
+            guidance_scale=EVAL_GUIDANCE_SCALE,
             max_steps=STEPS,
             learning_rate=LEARNING_RATE,
             log_samples=False,
