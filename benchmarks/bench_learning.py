@@ -33,7 +33,12 @@ import transformers
 
 from trl_dancegrpo import DanceGRPOConfig, DanceGRPOTrainer
 from trl_dancegrpo.rewards.shapes import shapes_geneval_dense, shapes_prompts
-from trl_dancegrpo.shapes_model import ShapesBuildSettings, evaluate_shapes, shapes_pipeline_path
+from trl_dancegrpo.shapes_model import (
+    EVAL_GUIDANCE_SCALE,
+    ShapesBuildSettings,
+    evaluate_shapes,
+    shapes_pipeline_path,
+)
 
 
 transformers.logging.set_verbosity_error()
@@ -79,6 +84,7 @@ def run(path: str, variant: str, seed: int, args) -> list[dict]:
         per_device_train_batch_size=args.group_size * args.prompts_per_step,
         per_device_eval_batch_size=64,
         num_inference_steps=args.steps,
+        guidance_scale=EVAL_GUIDANCE_SCALE,  # the yardstick's true CFG scale (the FLUX default 3.5 would mean CFG)
         max_steps=args.max_steps,
         learning_rate=args.learning_rate,
         height=32,

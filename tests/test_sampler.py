@@ -7,6 +7,7 @@ import torch
 import yaml
 
 from trl_dancegrpo.rollout import denoise, sample_slices
+from trl_dancegrpo.tiny import save_tiny_pipeline
 
 from .test_resume import StopAt, params, rewards_by_step
 from .test_trainer import assert_first_step_on_policy, make_trainer
@@ -194,3 +195,35 @@ def test_resume_with_a_window_continues_exactly(tiny_pipeline_path, tmp_path):
     assert {**rewards_by_step(first), **rewards_by_step(second)} == rewards_by_step(straight)
     windows = [log["sde_window/start"] for log in straight.state.log_history if "sde_window/start" in log]
     assert windows == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 4.0], ids=["no-cfg", "cfg"])
+def test_flux_without_guidance_embedding_samples_as_the_pipelines_true_cfg(guidance_scale, tmp_path):
+    """A FLUX transformer without a guidance embedding (FLUX.1-schnell, the shapes yardstick) is guided by true CFG:
+    from the same initial noise the trainer's deterministic sampler equals `FluxPipeline.__call__` with the arguments
+    the adapter names (`true_cfg_scale` and the empty negative prompt; `guidance_scale` does nothing there)."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    pipeline = FluxPipeline.from_pretrained(save_tiny_pipeline("tiny-flux", str(tmp_path / "embedded")))
+    config = {**pipeline.transformer.config, "guidance_embeds": False}
+    torch.manual_seed(0)
+    pipeline.transformer = FluxTransformer2DModel.from_config(config)
+    pipeline.save_pretrained(tmp_path / "unguided")
+    trainer = make_trainer(str(tmp_path / "unguided"), tmp_path / "out", guidance_scale=guidance_scale)
+    adapter = trainer.adapter
+    assert not adapter.embedded_guidance and adapter.use_cfg == (guidance_scale > 1)
+    images, trajectory = trainer.generate(["a blue house"], seed=3)
+    call = dict(
+        prompt="a blue house",
+        height=adapter.height,
+        width=adapter.width,
+        num_inference_steps=adapter.num_inference_steps,
+        latents=trajectory.latents[:, 0],
+        output_type="pt",
+        max_sequence_length=pipeline.tokenizer_2.model_max_length,
+    )
+    expected = trainer.pipeline(**call, **adapter.pipeline_guidance_arguments()).images
+    torch.testing.assert_close(images, expected, rtol=1e-4, atol=1e-4)
+    if guidance_scale > 1:  # the guidance reaches the samples: the match above means something
+        unguided = trainer.pipeline(**call, true_cfg_scale=1.0).images
+        assert (unguided - expected).abs().max() > 1e-3

@@ -5,15 +5,23 @@ reward, and the held-out dense score moves up; with the negated reward it moves 
 import pytest
 
 from trl_dancegrpo.rewards.shapes import shapes_geneval_dense, shapes_prompts
-from trl_dancegrpo.shapes_model import ShapesBuildSettings, evaluate_shapes, shapes_pipeline_path
+from trl_dancegrpo.shapes_model import (
+    EVAL_GUIDANCE_SCALE,
+    EVAL_NUM_INFERENCE_STEPS,
+    ShapesBuildSettings,
+    evaluate_shapes,
+    shapes_pipeline_path,
+)
 
 from .test_trainer import make_trainer
 
 
 # Measured on 2026-12-04 (small build, seed 0): held-out dense +0.073 up, -0.042 down, the same on a fresh build (the
 # build is deterministic); 2 min 9 s with the build (about 95 s of it), 35 s with the cached build, one other job
-# running. Build 2 (one thread): +0.042 up, -0.042 down, 77 s with the build (50 s of it), load about 3. On the full build, 20 steps at lr 2e-4 raised the held-out dense score on all three seeds (+0.026, +0.078,
-# +0.034; benchmarks/RESULTS.md) and lr 5e-4 was unstable.
+# running. Build 2 (one thread): +0.042 up, -0.042 down, 77 s with the build (50 s of it), load about 3. Build 3
+# (300 VAE and 600 denoiser steps, no guidance embedding): start 0.068, +0.052 up, -0.068 down, 4 min 6 s with the
+# build (175 s of it) under a load of 10 to 14. On the full build 2, 20 steps at lr 2e-4 raised the held-out dense
+# score on all three seeds (+0.026, +0.078, +0.034; benchmarks/RESULTS.md) and lr 5e-4 was unstable.
 STEPS, LEARNING_RATE = 20, 2e-4
 MARGIN = 0.02  # held-out dense score, in [0, 1]
 
@@ -32,7 +40,7 @@ def test_shapes_reward_moves_held_out_scores_both_ways(tmp_path):
         generate = lambda prompts, seed: trainer.generate(prompts, seed=100 + seed)[0]  # noqa: E731
         return evaluate_shapes(generate, test["prompt"], test["category"], seeds=range(2))["dense"]
 
-    shifts = {}
+    shifts, starts = {}, {}
     for direction, reward in (("up", shapes_geneval_dense), ("down", negated_dense)):
         trainer = make_trainer(
             path,
@@ -41,14 +49,15 @@ def test_shapes_reward_moves_held_out_scores_both_ways(tmp_path):
             dataset=train,
             num_generations=8,
             per_device_train_batch_size=32,  # 4 prompts x G = 8
-            num_inference_steps=8,
+            num_inference_steps=EVAL_NUM_INFERENCE_STEPS,
+            guidance_scale=EVAL_GUIDANCE_SCALE,
             max_steps=STEPS,
             learning_rate=LEARNING_RATE,
             log_samples=False,
         )
-        before = held_out_dense(trainer)
+        before = starts[direction] = held_out_dense(trainer)
         trainer.train()
         shifts[direction] = held_out_dense(trainer) - before
-    print(f"held-out dense shifts: {shifts}")
+    print(f"held-out dense at the start: {starts}, shifts: {shifts}")
     assert shifts["up"] > MARGIN, shifts
     assert shifts["down"] < -MARGIN, shifts

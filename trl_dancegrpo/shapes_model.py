@@ -1,10 +1,13 @@
 """A small text-to-image FLUX pipeline pretrained from scratch on the shapes domain: the learning yardstick.
 
 `build_shapes_pipeline(output_dir)` renders captioned scenes (`trl_dancegrpo.rewards.shapes`), trains a small VAE
-(`AutoencoderKL`, 4x downsampling, 8 latent channels) and then a flow-matching `FluxTransformer2DModel` on its latents, and saves a
-`FluxPipeline` that loads with `DiffusionPipeline.from_pretrained(path)` like a Hub model. The text encoders are
-FLUX's pair at a tiny size with random, frozen weights: a word-level T5 tokenizer covers the domain's vocabulary (so
-each word is one token), and the denoiser learns to read their outputs. `shapes_pipeline_path()` builds once per
+(`AutoencoderKL`, 4x downsampling, 8 latent channels) and then a flow-matching `FluxTransformer2DModel` on its
+latents, and saves a `FluxPipeline` that loads with `DiffusionPipeline.from_pretrained(path)` like a Hub model. The
+text encoders are FLUX's pair at a tiny size with random, frozen weights: a word-level T5 tokenizer covers the
+domain's vocabulary (so each word is one token), and the denoiser learns to read their outputs. The denoiser has no
+guidance embedding (as FLUX.1-schnell) and sees the empty prompt on a share of its training rows, so it can be sampled
+with true classifier-free guidance (`FluxPipeline(..., true_cfg_scale=s, negative_prompt="")`, the trainer's
+`guidance_scale=s`); `EVAL_GUIDANCE_SCALE` is the scale the yardstick uses. `shapes_pipeline_path()` builds once per
 settings and code version into a cache folder and returns the path.
 
 Everything is drawn from the seed; on a CPU the result is reproducible run to run (same torch build and threads).
@@ -35,10 +38,22 @@ from .rewards.shapes import (
 )
 
 
-__all__ = ["ShapesBuildSettings", "build_shapes_pipeline", "evaluate_shapes", "shapes_pipeline_path"]
+__all__ = [
+    "EVAL_GUIDANCE_SCALE",
+    "EVAL_NUM_INFERENCE_STEPS",
+    "ShapesBuildSettings",
+    "build_shapes_pipeline",
+    "evaluate_shapes",
+    "shapes_pipeline_path",
+]
 
-BUILD_VERSION = "2"  # bump when the build changes what it produces
-GUIDANCE = 3.5  # the embedded guidance value the denoiser is trained with (the trainer's FLUX default)
+BUILD_VERSION = "3"  # bump when the build changes what it produces
+MAX_SEQUENCE_LENGTH = 12  # T5 tokens of a prompt (one per word; the longest prompt has 11 words)
+# How the yardstick samples (build.py's table, bench_learning, the slow test; `trl-dancegrpo evaluate` takes them as
+# `--num_inference_steps` and `--guidance_scale`): the deterministic sampler's steps and the true CFG scale (1: none).
+# The denoiser has no guidance embedding, so the trainer's FLUX default (3.5) would mean CFG 3.5: pass this instead.
+EVAL_NUM_INFERENCE_STEPS = 8
+EVAL_GUIDANCE_SCALE = 1.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,8 @@ class ShapesBuildSettings:
     denoiser_steps: int = 4000
     batch_size: int = 64
     learning_rate: float = 1e-3
+    cond_dropout: float = 0.1  # share of training rows given the empty prompt: the unconditional branch of CFG
+    train_text_encoder: bool = False  # train the T5 encoder with the denoiser (default: random frozen weights)
     num_layers: int = 2
     num_single_layers: int = 2
     heads: int = 4
@@ -61,19 +78,23 @@ class ShapesBuildSettings:
 
     @classmethod
     def small(cls, seed: int = 0) -> "ShapesBuildSettings":
-        """A quicker build for tests (under a minute on one core): build 1's recipe, a constant VAE rate.
+        """A quicker build for tests (about a minute on an idle core): a constant VAE rate, no empty prompts.
 
-        With the decayed VAE rate at these step counts the samples were colorless (held-out dense 0); at 300 VAE and 600
-        denoiser steps RL moved the held-out dense down with the reward as well as against it (-0.005 to -0.08 up).
+        Build 3 (no guidance embedding, T5 in eval mode) at build 2's small step counts (150 VAE, 300 denoiser steps)
+        and with 10% empty prompts: RL moved the held-out dense down both ways (-0.047 up, -0.036 down); without the
+        empty prompts up both ways (+0.083, +0.099); at 600 denoiser steps it started at 0.031, with no room to fall.
+        These counts start at 0.068 and move +0.052 / -0.068 (tests/test_shapes_learning.py). With the decayed VAE
+        rate (build 2) the small samples were colorless.
         """
         return cls(
             seed=seed,
             num_images=2000,
-            vae_steps=150,
+            vae_steps=300,
             vae_lr_decay=False,
-            denoiser_steps=300,
+            denoiser_steps=600,
             num_layers=1,
             num_single_layers=1,
+            cond_dropout=0.0,
         )
 
     def key(self) -> str:
@@ -97,7 +118,7 @@ def _text_encoders(seed: int) -> dict:
     # T5: one piece per word of the domain (characters as a fallback for anything else)
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
     pieces += [("\u2581" + w, -1.5) for w in _vocabulary()] + [(c, -3.0) for c in _CHARS]
-    tokenizer_2 = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=12)
+    tokenizer_2 = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=MAX_SEQUENCE_LENGTH)
     torch.manual_seed(seed)
     t5 = T5EncoderModel(
         T5Config(
@@ -213,7 +234,11 @@ def _train_vae(images: torch.Tensor, settings: ShapesBuildSettings, log):
     return vae, (latents - shift) * scale
 
 
-def _train_denoiser(latents, prompt_embeds, pooled, pipeline_class, settings: ShapesBuildSettings, log):
+def _train_denoiser(latents, text_ids, pooled, empty, t5, pipeline_class, settings: ShapesBuildSettings, log):
+    """Flow matching on the latents, conditioned on the T5 outputs of `text_ids` (the T5 token ids of each row's
+    prompt; T5 is trained along when `settings.train_text_encoder`) and the pooled CLIP vectors `pooled`. `empty` (the
+    empty prompt's T5 ids and pooled vector, one row each) replaces the prompt of a `cond_dropout` share of the rows,
+    so the model also learns the unconditional velocity that classifier-free guidance contrasts with."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(settings.seed)
@@ -225,20 +250,22 @@ def _train_denoiser(latents, prompt_embeds, pooled, pipeline_class, settings: Sh
         num_single_layers=settings.num_single_layers,
         attention_head_dim=settings.head_dim,
         num_attention_heads=settings.heads,
-        joint_attention_dim=prompt_embeds.shape[-1],
+        joint_attention_dim=t5.config.d_model,
         pooled_projection_dim=pooled.shape[-1],
-        guidance_embeds=True,
+        guidance_embeds=False,  # no embedded guidance: sampled with true classifier-free guidance instead
         axes_dims_rope=[settings.head_dim // 4, 3 * settings.head_dim // 8, 3 * settings.head_dim // 8],
     )
     log(f"denoiser: {sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M parameters, width {inner}")
     n, c, h, w = latents.shape
     tokens = pipeline_class._pack_latents(latents, n, c, h, w)  # (N, h * w / 4, 4c)
     image_ids = pipeline_class._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
-    text_ids = torch.zeros(prompt_embeds.shape[1], 3)
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=settings.learning_rate, weight_decay=0.0)
+    token_positions = torch.zeros(text_ids.shape[1], 3)  # FLUX's text tokens all sit at RoPE position 0
+    t5.eval().requires_grad_(settings.train_text_encoder)  # eval: no dropout
+    trained = list(transformer.parameters()) + (list(t5.parameters()) if settings.train_text_encoder else [])
+    optimizer = torch.optim.AdamW(trained, lr=settings.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(settings.denoiser_steps, floor=0.1))
     generator = torch.Generator().manual_seed(settings.seed + 2)
-    guidance = torch.full((settings.batch_size,), GUIDANCE)
+    empty_ids, empty_pooled = empty
     running = None
     for step in range(settings.denoiser_steps):
         index = torch.randint(n, (settings.batch_size,), generator=generator)
@@ -247,26 +274,47 @@ def _train_denoiser(latents, prompt_embeds, pooled, pipeline_class, settings: Sh
         # logit-normal times (SD3's recipe): most training near the middle of the path
         sigma = torch.sigmoid(torch.randn(settings.batch_size, generator=generator)).view(-1, 1, 1)
         x_t = (1 - sigma) * x0 + sigma * noise
+        drop = torch.rand(settings.batch_size, generator=generator) < settings.cond_dropout
+        ids = torch.where(drop.view(-1, 1), empty_ids, text_ids[index])
+        with torch.set_grad_enabled(settings.train_text_encoder):
+            embeds = t5(ids)[0]
+        pooled_batch = torch.where(drop.view(-1, 1), empty_pooled, pooled[index])
         velocity = transformer(
             hidden_states=x_t,
             timestep=sigma.flatten(),
-            guidance=guidance,
-            pooled_projections=pooled[index],
-            encoder_hidden_states=prompt_embeds[index],
-            txt_ids=text_ids,
+            guidance=None,
+            pooled_projections=pooled_batch,
+            encoder_hidden_states=embeds,
+            txt_ids=token_positions,
             img_ids=image_ids,
             return_dict=False,
         )[0]
         loss = F.mse_loss(velocity, noise - x0)
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         scheduler.step()
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 200 == 0 or step == settings.denoiser_steps - 1:
             log(f"denoiser step {step}: loss {running:.4f}")
+    t5.requires_grad_(False)
     return transformer.eval()
+
+
+def _prompt_inputs(pipeline, prompts: list[str]):
+    """The T5 token ids (as `FluxPipeline` tokenizes them) and pooled CLIP vectors of `prompts`, and the same for the
+    empty prompt (CFG's negative) as one row each."""
+
+    def t5_ids(texts):
+        return pipeline.tokenizer_2(
+            texts, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True, return_tensors="pt"
+        ).input_ids
+
+    with torch.no_grad():
+        pooled = pipeline._get_clip_prompt_embeds(prompts)
+        empty_pooled = pipeline._get_clip_prompt_embeds([""])
+    return t5_ids(prompts), pooled, (t5_ids([""]), empty_pooled)
 
 
 def build_shapes_pipeline(output_dir: str, settings: ShapesBuildSettings | None = None, log=print) -> str:
@@ -294,16 +342,23 @@ def _build(output_dir: str, settings: ShapesBuildSettings, log) -> str:
     log(f"vae trained ({time.perf_counter() - start:.0f} s)")
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
     pipeline = FluxPipeline(scheduler=scheduler, vae=vae, transformer=None, **encoders)
-    with torch.no_grad():
-        distinct = sorted(set(prompts))
-        embeds, pooled, _ = pipeline.encode_prompt(prompt=distinct, prompt_2=None, max_sequence_length=12)
+    distinct = sorted(set(prompts))
+    text_ids, pooled, empty = _prompt_inputs(pipeline, distinct)
     row = {p: i for i, p in enumerate(distinct)}
     index = torch.tensor([row[p] for p in prompts])
-    transformer = _train_denoiser(latents, embeds[index], pooled[index], FluxPipeline, settings, log)
+    t5 = encoders["text_encoder_2"]
+    transformer = _train_denoiser(latents, text_ids[index], pooled[index], empty, t5, FluxPipeline, settings, log)
     pipeline = FluxPipeline(scheduler=scheduler, vae=vae, transformer=transformer, **encoders)
     pipeline.save_pretrained(output_dir)
     (Path(output_dir) / "shapes_build.json").write_text(
-        json.dumps({**asdict(settings), "version": BUILD_VERSION, "seconds": round(time.perf_counter() - start)})
+        json.dumps(
+            {
+                **asdict(settings),
+                "version": BUILD_VERSION,
+                "seconds": round(time.perf_counter() - start),
+                "eval": {"num_inference_steps": EVAL_NUM_INFERENCE_STEPS, "guidance_scale": EVAL_GUIDANCE_SCALE},
+            }
+        )
     )
     log(f"saved to {output_dir} ({time.perf_counter() - start:.0f} s in all)")
     return output_dir

@@ -4,8 +4,9 @@
 
 Renders captioned scenes of colored circles, squares and triangles, trains a small VAE and a flow-matching FLUX
 transformer from scratch, saves the pipeline (load it with `DiffusionPipeline.from_pretrained("shapes-t2i")`, sample
-it at 32x32) and prints its held-out strict scores per GenEval category. Without `--output_dir` the build goes to the
-cache (`$TRL_DANCEGRPO_CACHE` or `~/.cache/trl_dancegrpo`) that tests and benchmarks share, and is reused if there.
+it at 32x32) and prints its held-out strict scores per GenEval category (`--guidance_scales 1 2`: a column per true
+CFG scale). Without `--output_dir` the build goes to the cache (`$TRL_DANCEGRPO_CACHE` or `~/.cache/trl_dancegrpo`)
+that tests and benchmarks share, and is reused if there.
 """
 
 import argparse
@@ -16,11 +17,25 @@ import time
 import torch
 
 from trl_dancegrpo.rewards.shapes import shapes_prompts
-from trl_dancegrpo.shapes_model import ShapesBuildSettings, evaluate_shapes, shapes_pipeline_path
+from trl_dancegrpo.shapes_model import (
+    EVAL_GUIDANCE_SCALE,
+    EVAL_NUM_INFERENCE_STEPS,
+    MAX_SEQUENCE_LENGTH,
+    ShapesBuildSettings,
+    evaluate_shapes,
+    shapes_pipeline_path,
+)
 
 
-def held_out_scores(path: str, num_inference_steps: int = 8, per_category: int = 16, seeds=(0, 1)) -> dict:
-    """Strict scores of the deterministic sampler on the held-out prompts (unseen combinations included)."""
+def held_out_scores(
+    path: str,
+    num_inference_steps: int = EVAL_NUM_INFERENCE_STEPS,
+    guidance_scale: float = EVAL_GUIDANCE_SCALE,
+    per_category: int = 16,
+    seeds=(0, 1),
+) -> dict:
+    """Strict scores of the deterministic sampler on the held-out prompts (unseen combinations included), guided by
+    true CFG at `guidance_scale` (the empty negative prompt; 1: unguided)."""
     from diffusers import DiffusionPipeline
 
     pipeline = DiffusionPipeline.from_pretrained(path)
@@ -28,15 +43,16 @@ def held_out_scores(path: str, num_inference_steps: int = 8, per_category: int =
 
     def generate(prompts, seed):
         generators = [torch.Generator().manual_seed(1000 * seed + i) for i in range(len(prompts))]
+        guidance = {"true_cfg_scale": guidance_scale, "negative_prompt": [""] * len(prompts)}
         return pipeline(
             prompt=prompts,
             height=32,
             width=32,
             num_inference_steps=num_inference_steps,
-            guidance_scale=3.5,
+            **(guidance if guidance_scale > 1 else {}),
             generator=generators,
             output_type="pt",
-            max_sequence_length=12,
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
         ).images
 
     return evaluate_shapes(generate, test["prompt"], test["category"], seeds=seeds)
@@ -48,6 +64,14 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--small", action="store_true", help="The quicker build the slow tests use.")
     parser.add_argument("--no_eval", action="store_true", help="Skip the held-out evaluation.")
+    parser.add_argument(
+        "--guidance_scales",
+        nargs="+",
+        type=float,
+        default=[EVAL_GUIDANCE_SCALE],
+        help=f"True CFG scales to evaluate at, one column each (default: the yardstick's, {EVAL_GUIDANCE_SCALE}).",
+    )
+    parser.add_argument("--num_inference_steps", type=int, default=EVAL_NUM_INFERENCE_STEPS)
     args = parser.parse_args(argv)
     settings = ShapesBuildSettings.small(args.seed) if args.small else ShapesBuildSettings(seed=args.seed)
     start, cpu_start, load_start = time.perf_counter(), time.process_time(), os.getloadavg()[0]
@@ -61,10 +85,12 @@ def main(argv=None):
         f"load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end)"
     )
     if not args.no_eval:
-        scores = held_out_scores(path)
-        print("| category | strict |\n|---|---|")
-        for name, value in scores.items():
-            print(f"| {name} | {value:.3f} |")
+        columns = {g: held_out_scores(path, args.num_inference_steps, g) for g in args.guidance_scales}
+        print(f"held-out scores, {args.num_inference_steps} deterministic steps, true CFG scale per column")
+        print("| category | " + " | ".join(f"CFG {g:g}" for g in columns) + " |")
+        print("|---|" + "---|" * len(columns))
+        for name in next(iter(columns.values())):
+            print(f"| {name} | " + " | ".join(f"{scores[name]:.3f}" for scores in columns.values()) + " |")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,15 @@ class FluxAdapter(PackedLatentAdapter):
     def embedded_guidance(self) -> bool:  # FLUX.1-schnell has no guidance embedding: it gets CFG if asked for
         return bool(self.pipeline.transformer.config.guidance_embeds)
 
+    def pipeline_guidance_arguments(self) -> dict:
+        if self.embedded_guidance:
+            return super().pipeline_guidance_arguments()
+        # without a guidance embedding FluxPipeline ignores `guidance_scale`: its true CFG takes `true_cfg_scale` and a
+        # negative prompt, combined as ours (uncond + scale * (cond - uncond), the empty prompt as the negative)
+        if self.use_cfg:
+            return {"true_cfg_scale": float(self.guidance_scale), "negative_prompt": ""}
+        return {"true_cfg_scale": 1.0}
+
     def __init__(self, pipeline, *args, **kwargs):
         super().__init__(pipeline, *args, **kwargs)
         # the RoPE positions of the tokens in `model_input` (editing appends the source image's)
