@@ -1,5 +1,6 @@
 """Context parallelism (`context_parallel_size`, parallel.py): 2 processes that split each sample's sequence give the
-rollout, rewards, loss and update of 1 process without it, for FLUX and Wan, LoRA and full fine-tuning, with FSDP2.
+rollout, rewards, loss and update of 1 process without it, for FLUX and Wan (LoRA and full fine-tuning, with FSDP2)
+and HunyuanVideo and SkyReels-V1 I2V (our plan, LoRA).
 
 Tolerance of the slow comparisons: float32 on the CPU. With context parallelism each process computes attention for
 half of the heads over the whole sequence (Ulysses), and the parameter gradient is the sum of two partial ones: the
@@ -58,7 +59,7 @@ def test_a_denoiser_without_a_plan_is_refused():
     ):
         check_context_parallel_support(adapter, args)
     check_context_parallel_support(adapter, SimpleNamespace(context_parallel_size=1))  # off: nothing to check
-    # a plan the adapter ships is used (as HunyuanVideo's would be)
+    # a plan the adapter ships is used (as HunyuanVideo's is)
     adapter.cp_plan = {"": {}}
     check_context_parallel_support(adapter, args)
 
@@ -74,6 +75,54 @@ def test_ulysses_needs_heads_divisible_by_the_group():
         check_context_parallel_support(
             adapter, SimpleNamespace(context_parallel_size=4, context_parallel_type="ulysses")
         )
+
+
+def test_hunyuan_video_has_our_plan_for_ulysses_only():
+    from trl_dancegrpo.adapters.hunyuan_video import HunyuanVideoAdapter
+    from trl_dancegrpo.tiny import tiny_hunyuan_video_pipeline
+
+    pipeline = tiny_hunyuan_video_pipeline()
+    assert getattr(type(pipeline.transformer), "_cp_plan", None) is None  # diffusers 0.42 has none: ours is used
+    adapter = SimpleNamespace(
+        pipeline=pipeline,
+        denoiser=pipeline.transformer,
+        cp_plan=HunyuanVideoAdapter.cp_plan.fget(None),
+        context_parallel_types=HunyuanVideoAdapter.context_parallel_types,
+    )
+    check_context_parallel_support(adapter, SimpleNamespace(context_parallel_size=2, context_parallel_type="ulysses"))
+    with pytest.raises(ValueError, match="HunyuanVideoTransformer3DModel's context parallel plan supports 'ulysses'"):
+        check_context_parallel_support(adapter, SimpleNamespace(context_parallel_size=2, context_parallel_type="ring"))
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_local_joint_attention_masks_gathered_mask_the_gathered_keys(size):
+    """Ulysses attends over the keys gathered rank after rank, each rank's `[image_r, text_r]`, with the local masks
+    gathered alike: attention there equals attention over `[image, text]` with the whole mask (float64)."""
+    from trl_dancegrpo.adapters.hunyuan_video import local_joint_attention_mask
+
+    generator = torch.Generator().manual_seed(0)
+    image, text, heads, dim = 4 * size, 3 * size, 2, 8
+    valid = torch.tensor([2, text - 1])  # prompt lengths: padding in more than one rank's text chunk
+    mask = torch.cat([torch.ones(2, image, dtype=torch.bool), torch.arange(text) < valid[:, None]], 1)[:, None, None]
+    query, key, value = torch.randn(3, 2, heads, image + text, dim, generator=generator, dtype=torch.float64)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+
+    def chunk(x, r):  # rank r's image and text tokens (dim -2)
+        i, t = image // size, text // size
+        return torch.cat([x[..., r * i : (r + 1) * i, :], x[..., image + r * t : image + (r + 1) * t, :]], -2)
+
+    gathered_key = torch.cat([chunk(key, r) for r in range(size)], -2)
+    gathered_value = torch.cat([chunk(value, r) for r in range(size)], -2)
+    local = [local_joint_attention_mask(mask, image // size, text // size, r, size) for r in range(size)]
+    got = torch.nn.functional.scaled_dot_product_attention(
+        query, gathered_key, gathered_value, attn_mask=torch.cat(local, -1)
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    # the whole mask over the gathered keys (no slicing) masks the wrong tokens
+    wrong = torch.nn.functional.scaled_dot_product_attention(query, gathered_key, gathered_value, attn_mask=mask)
+    assert (wrong - expected).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="a joint mask of"):
+        local_joint_attention_mask(mask, image, text, 0, size)
 
 
 def shard_batches(sampler, batch_size: int, processes: int) -> list[list[list[int]]]:
@@ -144,6 +193,29 @@ CASES = [("tiny-flux", []), ("tiny-wan", ["--num_frames", "5"])]
 @pytest.mark.parametrize("name, extra", CASES, ids=["flux", "wan"])
 def test_context_parallel_matches_one_process(name, extra, lora, tiny_pipeline_path, tmp_path):
     path, extra = tiny_pipeline_path(name), [*extra, *["--lora"] * lora]
+    single = run([sys.executable, SCRIPT, path, str(tmp_path / "one"), "8", *extra], tmp_path / "one")
+    double = run(two_processes([path, str(tmp_path / "two"), "8", *extra]), tmp_path / "two")
+    assert_same_run(single, double)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, extra", [("tiny-hunyuan-video", []), ("tiny-skyreels", ["--conditioning", "image"])], ids=["t2v", "i2v"]
+)
+def test_hunyuan_video_plan_matches_one_process(name, extra, tmp_path):
+    """Our plan (adapters/hunyuan_video.py), LoRA: HunyuanVideo and SkyReels-V1 I2V (the same transformer, with CFG).
+
+    The tiny tokenizer pads prompts to 48 tokens here (16 by default, where a prompt fills all but the last one or
+    none, which any mask order masks alike): "a cat" leaves 33 padded, "a red house" 27, so each process's text chunk
+    holds padding, batches mix lengths, and SkyReels' empty negative prompt is nearly all padding. With the whole mask
+    over the gathered keys instead of each attention's own slice, the update is off by about 0.4 of itself."""
+    from trl_dancegrpo.tiny import TINY_PIPELINES
+
+    pipeline = TINY_PIPELINES[name]()
+    pipeline.tokenizer.model_max_length = 48
+    path = str(tmp_path / name)
+    pipeline.save_pretrained(path)
+    extra = [*extra, "--num_frames", "5", "--lora"]
     single = run([sys.executable, SCRIPT, path, str(tmp_path / "one"), "8", *extra], tmp_path / "one")
     double = run(two_processes([path, str(tmp_path / "two"), "8", *extra]), tmp_path / "two")
     assert_same_run(single, double)

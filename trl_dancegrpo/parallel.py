@@ -96,6 +96,12 @@ def check_context_parallel_support(adapter, args) -> None:
             "use FSDP2 (examples/accelerate/fsdp.yaml) to fit it, or a family with a plan (FLUX, FLUX.2, Qwen-Image, "
             "Wan, LTX-Video)."
         )
+    kinds = getattr(adapter, "context_parallel_types", ("ulysses", "ring"))
+    if args.context_parallel_type not in kinds:
+        raise ValueError(
+            f"context_parallel_type={args.context_parallel_type!r}: {name}'s context parallel plan supports "
+            f"{' and '.join(repr(kind) for kind in kinds)} only. Set context_parallel_type={kinds[0]!r}."
+        )
     heads = getattr(denoiser.config, "num_attention_heads", None)
     if args.context_parallel_type == "ulysses" and heads is not None and heads % size:
         raise ValueError(
@@ -142,6 +148,8 @@ def enable_context_parallel(denoisers, adapter, size: int, kind: str, device: to
         config = ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses, mesh=mesh)
         with _one_device_count_on_cpu(device):
             denoiser.enable_parallelism(config=config, cp_plan=getattr(adapter, "cp_plan", None))
+        if hasattr(adapter, "prepare_context_parallel"):  # what an adapter's plan cannot express (HunyuanVideo's mask)
+            adapter.prepare_context_parallel(denoiser)
 
 
 def setup_context_parallel(trainer, denoisers) -> DataParallelLayout:

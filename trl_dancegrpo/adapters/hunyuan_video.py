@@ -2,6 +2,8 @@
 (`HunyuanSkyreelsImageToVideoPipeline`, the image-to-video model DanceGRPO trains): one transformer architecture,
 Llama + CLIP prompts, unpacked 5-D latents."""
 
+import functools
+
 import numpy as np
 import torch
 
@@ -87,6 +89,58 @@ class HunyuanVideoAdapter(VideoAdapter):
 
     def latents_to_vae(self, latents: torch.Tensor) -> torch.Tensor:
         return latents / self.pipeline.vae.config.scaling_factor
+
+    # -- context parallelism (diffusers has no `_cp_plan` for HunyuanVideoTransformer3DModel) --------------------------
+    # The forward embeds the whole sequence first: the token refiner pools and self-attends over the whole (padded)
+    # prompt, and the joint attention mask `[B, 1, 1, image + text]` is built from the whole prompt's length. So the
+    # split comes after them, at the first double-stream block's inputs (image and text tokens, each in equal chunks),
+    # with the image rotary embeddings split alike at `rope`; `proj_out`'s image tokens are gathered. The mask is the
+    # one input a plan cannot split: see `prepare_context_parallel`.
+    context_parallel_types = ("ulysses",)  # the joint mask needs Ulysses: diffusers' ring path takes no mask
+
+    @property
+    def cp_plan(self) -> dict:
+        from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+        tokens = ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)
+        rotary = ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)
+        return {
+            "transformer_blocks.0": {"hidden_states": tokens, "encoder_hidden_states": tokens},
+            "rope": {0: rotary, 1: rotary},  # (cos, sin), one row per image token
+            "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+        }
+
+    def prepare_context_parallel(self, denoiser) -> None:
+        """Give each joint attention the mask of the keys it holds (after `enable_parallelism`).
+
+        A process holds chunk `r` of the image tokens and chunk `r` of the text tokens, and attends over
+        `[image_r, text_r]`; Ulysses' all-to-all gathers the keys rank after rank, `[image_0, text_0, image_1, ...]`,
+        and all-gathers a mask of the local key length the same way. The forward's mask covers `[image, text]` in the
+        original order, so each block's attention gets its own slice of it, `[mask(image_r), mask(text_r)]`: the
+        gathered mask is then the one of the gathered keys, and the padded prompt tokens stay masked exactly.
+        """
+        mesh = denoiser._parallel_config.context_parallel_config._flattened_mesh
+        rank, size = torch.distributed.get_rank(mesh.get_group()), mesh.size()
+        hook = functools.partial(_local_joint_attention_mask, rank=rank, size=size)
+        for block in [*denoiser.transformer_blocks, *denoiser.single_transformer_blocks]:
+            block.attn.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def local_joint_attention_mask(mask: torch.Tensor, image: int, text: int, rank: int, size: int) -> torch.Tensor:
+    """The part of `mask` (`[..., size * (image + text)]`, image tokens then text tokens) that covers chunk `rank` of
+    the image tokens and chunk `rank` of the text tokens (`image` and `text` tokens each), in that order."""
+    if mask.shape[-1] != size * (image + text):
+        raise ValueError(f"a joint mask of {mask.shape[-1]} keys for {size} x ({image} + {text}) tokens")
+    image_start, text_start = rank * image, size * image + rank * text
+    return torch.cat([mask[..., image_start : image_start + image], mask[..., text_start : text_start + text]], -1)
+
+
+def _local_joint_attention_mask(module, args, kwargs, rank: int, size: int):
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        return None
+    image, text = kwargs["hidden_states"].shape[1], kwargs["encoder_hidden_states"].shape[1]
+    return args, {**kwargs, "attention_mask": local_joint_attention_mask(mask, image, text, rank, size)}
 
 
 class SkyReelsImageToVideoAdapter(HunyuanVideoAdapter):
