@@ -137,7 +137,7 @@ def test_awm_loss_matches_the_paper_in_float64(weighting):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"algorithm": "ppo"}, "algorithm must be one of ('grpo', 'nft', 'awm')"),
+        ({"algorithm": "ppo"}, "algorithm must be one of ('grpo', 'grpo_guard', 'nft', 'awm')"),
         ({"algorithm": "nft", "nft_beta": 0.0}, "nft_beta must be > 0"),
         ({"algorithm": "awm", "awm_weighting": "huber"}, "awm_weighting must be one of"),
         ({"algorithm": "nft", "eta": 0.3}, "eta set with algorithm='nft'"),

@@ -608,10 +608,16 @@ def sequence_tokens(latents: torch.Tensor, denoiser_config) -> int:
     return math.ceil(latents.numel() / (channels * patch_volume))
 
 
+def _denoiser_config(run: _Run) -> dict:
+    """The denoiser's config; Wan 2.2's two experts (`adapters.wan22.WanExperts`) have none of their own, and each is
+    the same architecture."""
+    return dict(getattr(run.denoiser, "config", None) or run.denoiser.transformer.config)
+
+
 def _sequence_parts(run: _Run) -> dict[str, int]:
     """Bytes of the whole sequence's q, k, v of one attention and of the whole prediction, per rollout and training
     forward (rows doubled with CFG): what context parallelism communicates (see `MemoryEstimate.breakdown`)."""
-    config = dict(run.denoiser.config)
+    config = _denoiser_config(run)
     latents = run.latents(1)
     inner = (config.get("num_attention_heads") or 0) * (config.get("attention_head_dim") or 0)
     element = torch.tensor([], dtype=run.weight_dtype).element_size()
@@ -662,7 +668,7 @@ def _settings(run: _Run) -> dict:
         "ema_decay": args.ema_decay,
         "ema_on_cpu": args.ema_on_cpu,
     }
-    settings["sequence_tokens"] = sequence_tokens(run.latents(1), dict(run.denoiser.config))
+    settings["sequence_tokens"] = sequence_tokens(run.latents(1), _denoiser_config(run))
     if adapter.is_video:
         settings["num_frames"] = adapter.num_frames
     if adapter.has_experts:
