@@ -197,7 +197,7 @@ def test_resume_with_a_window_continues_exactly(tiny_pipeline_path, tmp_path):
     assert windows == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("guidance_scale", [1.0, 4.0], ids=["no-cfg", "cfg"])
+@pytest.mark.parametrize("guidance_scale", [None, 4.0], ids=["default-no-cfg", "cfg"])
 def test_flux_without_guidance_embedding_samples_as_the_pipelines_true_cfg(guidance_scale, tmp_path):
     """A FLUX transformer without a guidance embedding (FLUX.1-schnell, the shapes yardstick) is guided by true CFG:
     from the same initial noise the trainer's deterministic sampler equals `FluxPipeline.__call__` with the arguments
@@ -209,9 +209,11 @@ def test_flux_without_guidance_embedding_samples_as_the_pipelines_true_cfg(guida
     torch.manual_seed(0)
     pipeline.transformer = FluxTransformer2DModel.from_config(config)
     pipeline.save_pretrained(tmp_path / "unguided")
-    trainer = make_trainer(str(tmp_path / "unguided"), tmp_path / "out", guidance_scale=guidance_scale)
+    guidance = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+    trainer = make_trainer(str(tmp_path / "unguided"), tmp_path / "out", **guidance)
     adapter = trainer.adapter
-    assert not adapter.embedded_guidance and adapter.use_cfg == (guidance_scale > 1)
+    # unset, the pipeline's own default (true_cfg_scale 1: no CFG), not FLUX.1-dev's embedded 3.5
+    assert not adapter.embedded_guidance and adapter.use_cfg == (guidance_scale is not None)
     images, trajectory = trainer.generate(["a blue house"], seed=3)
     call = dict(
         prompt="a blue house",
@@ -224,6 +226,6 @@ def test_flux_without_guidance_embedding_samples_as_the_pipelines_true_cfg(guida
     )
     expected = trainer.pipeline(**call, **adapter.pipeline_guidance_arguments()).images
     torch.testing.assert_close(images, expected, rtol=1e-4, atol=1e-4)
-    if guidance_scale > 1:  # the guidance reaches the samples: the match above means something
+    if guidance_scale is not None:  # the guidance reaches the samples: the match above means something
         unguided = trainer.pipeline(**call, true_cfg_scale=1.0).images
         assert (unguided - expected).abs().max() > 1e-3

@@ -9,7 +9,6 @@ from .image_base import PackedLatentAdapter
 class FluxAdapter(PackedLatentAdapter):
     pipeline_class_names = ("FluxPipeline",)
     denoiser_name = "transformer"
-    default_guidance_scale = 3.5  # FLUX.1-dev's embedded guidance, as in DanceGRPO's recipe
     default_lora_target_modules = [
         *JOINT_ATTENTION_LORA_TARGETS,
         "ff.net.0.proj",
@@ -23,6 +22,12 @@ class FluxAdapter(PackedLatentAdapter):
     @property
     def embedded_guidance(self) -> bool:  # FLUX.1-schnell has no guidance embedding: it gets CFG if asked for
         return bool(self.pipeline.transformer.config.guidance_embeds)
+
+    @property
+    def default_guidance_scale(self) -> float:
+        # FLUX.1-dev's embedded guidance 3.5, as in DanceGRPO's recipe; without a guidance embedding (FLUX.1-schnell)
+        # the pipeline's default, `true_cfg_scale=1`: no CFG unless asked for
+        return 3.5 if self.embedded_guidance else 1.0
 
     def pipeline_guidance_arguments(self) -> dict:
         if self.embedded_guidance:
