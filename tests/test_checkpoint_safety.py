@@ -154,6 +154,11 @@ def test_another_model_family_is_refused(copy_of_run, tiny_pipeline_path, tmp_pa
         resume(tiny_pipeline_path, tmp_path, pipeline="tiny-sd", per_device_train_batch_size=8)
 
 
+def test_another_algorithm_is_refused(copy_of_run, tiny_pipeline_path, tmp_path):
+    with pytest.raises(ValueError, match="it was trained with algorithm='grpo', this run uses algorithm='nft'"):
+        resume(tiny_pipeline_path, tmp_path, algorithm="nft")
+
+
 def test_full_fine_tuning_from_a_lora_checkpoint_is_refused(copy_of_run, tiny_pipeline_path, tmp_path):
     settings = {**SAVES, "max_steps": 3}
     trainer = make_trainer(tiny_pipeline_path("tiny-flux"), tmp_path, **settings)

@@ -159,6 +159,7 @@ def checkpoint_info(trainer) -> dict:
         "pipeline": type(trainer.pipeline).__name__,
         "denoiser": type(denoiser).__name__,
         "lora": None,
+        "algorithm": trainer.args.algorithm,
         "trainable_parameters": sorted(
             _plain_name(name) for name, p in denoiser.named_parameters() if p.requires_grad
         ),
@@ -227,6 +228,12 @@ def check_compatible(trainer, checkpoint: str) -> None:
                 f"Cannot resume from {checkpoint}: it was trained on a {saved[key]} ({key}), this run trains a "
                 f"{current[key]}; {fix}."
             )
+    if saved.get("algorithm", "grpo") != current["algorithm"]:  # written before the field existed: GRPO's
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: it was trained with algorithm={saved.get('algorithm', 'grpo')!r}, this "
+            f"run uses algorithm={current['algorithm']!r} (its rollout buffer and optimizer state belong to the other "
+            f"objective); {fix}."
+        )
     if "lora" in saved and (saved["lora"] is None) != (current["lora"] is None):
         raise ValueError(
             f"Cannot resume from {checkpoint}: it holds {_trained(saved, 'denoiser')}, this run trains "
