@@ -12,7 +12,7 @@ from trl_dancegrpo.objectives import clipped_policy_loss
 from trl_dancegrpo.rollout import mix_seed
 
 from .test_distributed import assert_two_processes_match_one
-from .test_learning import darkness, held_out_brightness
+from .test_learning import brightness_shifts
 from .test_resume import assert_resume_continues_exactly
 from .test_trainer import lora_config, make_trainer
 
@@ -292,23 +292,6 @@ def test_resume_with_an_ema_continues_exactly(algorithm, reuse, tiny_pipeline_pa
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm, seed, margin", [("nft", 42, 0.01), ("awm", 1, 0.01)])
 def test_learning_is_two_sided(algorithm, seed, margin, tiny_pipeline_path, tmp_path):
-    from trl_dancegrpo.rewards import brightness
-
-    shifts = {}
-    for direction, reward in (("up", brightness), ("down", darkness)):
-        trainer = make_trainer(
-            tiny_pipeline_path("tiny-flux"),
-            tmp_path / direction,
-            reward=reward,
-            algorithm=algorithm,
-            per_device_train_batch_size=16,
-            num_inference_steps=4,
-            max_steps=30,
-            learning_rate=1e-2,
-            seed=seed,
-        )
-        before = held_out_brightness(trainer)
-        trainer.train()
-        shifts[direction] = held_out_brightness(trainer) - before
+    shifts = brightness_shifts(tiny_pipeline_path("tiny-flux"), tmp_path, algorithm=algorithm, max_steps=30, seed=seed)
     assert shifts["up"] > margin, shifts
     assert shifts["down"] < -margin, shifts

@@ -9,7 +9,6 @@ import torch
 
 from trl_dancegrpo import DanceGRPOConfig
 from trl_dancegrpo.algorithms.grpo_guard import guard_policy_loss, normalized_log_ratio
-from trl_dancegrpo.rewards import brightness
 from trl_dancegrpo.sde import flow_grpo_step_with_logprob, flow_sde_step_with_logprob
 
 from .test_cli_checks import run_cli
@@ -221,23 +220,10 @@ def test_resume_inside_a_reused_rollout_continues_exactly_with_ema(tiny_pipeline
 # 1, 2, 3 (on DanceGRPO's step: +0.019..+0.036 / -0.097..-0.107 on seeds 1, 2, 3).
 @pytest.mark.slow
 def test_brightness_reward_moves_held_out_samples_both_ways(tiny_pipeline_path, tmp_path):
-    from .test_learning import darkness, held_out_brightness
+    from .test_learning import brightness_shifts
 
-    shifts = {}
-    for direction, reward in (("up", brightness), ("down", darkness)):
-        trainer = make_trainer(
-            tiny_pipeline_path("tiny-flux"),
-            tmp_path / direction,
-            reward=reward,
-            per_device_train_batch_size=16,  # 4 prompts x G = 4
-            num_inference_steps=4,
-            max_steps=30,
-            learning_rate=1e-2,
-            algorithm="grpo_guard",
-            sde_type="flow_grpo",
-        )
-        before = held_out_brightness(trainer)
-        trainer.train()
-        shifts[direction] = held_out_brightness(trainer) - before
+    shifts = brightness_shifts(
+        tiny_pipeline_path("tiny-flux"), tmp_path, max_steps=30, algorithm="grpo_guard", sde_type="flow_grpo"
+    )
     assert shifts["up"] > 0.015, shifts
     assert shifts["down"] < -0.015, shifts

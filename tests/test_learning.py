@@ -25,6 +25,23 @@ def held_out_brightness(trainer) -> float:
     return torch.stack([trainer.generate(HELD_OUT_PROMPTS, seed=s)[0].mean() for s in HELD_OUT_SEEDS]).mean().item()
 
 
+def brightness_shifts(path, tmp_path, held_out=held_out_brightness, **settings) -> dict[str, float]:
+    """Train `path` on brightness ("up") and on its negation ("down") from the same start, 4 prompts x G = 4 per step,
+    4 sampler steps, lr 1e-2 unless `settings` say otherwise; the move of `held_out(trainer)` each way."""
+    shifts = {}
+    for direction, reward in (("up", brightness), ("down", darkness)):
+        trainer = make_trainer(
+            path,
+            tmp_path / direction,
+            reward=reward,
+            **{"per_device_train_batch_size": 16, "num_inference_steps": 4, "learning_rate": 1e-2, **settings},
+        )
+        before = held_out(trainer)
+        trainer.train()
+        shifts[direction] = held_out(trainer) - before
+    return shifts
+
+
 # Margins (mean pixel value in [0, 1]): FLUX, 30 steps, moved +0.030..+0.037 / -0.098..-0.115 over 5 training seeds.
 # SD, 30 steps, moved +0.037..+0.086 / -0.020..-0.041 on seeds 0, 1, 2 but only -0.017 / -0.030 on seed 42 (the
 # upward run went the wrong way); with 50 steps seed 42 moved +0.081 / -0.045, hence 50 steps for SD.
@@ -62,20 +79,7 @@ def held_out_brightness(trainer) -> float:
 def test_brightness_reward_moves_held_out_samples_both_ways(
     name, steps, margin, sampler, tiny_pipeline_path, tmp_path
 ):
-    shifts = {}
-    for direction, reward in (("up", brightness), ("down", darkness)):
-        trainer = make_trainer(
-            tiny_pipeline_path(name),
-            tmp_path / direction,
-            reward=reward,
-            per_device_train_batch_size=16,  # 4 prompts x G = 4
-            num_inference_steps=4,
-            max_steps=steps,
-            **{"learning_rate": 1e-2, **sampler},
-        )
-        before = held_out_brightness(trainer)
-        trainer.train()
-        shifts[direction] = held_out_brightness(trainer) - before
+    shifts = brightness_shifts(tiny_pipeline_path(name), tmp_path, max_steps=steps, **sampler)
     assert shifts["up"] > margin, shifts
     assert shifts["down"] < -margin, shifts
 
@@ -101,20 +105,8 @@ def test_editing_moves_held_out_edits_both_ways(tiny_pipeline_path, tmp_path):
         edits = [trainer.generate(HELD_OUT_PROMPTS, seed=s, images=held_out_images)[0] for s in HELD_OUT_SEEDS]
         return torch.stack([edit.mean() for edit in edits]).mean().item()
 
-    shifts = {}
-    for direction, reward in (("up", brightness), ("down", darkness)):
-        trainer = make_trainer(
-            tiny_pipeline_path("tiny-flux-kontext"),
-            tmp_path / direction,
-            reward=reward,
-            dataset=dataset,
-            per_device_train_batch_size=16,
-            num_inference_steps=4,
-            max_steps=30,
-            learning_rate=1e-2,
-        )
-        before = held_out(trainer)
-        trainer.train()
-        shifts[direction] = held_out(trainer) - before
+    shifts = brightness_shifts(
+        tiny_pipeline_path("tiny-flux-kontext"), tmp_path, held_out, dataset=dataset, max_steps=30
+    )
     assert shifts["up"] > 0.01, shifts
     assert shifts["down"] < -0.01, shifts
