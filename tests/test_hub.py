@@ -355,3 +355,36 @@ def test_image_to_video_card_shows_first_frames(tiny_pipeline_path, tmp_path):
     first_frames = (videos[:, 0].clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     for tile, frame in zip(tiles[1], first_frames):
         assert (tile == frame).all()
+
+
+@pytest.mark.parametrize(
+    "algorithm, name, paper, own_setting, absent",
+    [
+        ("grpo", "DanceGRPO", "2505.07818", "| sde_type | dancegrpo |", "nft_beta"),
+        ("nft", "DiffusionNFT", "2509.16117", "| nft_beta | 1 |", "sde_type"),
+        ("awm", "Advantage Weighted Matching (AWM)", "2509.25050", "| awm_weighting | ghuber |", "sde_type"),
+        ("grpo_guard", "GRPO-Guard", "2510.22319", "| guard_gradient_reweighting | True |", "nft_beta"),
+    ],
+)
+def test_card_names_the_algorithm_its_settings_and_paper(
+    algorithm, name, paper, own_setting, absent, tiny_pipeline_path, tmp_path
+):
+    # a card of an NFT, AWM or GRPO-Guard run says so, shows that objective's settings (not GRPO's sampler noise) and
+    # cites its paper
+    trainer = make_trainer(
+        tiny_pipeline_path("tiny-flux"), tmp_path, hub_model_id=None, max_steps=1, algorithm=algorithm
+    )
+    trainer.train()
+    trainer.create_model_card()
+    text = ModelCard.load(os.path.join(trainer.args.output_dir, "README.md")).text
+    assert f"using [{name}](https://huggingface.co/papers/{paper})" in text
+    assert f"| algorithm | {algorithm} ({name}) |" in text
+    assert own_setting in text and f"| {absent} |" not in text
+    assert f"arXiv:{paper}" in text.split("## Citation")[1]
+    procedure = text.split("## Training procedure")[1].split("|")[0]
+    if algorithm in ("nft", "awm"):
+        assert "| eta |" not in text and "deterministic (ODE) sampler" in procedure
+    else:
+        assert "| eta |" in text and "stochastic (SDE) sampler" in procedure
+    if algorithm == "grpo_guard":  # both papers: the sampler is DanceGRPO's
+        assert "arXiv:2505.07818" in text.split("## Citation")[1]

@@ -38,15 +38,6 @@ MODEL_FILE_PATTERNS = (
     "training_args.json",
 )
 
-CITATION = """\
-@article{xue2025dancegrpo,
-  title   = {DanceGRPO: Unleashing GRPO on Visual Generation},
-  author  = {Xue, Zeyue and Wu, Jie and Gao, Yu and Kong, Fangyuan and Zhu, Lingting and Chen, Mengzhao and Liu, Zhiheng
-             and Liu, Wei and Guo, Qiushan and Huang, Weilin and Luo, Ping},
-  journal = {arXiv preprint arXiv:2505.07818},
-  year    = {2025}
-}"""
-
 # Pipeline class name parts -> the family tag the Hub uses; the first match wins (most specific first).
 FAMILY_TAGS = (
     ("skyreels", "skyreels"),
@@ -58,7 +49,8 @@ FAMILY_TAGS = (
     ("wan", "wan"),
 )
 
-# Training settings shown in the card. A whitelist: the card never shows `hub_token` or anything not listed here.
+# Training settings shown in the card, then the algorithm's own (`Algorithm.card_settings`). A whitelist: the card never
+# shows `hub_token` or anything not listed.
 CARD_SETTINGS = (
     "learning_rate",
     "lr_scheduler_type",
@@ -70,16 +62,9 @@ CARD_SETTINGS = (
     "steps_per_generation",
     "num_generations",
     "num_inference_steps",
-    "sde_type",
-    "sde_window_size",
-    "sde_window_range",
-    "sde_window_schedule",
     "shift",
-    "init_same_noise",
     "timestep_fraction",
-    "epsilon",
     "adv_clip_max",
-    "beta",
     "num_iterations",
     "reward_weights",
     "multi_objective_aggregation",
@@ -157,8 +142,12 @@ def training_settings(trainer) -> list[tuple[str, str]]:
         ("resolution", f"{adapter.height}x{adapter.width}"),
         ("guidance", f"{adapter.guidance_scale:g} ({'embedded' if adapter.embedded_guidance else 'CFG'})"),
     ]
-    rows.append(("eta", _format_value(trainer.sampler.eta)))  # resolved: `args.eta=None` is the family's default
-    rows += [(name, _format_value(getattr(args, name))) for name in CARD_SETTINGS if hasattr(args, name)]
+    algorithm = trainer.algorithm
+    rows.append(("algorithm", f"{args.algorithm} ({algorithm.card_name})"))
+    if algorithm.keeps_trajectory:  # the stochastic sampler's noise; NFT and AWM sample with the ODE (eta 0)
+        rows.append(("eta", _format_value(trainer.sampler.eta)))  # resolved: `args.eta=None` is the family's default
+    names = list(dict.fromkeys((*CARD_SETTINGS, *algorithm.card_settings)))
+    rows += [(name, _format_value(getattr(args, name))) for name in names if hasattr(args, name)]
     return rows
 
 
@@ -480,7 +469,12 @@ def write_model_card(trainer, model_name=None, dataset_name=None, tags=None, lic
         num_frames=getattr(adapter, "num_frames", None),
         seed=args.seed,
         versions=_versions(),
-        citation=CITATION,
+        algorithm_name=trainer.algorithm.card_name,
+        algorithm_paper=trainer.algorithm.card_paper,
+        procedure=trainer.algorithm.card_description(
+            "videos" if task.endswith("-to-video") else "images", adapter.denoiser_name
+        ),
+        citation="\n\n".join(trainer.algorithm.citations),
     )
     path = os.path.join(output_dir, "README.md")
     card.save(path)

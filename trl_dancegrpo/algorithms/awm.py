@@ -50,6 +50,25 @@ class AWM(ForwardProcessAlgorithm):
     """`algorithm="awm"`: the advantage-weighted matching loss on the clean samples of a deterministic rollout."""
 
     name = "awm"
+    card_name = "Advantage Weighted Matching (AWM)"
+    card_paper = "2509.25050"
+    card_procedure = (
+        "AWM samples a group of {outputs} per prompt with the deterministic (ODE) sampler, scores them with the reward "
+        "models and turns the rewards into group-relative advantages. It trains the {denoiser} with the pretraining "
+        "flow-matching loss on the forward (noising) process of the clean samples, weighted by each sample's "
+        "advantage (in PPO's clipped ratio form): better-than-average samples become more likely, worse ones less, "
+        "with no sampler trajectory and no classifier-free guidance in training."
+    )
+    card_settings = ("awm_weighting", "awm_ghuber_power", "awm_clip_range", "sample_with_ema")
+    citations = (
+        """\
+@article{xue2025awm,
+  title   = {Advantage Weighted Matching: Aligning RL with Pretraining in Diffusion Models},
+  author  = {Xue, Shuchen and Ge, Chongjian and Zhang, Shilong and Li, Yichen and Ma, Zhi-Ming},
+  journal = {arXiv preprint arXiv:2509.25050},
+  year    = {2025}
+}""",
+    )
 
     def log_likelihood(self, velocity, target, sigma) -> torch.Tensor:
         return matching_log_likelihood(velocity, target, sigma, self.args.awm_weighting, self.args.awm_ghuber_power)

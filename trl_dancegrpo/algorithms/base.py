@@ -20,12 +20,24 @@ class Algorithm:
     """
 
     name = ""
+    # What the model card says about the objective (hub.write_model_card): its name and arXiv id, a paragraph on the
+    # procedure, the configuration fields that shape it (shown after the shared ones) and the papers to cite.
+    card_name = ""
+    card_paper = ""
+    card_procedure = ""
+    card_settings: tuple[str, ...] = ()
+    citations: tuple[str, ...] = ()
     keeps_trajectory = True  # the rollout batch holds every step's latents and log-probs (estimate-memory reads it)
 
     def __init__(self, args, adapter, sampler):
         self.args = args
         self.adapter = adapter
         self.sampler = sampler
+
+    def card_description(self, outputs: str, denoiser: str) -> str:
+        """The model card's paragraph on the procedure (`outputs`: "images" or "videos"; `denoiser`: the trained
+        model's name)."""
+        return self.card_procedure.format(outputs=outputs, denoiser=denoiser)
 
     def rollout_options(self) -> dict:
         """Keyword arguments of `TrajectorySampler.rollout` (noise scale, initial-noise groups)."""

@@ -11,10 +11,36 @@ from ..rollout import denoise
 from .base import Algorithm
 
 
+DANCEGRPO_CITATION = """\
+@article{xue2025dancegrpo,
+  title   = {DanceGRPO: Unleashing GRPO on Visual Generation},
+  author  = {Xue, Zeyue and Wu, Jie and Gao, Yu and Kong, Fangyuan and Zhu, Lingting and Chen, Mengzhao and Liu, Zhiheng
+             and Liu, Wei and Guo, Qiushan and Huang, Weilin and Luo, Ping},
+  journal = {arXiv preprint arXiv:2505.07818},
+  year    = {2025}
+}"""
+
 class GRPO(Algorithm):
     """`algorithm="grpo"` (the default): DanceGRPO's objective, with the KL term to the starting model (`beta`)."""
 
     name = "grpo"
+    card_name = "DanceGRPO"
+    card_paper = "2505.07818"
+    card_procedure = (
+        "DanceGRPO samples a group of {outputs} per prompt through a stochastic (SDE) sampler, scores them with the "
+        "reward models, turns the rewards into group-relative advantages and updates the {denoiser} with a clipped "
+        "policy-gradient loss on a random subset of the sampler steps."
+    )
+    card_settings = (
+        "sde_type",
+        "sde_window_size",
+        "sde_window_range",
+        "sde_window_schedule",
+        "init_same_noise",
+        "epsilon",
+        "beta",
+    )
+    citations = (DANCEGRPO_CITATION,)
 
     def rollout_batch(self, trajectory, first: int, seed: int, device) -> dict:
         return {

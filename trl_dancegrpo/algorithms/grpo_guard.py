@@ -37,7 +37,7 @@ The rollout keeps the mean `mu_old` of every transition (`Trajectory.means`, one
 import torch
 
 from ..adapters.base import FlowMatchAdapter
-from .grpo import GRPO
+from .grpo import DANCEGRPO_CITATION, GRPO
 
 
 ALGORITHM = "grpo_guard"  # config_checks refuses the sde_types it does not apply to (GUARD_SDE_TYPES there)
@@ -117,6 +117,35 @@ class GRPOGuard(GRPO):
     place of the PPO-clip loss (the KL term, best-of-n and the metrics are GRPO's)."""
 
     name = ALGORITHM  # the model family is checked by `check_adapter` (models.make_adapter)
+    card_name = "GRPO-Guard"
+    card_paper = "2510.22319"
+    card_procedure = (
+        "DanceGRPO's sampling and advantages (a group of {outputs} per prompt through a stochastic (SDE) sampler, "
+        "scored by the reward models, rewards turned into group-relative advantages), with GRPO-Guard's regulated "
+        "clipping in the loss: the log-ratio of each trained transition is normalised by its noise level, so that the "
+        "clip acts alike at every step{reweighting}, and the {denoiser} is updated with the clipped policy-gradient loss "
+        "on a random subset of the sampler steps."
+    )
+    card_settings = (*GRPO.card_settings, "guard_gradient_reweighting")
+    citations = (
+        """\
+@article{wang2025grpoguard,
+  title   = {GRPO-Guard: Mitigating Implicit Over-Optimization in Flow Matching via Regulated Clipping},
+  author  = {Wang, Jing and Liang, Jiajun and Liu, Jie and Liu, Henglin and Liu, Gongye and Zheng, Jun and Pang, Wanyuan
+             and Ma, Ao and Xie, Zhenyu and Wang, Xintao and Wang, Meng and Wan, Pengfei and Liang, Xiaodan},
+  journal = {arXiv preprint arXiv:2510.22319},
+  year    = {2025}
+}""",
+        DANCEGRPO_CITATION,
+    )
+
+    def card_description(self, outputs: str, denoiser: str) -> str:
+        reweighting = (
+            ", and each step's loss is divided by its step size (gradient reweighting)"
+            if self.args.guard_gradient_reweighting
+            else ""
+        )
+        return self.card_procedure.format(outputs=outputs, denoiser=denoiser, reweighting=reweighting)
 
     def rollout_options(self) -> dict:
         return {**super().rollout_options(), "keep_means": True}

@@ -69,6 +69,26 @@ class NFT(ForwardProcessAlgorithm):
     """`algorithm="nft"`: the DiffusionNFT loss on the clean samples of a deterministic rollout."""
 
     name = "nft"
+    card_name = "DiffusionNFT"
+    card_paper = "2509.16117"
+    card_procedure = (
+        "DiffusionNFT samples a group of {outputs} per prompt with the deterministic (ODE) sampler, scores them with "
+        "the reward models and turns the rewards into group-relative advantages, then maps each to an optimality "
+        "probability. It trains the {denoiser} on the forward (noising) process of the clean samples: a flow-matching "
+        "loss that pulls an implicit positive policy towards the better samples and an implicit negative one towards "
+        "the worse, with no likelihoods, no sampler trajectory and no classifier-free guidance in training."
+    )
+    card_settings = ("nft_beta", "adv_clip_max", "sample_with_ema")
+    citations = (
+        """\
+@article{zheng2025diffusionnft,
+  title   = {DiffusionNFT: Online Diffusion Reinforcement with Forward Process},
+  author  = {Zheng, Kaiwen and Chen, Huayu and Ye, Haotian and Wang, Haoxiang and Zhang, Qinsheng and Jiang, Kai
+             and Su, Hang and Ermon, Stefano and Zhu, Jun and Liu, Ming-Yu},
+  journal = {arXiv preprint arXiv:2509.16117},
+  year    = {2025}
+}""",
+    )
 
     def step_loss(self, trainer, model, chunk, s, j, stats) -> torch.Tensor:
         velocity, x_t, x0, _, sigma = self.forward(model, chunk, s, j, trainer.accelerator.autocast)
