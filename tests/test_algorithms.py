@@ -146,11 +146,31 @@ def test_awm_loss_matches_the_paper_in_float64(weighting):
         ({"algorithm": "awm", "num_generations": 4, "best_of_n": 2}, "best_of_n set with algorithm='awm'"),
         ({"algorithm": "nft", "sample_with_ema": True}, "sample_with_ema needs an EMA: set ema_decay"),
         ({"sample_with_ema": True, "ema_decay": 0.5}, "sample_with_ema is for algorithm 'nft' or 'awm'"),
+        # another algorithm's option would be silently ignored
+        (
+            {"algorithm": "nft", "guard_gradient_reweighting": False},
+            "guard_gradient_reweighting set with algorithm='nft': guard_gradient_reweighting belongs to "
+            "algorithm='grpo_guard'",
+        ),
+        ({"nft_beta": 0.5}, "nft_beta set with algorithm='grpo'"),
+        ({"algorithm": "nft", "awm_weighting": "sigma", "awm_clip_range": 0.5}, "awm_weighting, awm_clip_range set"),
+        ({"algorithm": "awm", "nft_beta": 1.0}, "nft_beta belongs to algorithm='nft'"),
     ],
 )
 def test_bad_algorithm_options_are_refused(overrides, message, tmp_path):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         DanceGRPOConfig(output_dir=str(tmp_path), **overrides)
+
+
+def test_each_algorithm_gets_its_own_option_defaults(tmp_path):
+    grpo = DanceGRPOConfig(output_dir=str(tmp_path))
+    assert (grpo.guard_gradient_reweighting, grpo.nft_beta, grpo.awm_weighting) == (None, None, None)
+    assert DanceGRPOConfig(output_dir=str(tmp_path), algorithm="grpo_guard").guard_gradient_reweighting is True
+    assert DanceGRPOConfig(output_dir=str(tmp_path), algorithm="nft").nft_beta == 1.0
+    awm = DanceGRPOConfig(output_dir=str(tmp_path), algorithm="awm", awm_clip_range=0.5)
+    assert (awm.awm_weighting, awm.awm_ghuber_power, awm.awm_clip_range, awm.nft_beta) == ("ghuber", 0.25, 0.5, None)
+    # a saved configuration (resolved defaults included) loads again, as a resume does
+    DanceGRPOConfig(**{**awm.to_dict(), "output_dir": str(tmp_path)})
 
 
 def test_the_command_line_checks_the_algorithm_before_importing_torch(tmp_path):

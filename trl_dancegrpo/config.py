@@ -16,6 +16,7 @@ from .config_checks import (
     check_sde_window,
     check_values,
     parse_reward_kwargs,
+    resolve_algorithm_options,
 )
 
 
@@ -179,27 +180,27 @@ class DanceGRPOConfig(TrainingArguments):
             group's samples identical), and train the conditional model without CFG at `int(timestep_fraction * (T -
             1))` sigmas of the sampler's grid per sample, each with fresh noise (Flow-Factory's `"discrete"` timestep
             sampling). Rectified-flow families only; the KL term (`beta`) and `best_of_n` are GRPO's.
-        guard_gradient_reweighting (`bool`, *optional*, defaults to `True`):
+        guard_gradient_reweighting (`bool`, *optional*, defaults to `True` with `algorithm="grpo_guard"`):
             With `algorithm="grpo_guard"`, weight each step's loss by `1 / (sigma - sigma_next)` (the paper's gradient
             reweighting, in Flow-Factory's and verl-omni's implementations); `False` keeps only the ratio
             normalization.
-        nft_beta (`float`, *optional*, defaults to `1.0`):
+        nft_beta (`float`, *optional*, defaults to `1.0` with `algorithm="nft"`):
             DiffusionNFT's beta: the positive velocity is `beta * v_theta + (1 - beta) * v_old`, the negative one
             `(1 + beta) * v_old - beta * v_theta` (paper, eq. 8; 1.0 in Flow-Factory's NFT recipes). The
             advantage becomes the optimality probability `r = 0.5 + 0.5 * clip(A / adv_clip_max, -1, 1)`.
-        awm_weighting (`str`, *optional*, defaults to `"ghuber"`):
+        awm_weighting (`str`, *optional*, defaults to `"ghuber"` with `algorithm="awm"`):
             AWM's time weighting of the matching loss `m = mean((v_theta - (noise - x0))^2)`; the "log-likelihood" is
             `-m` (`"uniform"`), `-sigma * m` (`"sigma"`), `-sigma^2 * m` (`"sigma_squared"`) or the generalised Huber
             `-sigma * ((m + 1e-10)^p - 1e-10^p) / p` (`"ghuber"`, p = `awm_ghuber_power`), as in Flow-Factory's AWM
             recipe that reproduces the paper's PickScore run (SD 3.5 Medium: ghuber, p = 0.25).
-        awm_ghuber_power (`float`, *optional*, defaults to `0.25`):
+        awm_ghuber_power (`float`, *optional*, defaults to `0.25` with `algorithm="awm"`):
             The power p of the `"ghuber"` weighting.
         sample_with_ema (`bool`, *optional*, defaults to `False`):
             `"nft"` and `"awm"` only: sample the rollouts, and compute the old velocities `v_old`, with the EMA of the
             weights (`ema_decay`, required) instead of the trained ones: Flow-Factory's `off_policy`, which its NFT
             FLUX recipe turns on with a fast EMA (decay 0.5, on a ramped schedule; ours is constant). Until the EMA
             starts (`ema_start_step`) the trained weights sample.
-        awm_clip_range (`float`, *optional*, defaults to `1.0`):
+        awm_clip_range (`float`, *optional*, defaults to `1.0` with `algorithm="awm"`):
             Clip range of AWM's ratio `exp(log_lik - log_lik_old)` (the same recipe: `clip_range: 1`). On-policy
             (one optimizer step per rollout) the ratio is 1 and the gradient is exactly the advantage-weighted
             matching loss's.
@@ -408,16 +409,26 @@ class DanceGRPOConfig(TrainingArguments):
             "choices": list(ALGORITHMS),
         },
     )
-    guard_gradient_reweighting: bool = field(
-        default=True, metadata={"help": "GRPO-Guard: weight each step's loss by 1 / (sigma - sigma_next)."}
+    guard_gradient_reweighting: bool | None = field(
+        default=None,
+        metadata={"help": "grpo_guard (default True): weight each step's loss by 1 / (sigma - sigma_next)."},
     )
-    nft_beta: float = field(default=1.0, metadata={"help": "DiffusionNFT's beta (implicit positive/negative policy)."})
-    awm_weighting: str = field(
-        default="ghuber",
-        metadata={"help": "AWM's time weighting of the matching loss.", "choices": list(AWM_WEIGHTINGS)},
+    nft_beta: float | None = field(
+        default=None, metadata={"help": "nft (default 1.0): DiffusionNFT's beta (implicit positive/negative policy)."}
     )
-    awm_ghuber_power: float = field(default=0.25, metadata={"help": "Power of AWM's 'ghuber' weighting."})
-    awm_clip_range: float = field(default=1.0, metadata={"help": "Clip range of AWM's likelihood ratio."})
+    awm_weighting: str | None = field(
+        default=None,
+        metadata={
+            "help": "awm (default 'ghuber'): the time weighting of the matching loss.",
+            "choices": list(AWM_WEIGHTINGS),
+        },
+    )
+    awm_ghuber_power: float | None = field(
+        default=None, metadata={"help": "awm (default 0.25): the power of the 'ghuber' weighting."}
+    )
+    awm_clip_range: float | None = field(
+        default=None, metadata={"help": "awm (default 1.0): the clip range of AWM's likelihood ratio."}
+    )
     sample_with_ema: bool = field(
         default=False, metadata={"help": "nft/awm: sample and compute the old velocities with the EMA (ema_decay)."}
     )
@@ -462,6 +473,7 @@ class DanceGRPOConfig(TrainingArguments):
 
     def __post_init__(self):
         check_values(self)  # first: a wrong value is reported before transformers sets anything up
+        resolve_algorithm_options(self)  # the chosen algorithm's unset options take their defaults
         window_range = check_sde_window(self)
         if window_range is not None:
             self.sde_window_range = window_range

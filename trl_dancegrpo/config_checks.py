@@ -18,6 +18,16 @@ AGGREGATIONS = ("normalize_then_sum", "sum_then_normalize")
 GUARD_SDE_TYPES = ("dancegrpo", "flow_grpo")  # the steps GRPO-Guard applies to (see algorithms/grpo_guard.py)
 ALGORITHMS = ("grpo", "grpo_guard", "nft", "awm")
 AWM_WEIGHTINGS = ("uniform", "sigma", "sigma_squared", "ghuber")
+# Each algorithm's own options (unset: `None`) and their defaults, filled in by `resolve_algorithm_options` for the chosen
+# algorithm; set with another algorithm they are refused (they would be silently ignored).
+ALGORITHM_OPTION_DEFAULTS = {
+    "guard_gradient_reweighting": ("grpo_guard", True),
+    "nft_beta": ("nft", 1.0),
+    "awm_weighting": ("awm", "ghuber"),
+    "awm_ghuber_power": ("awm", 0.25),
+    "awm_clip_range": ("awm", 1.0),
+}
+ALGORITHM_OPTIONS = {name: owner for name, (owner, _) in ALGORITHM_OPTION_DEFAULTS.items()}
 FORWARD_PROCESS_ALGORITHMS = ("nft", "awm")  # they sample with the deterministic solver and keep no trajectory
 SDE_TYPES = ("dancegrpo", "flow_grpo", "cps")
 WINDOW_SCHEDULES = ("random", "sliding")
@@ -80,13 +90,24 @@ def check_algorithm(args) -> None:
             "normalization and 1/dt reweighting do not hold for it. Use sde_type='flow_grpo' (the paper's) or "
             "'dancegrpo', or algorithm='grpo' with CPS."
         )
-    if args.nft_beta <= 0:
+    foreign = [
+        name
+        for name, owner in ALGORITHM_OPTIONS.items()
+        if getattr(args, name, None) is not None and owner != args.algorithm
+    ]
+    if foreign:
+        raise ValueError(
+            f"{', '.join(foreign)} set with algorithm={args.algorithm!r}: "
+            + "; ".join(f"{name} belongs to algorithm={ALGORITHM_OPTIONS[name]!r}" for name in foreign)
+            + ". Leave it unset, or choose that algorithm."
+        )
+    if args.nft_beta is not None and args.nft_beta <= 0:
         raise ValueError(f"nft_beta must be > 0 (DiffusionNFT uses 1.0), got {args.nft_beta}.")
-    if args.awm_weighting not in AWM_WEIGHTINGS:
+    if args.awm_weighting is not None and args.awm_weighting not in AWM_WEIGHTINGS:
         raise ValueError(f"awm_weighting must be one of {AWM_WEIGHTINGS}, got {args.awm_weighting!r}.")
-    if args.awm_ghuber_power <= 0:
+    if args.awm_ghuber_power is not None and args.awm_ghuber_power <= 0:
         raise ValueError(f"awm_ghuber_power must be > 0 (AWM's recipe uses 0.25), got {args.awm_ghuber_power}.")
-    if args.awm_clip_range <= 0:
+    if args.awm_clip_range is not None and args.awm_clip_range <= 0:
         raise ValueError(f"awm_clip_range must be > 0 (AWM's recipe uses 1.0), got {args.awm_clip_range}.")
     if getattr(args, "sample_with_ema", False):
         if args.algorithm not in FORWARD_PROCESS_ALGORITHMS:
@@ -112,6 +133,13 @@ def check_algorithm(args) -> None:
             f"stochastic sampler and loss); {args.algorithm} samples with the deterministic solver and has no KL term. "
             "Leave them unset, or use algorithm='grpo'."
         )
+
+
+def resolve_algorithm_options(args) -> None:
+    """Fill the chosen algorithm's unset options (`None`) with their defaults (`ALGORITHM_OPTION_DEFAULTS`)."""
+    for name, (owner, default) in ALGORITHM_OPTION_DEFAULTS.items():
+        if owner == args.algorithm and getattr(args, name) is None:
+            setattr(args, name, default)
 
 
 def check_values(args) -> None:

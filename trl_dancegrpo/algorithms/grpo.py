@@ -20,6 +20,7 @@ DANCEGRPO_CITATION = """\
   year    = {2025}
 }"""
 
+
 class GRPO(Algorithm):
     """`algorithm="grpo"` (the default): DanceGRPO's objective, with the KL term to the starting model (`beta`)."""
 
