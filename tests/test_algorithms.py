@@ -280,8 +280,8 @@ def test_every_trainable_parameter_moves_on_the_flow_families(
         assert torch.isfinite(p).all()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["nft", "awm"])
+@pytest.mark.slow  # NFT only: the distributed parts (rollout, noise, old velocities, EMA) are the same for AWM
+@pytest.mark.parametrize("algorithm", ["nft"])
 def test_two_processes_match_one_with_an_ema(algorithm, tiny_pipeline_path, tmp_path):
     extra = ["--algorithm", algorithm, "--ema_decay", "0.5", "--max_steps", "2"]
     assert_two_processes_match_one(tiny_pipeline_path("tiny-flux"), tmp_path, extra)

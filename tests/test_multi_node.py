@@ -48,7 +48,8 @@ def run_on_two_machines(script_args: list[str], timeout: int = 400) -> None:
 
 def test_two_machines_train_checkpoint_and_resume_like_one(tiny_pipeline_path, tmp_path):
     path = tiny_pipeline_path("tiny-flux")
-    # a reused rollout (steps_per_generation 2): the resume from step 1 continues inside it
+    # a reused rollout (steps_per_generation 2): each process saves its part of the rollout that step 2 still trains
+    # on, and the resume from step 1 continues inside it (the suite's only multi-process test of that with DDP)
     options = ["4", "--lora", "--steps_per_generation", "2", "--max_steps", "3"]
     one_machine = [*LAUNCH[:3], "--multi_gpu", *LAUNCH[3:], SCRIPT]
     run([*one_machine, path, str(tmp_path / "one"), *options], tmp_path)
