@@ -60,7 +60,10 @@ RELATION_MARGIN = 0.05  # the centers must be apart by more than this fraction o
 # A pixel is read as a mix of the background and one color when it lies this close to their segment (Euclidean
 # distance in RGB, values in [0, 1]).
 COLOR_TOLERANCE = 0.25
-OBJECT_SIZE = 0.25  # of the image side: 8 pixels at 32x32
+# An object's size, as a fraction of the image side: one or two objects are drawn at 11 pixels of 32 (their shapes then
+# survive a 4x-downsampling VAE: squares keep their corners), three or four at 8 pixels (so that four fit apart).
+OBJECT_SIZE = 0.25
+LARGE_OBJECT_SIZE = 0.34
 MIN_AREA_FRACTION = 0.01  # smaller connected components are noise, not objects (10 pixels at 32x32)
 
 
@@ -200,6 +203,11 @@ def shapes_prompts(split: str = "train", per_category: int = 8, seed: int = 0):
 
 
 # -- drawing scenes ----------------------------------------------------------------------------------------------------
+def object_size(count: int, size: int = 32) -> float:
+    """The side, in pixels, of each of the `count` objects of a `size` x `size` scene."""
+    return size * (LARGE_OBJECT_SIZE if count <= 2 else OBJECT_SIZE)
+
+
 def _draw(draw, shape: str, color: tuple, x: float, y: float, size: float) -> None:
     r = size / 2
     if shape == "circle":
@@ -228,12 +236,12 @@ def scene_for_prompt(prompt: str, rng: random.Random, size: int = 32) -> list[Sh
         wanted = [(slots["shape"], slots["color"])]
     else:
         wanted = [(slots["shape"], color("color")), (slots["shape_2"], color("color_2"))]
-    object_size = size * OBJECT_SIZE
-    margin = object_size / 2 + 1
+    side = object_size(len(wanted), size)
+    margin = side / 2 + 1
     for _ in range(5000):
         points = [(rng.uniform(margin, size - margin), rng.uniform(margin, size - margin)) for _ in wanted]
         far = all(
-            max(abs(p[0] - q[0]), abs(p[1] - q[1])) > object_size + 1.5
+            max(abs(p[0] - q[0]), abs(p[1] - q[1])) > side + 1.5
             for i, p in enumerate(points)
             for q in points[:i]
         )
@@ -252,16 +260,17 @@ def scene_for_prompt(prompt: str, rng: random.Random, size: int = 32) -> list[Sh
     raise RuntimeError(f"Could not place the objects of {prompt!r} in a {size}x{size} image.")
 
 
-def render_scene(objects: list[ShapeObject], size: int = 32, object_size: float | None = None):
-    """A PIL image of `objects` on the plain background (drawn 4x larger and downsampled: smooth edges)."""
+def render_scene(objects: list[ShapeObject], size: int = 32, side: float | None = None):
+    """A PIL image of `objects` on the plain background (drawn 4x larger and downsampled: smooth edges), each object
+    `side` pixels across (default: `object_size(len(objects), size)`)."""
     from PIL import Image, ImageDraw
 
     scale = 4
-    object_size = size * OBJECT_SIZE if object_size is None else object_size
+    side = object_size(len(objects), size) if side is None else side
     image = Image.new("RGB", (size * scale, size * scale), BACKGROUND)
     draw = ImageDraw.Draw(image)
     for o in objects:
-        _draw(draw, o.shape, COLORS[o.color], o.x * scale, o.y * scale, object_size * scale)
+        _draw(draw, o.shape, COLORS[o.color], o.x * scale, o.y * scale, side * scale)
     return image.resize((size, size), Image.Resampling.BOX)
 
 
