@@ -219,7 +219,8 @@ def main(argv=None):
     # 2 prompts (16 samples) per step left the v2 shapes build's held-out score moving at random; 8 let it rise
     parser.add_argument("--prompts_per_step", type=int, default=8)
     parser.add_argument("--steps", type=int, default=8, help="Sampler steps T.")
-    # 1e-4: on builds 3 and 4 the default recipe rises clearly there; at 2e-4 (the tables of builds 1 and 2) far less
+    # 1e-4: on builds 3 and 4 the default recipe rises clearly there; at 2e-4 (the tables of builds 1 and 2) it rose far
+    # less on build 3 and fell on build 4 (benchmarks/RESULTS.md)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--small", action="store_true", help="Train the small build (the slow test's).")
     parser.add_argument("--model_name_or_path", help="Another saved shapes pipeline instead of the cached build.")
