@@ -241,9 +241,7 @@ def scene_for_prompt(prompt: str, rng: random.Random, size: int = 32) -> list[Sh
     for _ in range(5000):
         points = [(rng.uniform(margin, size - margin), rng.uniform(margin, size - margin)) for _ in wanted]
         far = all(
-            max(abs(p[0] - q[0]), abs(p[1] - q[1])) > side + 1.5
-            for i, p in enumerate(points)
-            for q in points[:i]
+            max(abs(p[0] - q[0]), abs(p[1] - q[1])) > side + 1.5 for i, p in enumerate(points) for q in points[:i]
         )
         if not far:
             continue
