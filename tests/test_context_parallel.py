@@ -236,6 +236,8 @@ def test_two_data_parallel_groups_of_two(tiny_pipeline_path, tmp_path):
     torch.testing.assert_close(advantages, one["advantages"], rtol=0, atol=1e-3)
     for key in one["eval"]:
         assert four[0]["eval"][key] == pytest.approx(one["eval"][key], abs=1e-5), key
+    # the samples of an optimizer step (transformers' samples/s): a group's processes share theirs, so they count once
+    assert [r["total_train_batch_size"] for r in four] == [one["total_train_batch_size"]] * 4 == [16] * 4
     update = (one["params"] - one["initial_params"]).abs().max().item()
     for rank in range(4):
         torch.testing.assert_close(four[rank]["params"], one["params"], rtol=0, atol=1e-3 * update)

@@ -253,6 +253,12 @@ class DanceGRPOTrainer(Trainer):
         block = self._train_batch_size * args.steps_per_generation  # one dataloader batch, for one context group
         return GroupRepeatSampler.wrap(sampler, block, args.context_parallel_size)
 
+    def get_total_train_batch_size(self, args) -> int:
+        """Samples per optimizer step over all processes: the processes of a context-parallel group train on the same
+        samples, so they count once (transformers divides by its own context-parallel size, which ours does not set;
+        the logged `train_samples_per_second` comes from this)."""
+        return self._train_batch_size * args.gradient_accumulation_steps * args.data_parallel_size
+
     def get_train_dataloader(self):
         if self.train_dataset is None:
             raise ValueError("DanceGRPOTrainer: training requires a train_dataset.")

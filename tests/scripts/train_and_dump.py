@@ -114,7 +114,7 @@ trainer.train(resume_from_checkpoint=cli.resume)
 metrics = trainer.evaluate()
 trainer.save_model(f"{cli.out_dir}/final")  # every process: under FSDP the shards are gathered
 rank = trainer.accelerator.process_index
-dump = {"eval": metrics}
+dump = {"eval": metrics, "total_train_batch_size": trainer.get_total_train_batch_size(args)}
 if "batch" in captured:
     dump["advantages"] = captured["batch"]["advantages"].cpu()
 if not trainer.is_fsdp_enabled:  # FSDP's parameters are shards: the test reads `final` instead
