@@ -109,10 +109,9 @@ def make_adapter(pipeline, args) -> PipelineAdapter:
         **kwargs,
     )
     adapter.set_sde_type(args.sde_type)
-    if args.algorithm == "grpo_guard":
-        from .algorithms.grpo_guard import check_adapter
+    from .algorithms import algorithm_class
 
-        check_adapter(adapter)
+    algorithm_class(args.algorithm).check_adapter(adapter)  # the objective's refusals of a model family
     # The paper updates once per prompt batch when CFG is on: one rollout feeds exactly one optimizer step.
     once_per_batch = args.num_iterations == 1 and args.steps_per_generation == args.gradient_accumulation_steps
     if adapter.use_cfg and not once_per_batch:

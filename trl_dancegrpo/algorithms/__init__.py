@@ -13,23 +13,29 @@ tensors kept from it (`rollout_batch`), and the loss of one trained step of a sl
 from .base import Algorithm, ForwardProcessAlgorithm
 
 
-def make_algorithm(args, adapter, sampler) -> Algorithm:
-    """The [`Algorithm`] named by `args.algorithm`, for the model family of `adapter`."""
-    if args.algorithm == "nft":
+def algorithm_class(name: str) -> type[Algorithm]:
+    """The [`Algorithm`] class of `DanceGRPOConfig.algorithm` `name`."""
+    if name == "nft":
         from .nft import NFT
 
-        return NFT(args, adapter, sampler)
-    if args.algorithm == "awm":
+        return NFT
+    if name == "awm":
         from .awm import AWM
 
-        return AWM(args, adapter, sampler)
-    if args.algorithm == "grpo_guard":
+        return AWM
+    if name == "grpo_guard":
         from .grpo_guard import GRPOGuard
 
-        return GRPOGuard(args, adapter, sampler)
+        return GRPOGuard
     from .grpo import GRPO
 
-    return GRPO(args, adapter, sampler)
+    return GRPO
 
 
-__all__ = ["Algorithm", "ForwardProcessAlgorithm", "make_algorithm"]
+def make_algorithm(args, adapter, sampler) -> Algorithm:
+    """The [`Algorithm`] named by `args.algorithm`, for the model family of `adapter` (which `models.make_adapter`
+    has checked with its `check_adapter`)."""
+    return algorithm_class(args.algorithm)(args, adapter, sampler)
+
+
+__all__ = ["Algorithm", "ForwardProcessAlgorithm", "algorithm_class", "make_algorithm"]

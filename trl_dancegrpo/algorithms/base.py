@@ -34,6 +34,11 @@ class Algorithm:
         self.adapter = adapter
         self.sampler = sampler
 
+    @classmethod
+    def check_adapter(cls, adapter) -> None:
+        """Refuse a model family this objective does not apply to; called by `models.make_adapter`, where the family
+        is first known (the trainer and estimate-memory). Every family by default."""
+
     def card_description(self, outputs: str, denoiser: str) -> str:
         """The model card's paragraph on the procedure (`outputs`: "images" or "videos"; `denoiser`: the trained
         model's name)."""
@@ -66,6 +71,14 @@ class Algorithm:
         raise NotImplementedError
 
 
+def keeps_old_velocity(args) -> bool:
+    """Whether NFT and AWM keep the sampling policy's velocities with the rollout: when the sampling policy differs from
+    the trained one (a rollout feeds more than one optimizer step, or the EMA samples: `sample_with_ema`). Read by
+    estimate-memory too."""
+    reuses_rollout = args.num_iterations > 1 or args.steps_per_generation > args.gradient_accumulation_steps
+    return reuses_rollout or args.sample_with_ema
+
+
 class ForwardProcessAlgorithm(Algorithm):
     """DiffusionNFT and AWM: trained on the forward process, from the clean samples of a deterministic rollout.
 
@@ -82,23 +95,25 @@ class ForwardProcessAlgorithm(Algorithm):
 
     keeps_trajectory = False
 
-    def __init__(self, args, adapter, sampler):
-        super().__init__(args, adapter, sampler)
+    @classmethod
+    def check_adapter(cls, adapter) -> None:
         if not isinstance(adapter, FlowMatchAdapter):
             raise ValueError(
-                f"algorithm={args.algorithm!r} trains a rectified-flow model on its forward process (x_t = (1 - sigma) "
+                f"algorithm={cls.name!r} trains a rectified-flow model on its forward process (x_t = (1 - sigma) "
                 f"x0 + sigma * noise, velocity targets); {type(adapter.pipeline).__name__} is a DDIM (epsilon-"
                 "prediction) model, for which this trainer implements only algorithm='grpo'."
             )
         if getattr(adapter, "condition_size", 0):  # LTX-2 condition: clean first-frame tokens inside the latent
             raise ValueError(
-                f"algorithm={args.algorithm!r} noises the whole final latent, but {type(adapter.pipeline).__name__} "
+                f"algorithm={cls.name!r} noises the whole final latent, but {type(adapter.pipeline).__name__} "
                 "keeps clean condition tokens in it (a first-frame image), which must stay clean: use "
                 "algorithm='grpo' for this pipeline."
             )
-        reuses_rollout = args.num_iterations > 1 or args.steps_per_generation > args.gradient_accumulation_steps
+
+    def __init__(self, args, adapter, sampler):
+        super().__init__(args, adapter, sampler)
         # the sampling policy differs from the trained one: its velocities are computed once, after the rollout
-        self.keeps_old_velocity = reuses_rollout or args.sample_with_ema
+        self.keeps_old_velocity = keeps_old_velocity(args)
 
     def rollout_options(self) -> dict:
         return {"eta": 0.0, "group_size": 1, "keep_trajectory": False}

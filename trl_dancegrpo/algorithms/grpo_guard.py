@@ -43,16 +43,6 @@ from .grpo import DANCEGRPO_CITATION, GRPO
 ALGORITHM = "grpo_guard"  # config_checks refuses the sde_types it does not apply to (GUARD_SDE_TYPES there)
 
 
-def check_adapter(adapter) -> None:
-    """Refuse model families GRPO-Guard does not apply to (construction time: the family is known)."""
-    if not isinstance(adapter, FlowMatchAdapter):  # the DDIM families (Stable Diffusion): timesteps, no sigma grid
-        raise ValueError(
-            f"algorithm='grpo_guard' is for flow-matching models (FLUX, SD3, Wan, ...); {type(adapter.pipeline).__name__}"
-            " is a diffusion model sampled with DDIM, whose steps have no flow time step dt for GRPO-Guard's "
-            "reweighting (the paper and its implementations cover flow matching only): use algorithm='grpo'."
-        )
-
-
 def normalized_log_ratio(
     mean: torch.Tensor, old_mean: torch.Tensor, prev_sample: torch.Tensor, std: torch.Tensor
 ) -> torch.Tensor:
@@ -116,7 +106,7 @@ class GRPOGuard(GRPO):
     """`algorithm="grpo_guard"`: GRPO whose rollout also keeps every transition's mean, with [`guard_policy_loss`] in
     place of the PPO-clip loss (the KL term, best-of-n and the metrics are GRPO's)."""
 
-    name = ALGORITHM  # the model family is checked by `check_adapter` (models.make_adapter)
+    name = ALGORITHM
     card_name = "GRPO-Guard"
     card_paper = "2510.22319"
     card_procedure = (
@@ -138,6 +128,16 @@ class GRPOGuard(GRPO):
 }""",
         DANCEGRPO_CITATION,
     )
+
+    @classmethod
+    def check_adapter(cls, adapter) -> None:
+        if not isinstance(adapter, FlowMatchAdapter):  # the DDIM families (Stable Diffusion): timesteps, no sigma grid
+            raise ValueError(
+                f"algorithm='grpo_guard' is for flow-matching models (FLUX, SD3, Wan, ...); "
+                f"{type(adapter.pipeline).__name__} is a diffusion model sampled with DDIM, whose steps have no flow "
+                "time step dt for GRPO-Guard's reweighting (the paper and its implementations cover flow matching "
+                "only): use algorithm='grpo'."
+            )
 
     def card_description(self, outputs: str, denoiser: str) -> str:
         reweighting = (

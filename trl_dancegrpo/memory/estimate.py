@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..algorithms.base import keeps_old_velocity
 from ..config_checks import FORWARD_PROCESS_ALGORITHMS
 from .configs import MODEL_CONFIGS_DIR, build_meta_pipeline, load_pipeline_config
 
@@ -546,7 +547,7 @@ def estimate_memory(
     trajectory = run.rollout_samples * (latent_bytes * stored_latents + 4 * steps)
     if args.algorithm in FORWARD_PROCESS_ALGORITHMS:  # NFT, AWM: no trajectory, no log-probs (algorithms/base.py)
         # the clean final latent and one noise per trained step; a reused rollout keeps the old velocities too
-        trajectory = run.rollout_samples * latent_bytes * (1 + run.num_train_steps * (1 + _reuses_rollout(args)))
+        trajectory = run.rollout_samples * latent_bytes * (1 + run.num_train_steps * (1 + keeps_old_velocity(args)))
 
     parts = {
         "frozen_denoiser": frozen_denoiser,
@@ -632,13 +633,6 @@ def _sequence_parts(run: _Run) -> dict[str, int]:
     }
 
 
-def _reuses_rollout(args) -> bool:
-    """NFT and AWM keep the sampling policy's velocities: a rollout feeds more than one optimizer step, or the EMA
-    samples (`sample_with_ema`)."""
-    reused = args.num_iterations > 1 or args.steps_per_generation > args.gradient_accumulation_steps
-    return reused or args.sample_with_ema
-
-
 def _blocks(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks FSDP wraps: the children of the denoiser's `ModuleList`s."""
     return [block for module in denoiser.modules() if isinstance(module, torch.nn.ModuleList) for block in module]
@@ -686,7 +680,7 @@ def _flops_per_iteration(run: _Run, parts: dict[str, float]) -> float:
     slices = math.ceil(run.micro_batch / run.slice_size)
     training = accumulation * run.num_train_steps * slices * parts["train_forward_backward"]
     rescoring = 0.0
-    if args.best_of_n or (args.algorithm in FORWARD_PROCESS_ALGORITHMS and _reuses_rollout(args)):
+    if args.best_of_n or (args.algorithm in FORWARD_PROCESS_ALGORITHMS and keeps_old_velocity(args)):
         # one no-gradient forward per trained step: best-of-n's re-scoring, NFT/AWM's old velocities
         rescoring = accumulation * run.num_train_steps * slices * parts["rollout_forward"]
     return rollout + decode + training + rescoring
