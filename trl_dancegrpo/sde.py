@@ -63,6 +63,12 @@ def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
 
 
+def shift_sigmas(sigma, shift: float):
+    """The flow time shift `shift * sigma / (1 + (shift - 1) * sigma)` (SD3, FLUX): `shift > 1` moves times towards
+    noise; `sigma` a tensor or a number in [0, 1]."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
 def _sample_or_rescore(mean, std, prev_sample, generator, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     if prev_sample is None and not std.any():
         prev_sample = mean.to(dtype)  # a deterministic step draws no noise (it would consume the generators)

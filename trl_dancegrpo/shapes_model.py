@@ -250,6 +250,8 @@ def _train_denoiser(latents, text_ids, pooled, empty, t5, pipeline_class, settin
     so the model also learns the unconditional velocity that classifier-free guidance contrasts with."""
     from diffusers import FluxTransformer2DModel
 
+    from .sde import shift_sigmas
+
     torch.manual_seed(settings.seed)
     inner = settings.heads * settings.head_dim
     transformer = FluxTransformer2DModel(
@@ -282,8 +284,7 @@ def _train_denoiser(latents, text_ids, pooled, empty, t5, pipeline_class, settin
         noise = torch.randn(x0.shape, generator=generator)
         # logit-normal times (SD3's recipe): most training near the middle of the path
         sigma = torch.sigmoid(torch.randn(settings.batch_size, generator=generator))
-        shift = settings.timestep_shift
-        sigma = (shift * sigma / (1 + (shift - 1) * sigma)).view(-1, 1, 1)
+        sigma = shift_sigmas(sigma, settings.timestep_shift).view(-1, 1, 1)
         x_t = (1 - sigma) * x0 + sigma * noise
         drop = torch.rand(settings.batch_size, generator=generator) < settings.cond_dropout
         ids = torch.where(drop.view(-1, 1), empty_ids, text_ids[index])

@@ -18,6 +18,7 @@ from ..sde import (
     ddim_step_with_logprob,
     flow_grpo_step_with_logprob,
     flow_sde_step_with_logprob,
+    shift_sigmas,
 )
 
 
@@ -336,8 +337,7 @@ class FlowMatchAdapter(PipelineAdapter):
     def make_sigmas(self) -> torch.Tensor:
         steps = self.num_inference_steps
         if self.shift is not None:
-            s = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
-            return self.shift * s / (1 + (self.shift - 1) * s)
+            return shift_sigmas(torch.linspace(1, 0, steps + 1, dtype=torch.float64), self.shift)
         return self.scheduler_sigmas()
 
     def scheduler_sigmas(self) -> torch.Tensor:
