@@ -166,31 +166,38 @@ def test_schedule_and_layout(tiny_pipeline_path, tmp_path, monkeypatch):
         torch.testing.assert_close(sigmas.double(), adapter.sigmas.double(), rtol=0, atol=1e-6)
 
 
-def test_lora_round_trip_through_load_lora_weights(tiny_pipeline_path, tmp_path):
-    path = tiny_pipeline_path(NAME)
+def lora_round_trip(tiny_pipeline_path, tmp_path, name, repo_id, **call):
+    """Train a LoRA on `name`, save it and the model card: the trained model's own pipeline output (`call`: extra
+    inputs) moved away from the base model's, and the base pipeline with the LoRA loaded through `load_lora_weights`
+    reproduces it, video and audio. Returns the card's text and the base pipeline."""
     from huggingface_hub import ModelCard
 
     trainer = make_ltx2_trainer(
-        tiny_pipeline_path, tmp_path, peft_config=lora_config(), learning_rate=1e-2, hub_model_id="user/ltx2-grpo"
+        tiny_pipeline_path, tmp_path, name, peft_config=lora_config(), learning_rate=1e-2, hub_model_id=repo_id
     )
     trainer.train()
     folder = tmp_path / "lora"
     trainer.save_model(str(folder))
     trainer.create_model_card()
     card = ModelCard.load(os.path.join(trainer.args.output_dir, "README.md")).text
-    assert 'pipe.load_lora_weights("user/ltx2-grpo")' in card
-    # the example call samples as training did: every guidance term and the frame rate
-    assert "guidance_scale=3, stg_scale=1, modality_scale=3, guidance_rescale=0.7, audio_guidance_scale=7" in card
-    assert "frame_rate=24" in card
+    assert f'pipe.load_lora_weights("{repo_id}")' in card
     assert all(key.startswith("transformer.") for key in load_file(folder / "pytorch_lora_weights.safetensors"))
-    trained = pipeline_output(trainer)
-    base = DiffusionPipeline.from_pretrained(path)
-    untouched = pipeline_output(trainer, base)
+    trained = pipeline_output(trainer, **call)
+    base = DiffusionPipeline.from_pretrained(tiny_pipeline_path(name))
+    untouched = pipeline_output(trainer, base, **call)
     base.load_lora_weights(str(folder))
-    loaded = pipeline_output(trainer, base)
+    loaded = pipeline_output(trainer, base, **call)
     for i in range(2):  # video and audio
         assert (trained[i] - untouched[i]).abs().max() > 1e-4
         torch.testing.assert_close(loaded[i], trained[i], rtol=1e-4, atol=1e-5)
+    return card, base
+
+
+def test_lora_round_trip_through_load_lora_weights(tiny_pipeline_path, tmp_path):
+    card, _ = lora_round_trip(tiny_pipeline_path, tmp_path, NAME, "user/ltx2-grpo")
+    # the example call samples as training did: every guidance term and the frame rate
+    assert "guidance_scale=3, stg_scale=1, modality_scale=3, guidance_rescale=0.7, audio_guidance_scale=7" in card
+    assert "frame_rate=24" in card
 
 
 @pytest.mark.parametrize("use_lora", [True], ids=["lora"])  # full: the shared path, tested on FLUX and Wan 2.2
@@ -425,36 +432,11 @@ def test_condition_rollout_is_the_pipelines_sampler(guidance, tiny_pipeline_path
 
 
 def test_condition_lora_round_trip_and_card(tiny_pipeline_path, tmp_path):
-    path = tiny_pipeline_path(CONDITION)
-    from huggingface_hub import ModelCard
-
-    trainer = make_ltx2_trainer(
-        tiny_pipeline_path,
-        tmp_path,
-        CONDITION,
-        peft_config=lora_config(),
-        learning_rate=1e-2,
-        hub_model_id="user/ltx2-i2v-grpo",
-    )
-    trainer.train()
-    folder = tmp_path / "lora"
-    trainer.save_model(str(folder))
-    trainer.create_model_card()
-    card = ModelCard.load(os.path.join(trainer.args.output_dir, "README.md")).text
-    assert 'pipe.load_lora_weights("user/ltx2-i2v-grpo")' in card
+    condition = first_frame_condition(solid((40, 200, 60)))
+    card, base = lora_round_trip(tiny_pipeline_path, tmp_path, CONDITION, "user/ltx2-i2v-grpo", **condition)
+    assert type(base).__name__ == "LTX2ConditionPipeline"
     assert "from diffusers.pipelines.ltx2 import LTX2VideoCondition" in card
     assert "pipe(conditions=[LTX2VideoCondition(frames=image, index=0)], prompt=" in card
-    assert all(key.startswith("transformer.") for key in load_file(folder / "pytorch_lora_weights.safetensors"))
-    condition = first_frame_condition(solid((40, 200, 60)))
-    trained = pipeline_output(trainer, **condition)
-    base = DiffusionPipeline.from_pretrained(path)
-    assert type(base).__name__ == "LTX2ConditionPipeline"
-    untouched = pipeline_output(trainer, base, **condition)
-    base.load_lora_weights(str(folder))
-    loaded = pipeline_output(trainer, base, **condition)
-    for i in range(2):  # video and audio
-        assert (trained[i] - untouched[i]).abs().max() > 1e-4
-        torch.testing.assert_close(loaded[i], trained[i], rtol=1e-4, atol=1e-5)
 
 
 def test_condition_resume_continues_exactly_with_lora(tiny_pipeline_path, tmp_path):
